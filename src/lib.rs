@@ -1,0 +1,18 @@
+//! aoai-msi-filter: a proxy-wasm HTTP filter that replaces the `api-key` of
+//! requests to Azure OpenAI with a managed-identity token, and explains
+//! authorization failures.
+//!
+//! Everything but [`glue`] is pure: decisions are functions of their inputs and
+//! of the time, testable on the host and in wasm. `glue` is the only code that
+//! calls proxy-wasm, and it is compiled only for wasm with the `glue` feature.
+
+pub mod agent;
+pub mod config;
+pub mod diagnose;
+pub mod lifecycle;
+pub mod rewrite;
+pub mod store;
+pub mod token;
+
+#[cfg(all(feature = "glue", target_arch = "wasm32"))]
+mod glue;

@@ -1,0 +1,157 @@
+//! When a token may be used, when it is refreshed, and how long to wait
+//! before trying again after a failure. Every function takes the time.
+//!
+//! * A token is **usable** until `expires - margin`, where the margin (the
+//!   clock-skew allowance) is a quarter of its lifetime, capped at five minutes:
+//!   5 min for a 24 h token, 2 s for an 8 s test token.
+//! * It is **refreshed** from half of its lifetime on, as the Azure SDKs do, in
+//!   the background; until the margin the old token keeps serving requests.
+//!   The quarter of the lifetime between refresh and margin is the time the
+//!   refresh has to succeed before any request has to wait.
+
+use crate::token::{FailureClass, Token};
+
+/// The largest clock-skew margin, as in the Azure SDKs.
+pub const MAX_MARGIN_MS: u64 = 5 * 60 * 1000;
+/// First retry delay after a transient failure.
+pub const BACKOFF_BASE_MS: u64 = 500;
+/// Longest delay between retries of a transient failure.
+pub const BACKOFF_CAP_MS: u64 = 30_000;
+/// Delay between retries when the token endpoint refused the request (no
+/// identity yet, ambiguous identity): an identity may be assigned a minute later.
+pub const REFUSED_RETRY_MS: u64 = 30_000;
+
+impl Token {
+    pub fn lifetime_ms(&self) -> u64 {
+        self.expires_at_ms.saturating_sub(self.obtained_at_ms)
+    }
+
+    /// The clock-skew allowance for this token.
+    pub fn margin_ms(&self) -> u64 {
+        (self.lifetime_ms() / 4).min(MAX_MARGIN_MS)
+    }
+
+    /// The first instant at which this token must no longer leave the proxy.
+    pub fn unusable_at_ms(&self) -> u64 {
+        self.expires_at_ms - self.margin_ms()
+    }
+
+    pub fn usable(&self, now_ms: u64) -> bool {
+        now_ms < self.unusable_at_ms()
+    }
+
+    /// From this instant a background refresh is due.
+    pub fn refresh_at_ms(&self) -> u64 {
+        self.obtained_at_ms + self.lifetime_ms() / 2
+    }
+
+    pub fn refresh_due(&self, now_ms: u64) -> bool {
+        now_ms >= self.refresh_at_ms()
+    }
+}
+
+/// Delay before attempt `attempt + 1` after `attempt` consecutive failures.
+/// Transient failures back off exponentially with jitter (half to full delay,
+/// so workers and proxies on one node spread out); refusals retry slowly.
+pub fn retry_delay_ms(class: FailureClass, attempt: u32, seed: u64) -> u64 {
+    let full = match class {
+        FailureClass::Transient => {
+            let exp = attempt.saturating_sub(1).min(16);
+            BACKOFF_BASE_MS.saturating_mul(1 << exp).min(BACKOFF_CAP_MS)
+        }
+        FailureClass::Refused | FailureClass::Misconfigured => REFUSED_RETRY_MS,
+    };
+    let half = full / 2;
+    half + jitter(seed) % (full - half + 1)
+}
+
+/// A few rounds of splitmix64: good enough to spread retries, and pure.
+fn jitter(seed: u64) -> u64 {
+    let mut z = seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::token::Secret;
+
+    fn token(obtained_s: u64, lifetime_s: u64) -> Token {
+        Token {
+            secret: Secret::new("t".into()),
+            obtained_at_ms: obtained_s * 1000,
+            expires_at_ms: (obtained_s + lifetime_s) * 1000,
+        }
+    }
+
+    #[test]
+    fn day_long_token_is_usable_until_five_minutes_before_expiry_to_the_second() {
+        let t = token(1_000, 86_400);
+        let expiry = 1_000 + 86_400;
+        assert!(t.usable((expiry - 301) * 1000));
+        assert!(t.usable((expiry - 300) * 1000 - 1));
+        assert!(!t.usable((expiry - 300) * 1000));
+        assert!(!t.usable((expiry - 299) * 1000));
+        assert!(!t.usable(expiry * 1000));
+    }
+
+    #[test]
+    fn day_long_token_is_refreshed_from_half_its_lifetime() {
+        let t = token(1_000, 86_400);
+        assert!(!t.refresh_due((1_000 + 43_199) * 1000));
+        assert!(t.refresh_due((1_000 + 43_200) * 1000));
+    }
+
+    #[test]
+    fn short_token_keeps_a_quarter_of_its_life_as_margin() {
+        let t = token(100, 8);
+        assert_eq!(t.margin_ms(), 2_000);
+        assert!(t.usable(105_999));
+        assert!(!t.usable(106_000));
+        assert!(!t.refresh_due(103_999));
+        assert!(t.refresh_due(104_000));
+    }
+
+    #[test]
+    fn refresh_always_comes_before_the_margin() {
+        for lifetime in [1, 2, 8, 60, 600, 3_599, 86_399, 604_800] {
+            let t = token(0, lifetime);
+            assert!(t.refresh_at_ms() < t.unusable_at_ms(), "{lifetime}");
+        }
+    }
+
+    #[test]
+    fn expired_token_is_never_usable() {
+        let t = token(0, 60);
+        assert!(!t.usable(60_000));
+        assert!(!t.usable(u64::MAX));
+    }
+
+    #[test]
+    fn transient_backoff_grows_exponentially_with_jitter_up_to_the_cap() {
+        for seed in 0..200 {
+            for attempt in 1..=20 {
+                let d = retry_delay_ms(FailureClass::Transient, attempt, seed);
+                let full = (BACKOFF_BASE_MS << (attempt - 1).min(16)).min(BACKOFF_CAP_MS);
+                assert!(
+                    d >= full / 2 && d <= full,
+                    "attempt {attempt}: {d} vs {full}"
+                );
+            }
+        }
+        let spread: std::collections::BTreeSet<u64> = (0..50)
+            .map(|s| retry_delay_ms(FailureClass::Transient, 5, s))
+            .collect();
+        assert!(spread.len() > 10, "jitter spreads retries: {spread:?}");
+    }
+
+    #[test]
+    fn refused_requests_are_retried_slowly() {
+        for seed in 0..50 {
+            let d = retry_delay_ms(FailureClass::Refused, 1, seed);
+            assert!(d >= REFUSED_RETRY_MS / 2, "{d}");
+        }
+    }
+}

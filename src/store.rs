@@ -1,0 +1,359 @@
+//! The shared-data record every worker reads and writes, and the
+//! compare-and-swap loop that keeps it consistent.
+//!
+//! One record per token identity (see [`Config::token_fingerprint`]) holds the
+//! current token, the lease of the worker fetching the next one (single
+//! flight), and the last failure with its retry time (shared backoff). A second
+//! key lists the notification queue of every VM.
+//!
+//! [`Config::token_fingerprint`]: crate::config::Config::token_fingerprint
+
+use serde::{Deserialize, Serialize};
+
+use crate::token::{FetchFailure, Token};
+
+/// Bumped whenever the record's encoding changes incompatibly.
+pub const RECORD_VERSION: u8 = 1;
+/// How many times a CAS update is retried before giving up for this round.
+const CAS_ATTEMPTS: usize = 32;
+/// The queue list keeps only the most recent registrations: VMs of old
+/// configurations go away, and notifying them is wasted work.
+pub const MAX_QUEUES: usize = 256;
+
+/// The host's key-value store with CAS, as proxy-wasm offers it. A key that
+/// was never set has no CAS value, and a write without one is unconditional.
+pub trait SharedStore {
+    fn get(&self, key: &str) -> Result<(Option<Vec<u8>>, Option<u32>), StoreError>;
+    fn set(&mut self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), StoreError>;
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreError {
+    /// Someone else wrote between our read and our write.
+    CasMismatch,
+    /// Contention did not settle within the retry budget.
+    Contended,
+    Host(String),
+}
+
+impl std::fmt::Display for StoreError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StoreError::CasMismatch => f.write_str("shared data changed concurrently"),
+            StoreError::Contended => f.write_str("shared data stayed contended"),
+            StoreError::Host(e) => write!(f, "shared data unavailable: {e}"),
+        }
+    }
+}
+
+/// The worker that is fetching a token, and until when it may.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lease {
+    pub holder: u32,
+    pub until_ms: u64,
+}
+
+/// The last failed fetch and when the next attempt may start.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Failure {
+    pub cause: FetchFailure,
+    /// Consecutive failures.
+    pub attempts: u32,
+    pub retry_at_ms: u64,
+    pub at_ms: u64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Record {
+    pub token: Option<Token>,
+    /// Bumped with every new token, so a VM can tell whether its copy is current.
+    pub generation: u64,
+    pub lease: Option<Lease>,
+    pub failure: Option<Failure>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Envelope<T> {
+    v: u8,
+    #[serde(flatten)]
+    body: T,
+}
+
+impl Record {
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(&Envelope {
+            v: RECORD_VERSION,
+            body: self,
+        })
+        .unwrap_or_default()
+    }
+
+    /// A record of another version, or garbage, reads as no record: the next
+    /// write replaces it and the worst case is one extra token fetch.
+    pub fn decode(bytes: &[u8]) -> Option<Record> {
+        let envelope: Envelope<Record> = serde_json::from_slice(bytes).ok()?;
+        (envelope.v == RECORD_VERSION).then_some(envelope.body)
+    }
+
+    pub fn lease_active(&self, now_ms: u64) -> bool {
+        self.lease.is_some_and(|l| now_ms < l.until_ms)
+    }
+}
+
+/// What an update decided: write this record (or leave the store alone), and
+/// hand back a result.
+pub enum Decision<T> {
+    Write(Record, T),
+    Keep(T),
+}
+
+/// Read-modify-write `key` under CAS until it sticks. `decide` sees the
+/// current record (or none) and may be called several times.
+pub fn update<T>(
+    store: &mut dyn SharedStore,
+    key: &str,
+    mut decide: impl FnMut(Option<Record>) -> Decision<T>,
+) -> Result<T, StoreError> {
+    for _ in 0..CAS_ATTEMPTS {
+        let (bytes, cas) = store.get(key)?;
+        let current = bytes.as_deref().and_then(Record::decode);
+        match decide(current) {
+            Decision::Keep(result) => return Ok(result),
+            Decision::Write(record, result) => match store.set(key, &record.encode(), cas) {
+                Ok(()) => return Ok(result),
+                Err(StoreError::CasMismatch) => continue,
+                Err(e) => return Err(e),
+            },
+        }
+    }
+    Err(StoreError::Contended)
+}
+
+/// Read without writing.
+pub fn read(store: &dyn SharedStore, key: &str) -> Result<Option<Record>, StoreError> {
+    let (bytes, _) = store.get(key)?;
+    Ok(bytes.as_deref().and_then(Record::decode))
+}
+
+/// Make sure `key` exists, so that later CAS writes are conditional. Called at
+/// configure time, before workers race for a lease (a never-set key accepts
+/// any write).
+pub fn ensure_record(store: &mut dyn SharedStore, key: &str) -> Result<(), StoreError> {
+    if store.get(key)?.0.is_none() {
+        store.set(key, &Record::default().encode(), None)?;
+    }
+    Ok(())
+}
+
+/// Add a VM's notification queue to the list under `key`.
+pub fn register_queue(
+    store: &mut dyn SharedStore,
+    key: &str,
+    queue: u32,
+) -> Result<(), StoreError> {
+    for _ in 0..CAS_ATTEMPTS {
+        let (bytes, cas) = store.get(key)?;
+        let mut queues = bytes.as_deref().map(decode_queues).unwrap_or_default();
+        if queues.contains(&queue) {
+            return Ok(());
+        }
+        queues.push(queue);
+        if queues.len() > MAX_QUEUES {
+            queues.drain(..queues.len() - MAX_QUEUES);
+        }
+        match store.set(key, &encode_queues(&queues), cas) {
+            Ok(()) => return Ok(()),
+            Err(StoreError::CasMismatch) => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(StoreError::Contended)
+}
+
+pub fn queues(store: &dyn SharedStore, key: &str) -> Result<Vec<u32>, StoreError> {
+    Ok(store
+        .get(key)?
+        .0
+        .as_deref()
+        .map(decode_queues)
+        .unwrap_or_default())
+}
+
+/// A process-wide counter: every VM takes a distinct number from it.
+pub fn next_sequence(store: &mut dyn SharedStore, key: &str) -> Result<u32, StoreError> {
+    for _ in 0..CAS_ATTEMPTS {
+        let (bytes, cas) = store.get(key)?;
+        let current = bytes
+            .as_deref()
+            .and_then(|b| <[u8; 4]>::try_from(b).ok())
+            .map_or(0, u32::from_le_bytes);
+        let next = current.wrapping_add(1);
+        match store.set(key, &next.to_le_bytes(), cas) {
+            Ok(()) => return Ok(next),
+            Err(StoreError::CasMismatch) => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(StoreError::Contended)
+}
+
+fn encode_queues(queues: &[u32]) -> Vec<u8> {
+    queues.iter().flat_map(|q| q.to_le_bytes()).collect()
+}
+
+fn decode_queues(bytes: &[u8]) -> Vec<u32> {
+    bytes
+        .chunks_exact(4)
+        .filter_map(|c| <[u8; 4]>::try_from(c).ok())
+        .map(u32::from_le_bytes)
+        .collect()
+}
+
+/// An in-memory store with the host's CAS semantics: the fake host of the
+/// unit and in-wasm tests.
+pub mod memory {
+    use std::collections::HashMap;
+
+    use super::{SharedStore, StoreError};
+
+    #[derive(Default)]
+    pub struct MemoryStore {
+        entries: HashMap<String, (Vec<u8>, u32)>,
+        next_cas: u32,
+        /// Writes that will fail with a CAS mismatch before succeeding, to
+        /// exercise contention.
+        pub injected_conflicts: usize,
+        pub writes: usize,
+    }
+
+    impl SharedStore for MemoryStore {
+        fn get(&self, key: &str) -> Result<(Option<Vec<u8>>, Option<u32>), StoreError> {
+            Ok(match self.entries.get(key) {
+                Some((value, cas)) => (Some(value.clone()), Some(*cas)),
+                None => (None, None),
+            })
+        }
+
+        fn set(&mut self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), StoreError> {
+            if self.injected_conflicts > 0 {
+                self.injected_conflicts -= 1;
+                return Err(StoreError::CasMismatch);
+            }
+            if let (Some(expected), Some((_, current))) = (cas, self.entries.get(key)) {
+                if expected != *current {
+                    return Err(StoreError::CasMismatch);
+                }
+            }
+            self.next_cas += 1;
+            self.entries
+                .insert(key.to_owned(), (value.to_vec(), self.next_cas));
+            self.writes += 1;
+            Ok(())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::memory::MemoryStore;
+    use super::*;
+    use crate::token::Secret;
+
+    #[test]
+    fn record_round_trips_and_other_versions_read_as_empty() {
+        let record = Record {
+            token: Some(Token {
+                secret: Secret::new("abc".into()),
+                obtained_at_ms: 1,
+                expires_at_ms: 2,
+            }),
+            generation: 7,
+            lease: Some(Lease {
+                holder: 3,
+                until_ms: 9,
+            }),
+            failure: Some(Failure {
+                cause: FetchFailure::NoResponse,
+                attempts: 2,
+                retry_at_ms: 5,
+                at_ms: 4,
+            }),
+        };
+        assert_eq!(Record::decode(&record.encode()), Some(record.clone()));
+        let future = String::from_utf8(record.encode())
+            .unwrap()
+            .replace("\"v\":1", "\"v\":2");
+        assert_eq!(Record::decode(future.as_bytes()), None);
+        assert_eq!(Record::decode(b"\x00garbage"), None);
+    }
+
+    #[test]
+    fn update_retries_until_its_write_sticks() {
+        let mut store = MemoryStore::default();
+        ensure_record(&mut store, "k").unwrap();
+        store.injected_conflicts = 3;
+        let mut calls = 0;
+        let out = update(&mut store, "k", |r| {
+            calls += 1;
+            let mut r = r.unwrap();
+            r.generation += 1;
+            Decision::Write(r, "done")
+        })
+        .unwrap();
+        assert_eq!(out, "done");
+        assert_eq!(calls, 4);
+        assert_eq!(read(&store, "k").unwrap().unwrap().generation, 1);
+    }
+
+    #[test]
+    fn endless_contention_is_reported_not_looped_forever() {
+        let mut store = MemoryStore::default();
+        store.injected_conflicts = usize::MAX;
+        let out = update(&mut store, "k", |_| Decision::Write(Record::default(), ()));
+        assert_eq!(out, Err(StoreError::Contended));
+    }
+
+    #[test]
+    fn a_stale_cas_value_is_refused() {
+        let mut store = MemoryStore::default();
+        ensure_record(&mut store, "k").unwrap();
+        let (_, cas) = store.get("k").unwrap();
+        store.set("k", b"x", cas).unwrap();
+        assert_eq!(store.set("k", b"y", cas), Err(StoreError::CasMismatch));
+    }
+
+    #[test]
+    fn ensure_record_leaves_an_existing_record_alone() {
+        let mut store = MemoryStore::default();
+        let r = Record {
+            generation: 4,
+            ..Record::default()
+        };
+        store.set("k", &r.encode(), None).unwrap();
+        ensure_record(&mut store, "k").unwrap();
+        assert_eq!(read(&store, "k").unwrap().unwrap().generation, 4);
+    }
+
+    #[test]
+    fn queue_list_keeps_each_queue_once_and_only_the_newest() {
+        let mut store = MemoryStore::default();
+        for q in [5, 6, 5] {
+            register_queue(&mut store, "q", q).unwrap();
+        }
+        assert_eq!(queues(&store, "q").unwrap(), vec![5, 6]);
+        for q in 0..(MAX_QUEUES as u32 + 10) {
+            register_queue(&mut store, "q", 1000 + q).unwrap();
+        }
+        let list = queues(&store, "q").unwrap();
+        assert_eq!(list.len(), MAX_QUEUES);
+        assert_eq!(list.last(), Some(&(1000 + MAX_QUEUES as u32 + 9)));
+    }
+
+    #[test]
+    fn sequence_numbers_are_distinct() {
+        let mut store = MemoryStore::default();
+        let a = next_sequence(&mut store, "s").unwrap();
+        let b = next_sequence(&mut store, "s").unwrap();
+        assert_ne!(a, b);
+    }
+}
