@@ -10,35 +10,53 @@ use aoai_emulator::{Emulator, Settings};
 
 const USAGE: &str = "usage: aoai-emulator [--listen ADDR] [--token-lifetime SECONDS] [--imds-delay-ms MS] [--allow-keys] [--quiet]";
 
-fn main() -> ExitCode {
-    let mut listen: SocketAddr = SocketAddr::from(([127, 0, 0, 1], 8080));
-    let mut settings = Settings::default();
-    let mut verbose = true;
-    let mut args = std::env::args().skip(1);
+struct Args {
+    listen: SocketAddr,
+    settings: Settings,
+    verbose: bool,
+}
+
+fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Option<Args>, String> {
+    let mut parsed = Args {
+        listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+        settings: Settings::default(),
+        verbose: true,
+    };
+    fn value<T: std::str::FromStr>(flag: &str, v: Option<String>) -> Result<T, String> {
+        v.as_deref()
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| format!("{flag} needs a valid value"))
+    }
     while let Some(arg) = args.next() {
-        let parsed = match arg.as_str() {
-            "--listen" => args.next().and_then(|v| v.parse().ok()).map(|v| listen = v),
-            "--token-lifetime" => args
-                .next()
-                .and_then(|v| v.parse().ok())
-                .map(|v| settings.token_lifetime_s = v),
-            "--imds-delay-ms" => args
-                .next()
-                .and_then(|v| v.parse().ok())
-                .map(|v| settings.imds_delay_ms = v),
-            "--allow-keys" => Some(settings.local_auth_disabled = false),
-            "--quiet" => Some(verbose = false),
-            "-h" | "--help" => {
-                println!("{USAGE}");
-                return ExitCode::SUCCESS;
-            }
-            _ => None,
-        };
-        if parsed.is_none() {
-            eprintln!("aoai-emulator: bad argument `{arg}`\n{USAGE}");
-            return ExitCode::from(2);
+        match arg.as_str() {
+            "--listen" => parsed.listen = value(&arg, args.next())?,
+            "--token-lifetime" => parsed.settings.token_lifetime_s = value(&arg, args.next())?,
+            "--imds-delay-ms" => parsed.settings.imds_delay_ms = value(&arg, args.next())?,
+            "--allow-keys" => parsed.settings.local_auth_disabled = false,
+            "--quiet" => parsed.verbose = false,
+            "-h" | "--help" => return Ok(None),
+            other => return Err(format!("unknown argument `{other}`")),
         }
     }
+    Ok(Some(parsed))
+}
+
+fn main() -> ExitCode {
+    let Args {
+        listen,
+        settings,
+        verbose,
+    } = match parse_args(std::env::args().skip(1)) {
+        Ok(Some(args)) => args,
+        Ok(None) => {
+            println!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            eprintln!("aoai-emulator: {e}\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
     let lifetime = settings.token_lifetime_s;
     let keys = if settings.local_auth_disabled {
         "refused (disableLocalAuth=true)"

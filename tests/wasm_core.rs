@@ -1,0 +1,89 @@
+//! The pure core, compiled to wasm and run under node (`make test-wasm`).
+//! Same decisions as on the host, proven on the architecture Envoy runs.
+#![cfg(all(target_arch = "wasm32", target_os = "unknown"))]
+
+use aoai_msi_filter::agent::{Admission, Agent, Command};
+use aoai_msi_filter::config::Config;
+use aoai_msi_filter::store::{self, memory::MemoryStore};
+use aoai_msi_filter::token::{parse_response, FetchFailure, Secret, Token, TokenRequest};
+use wasm_bindgen_test::wasm_bindgen_test;
+
+const NOW_MS: u64 = 1_763_752_300_000;
+
+#[wasm_bindgen_test]
+fn configuration_errors_name_the_field_in_wasm() {
+    let e = Config::parse(br#"{"hosts":["*openai.azure.com"]}"#)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("`hosts[0]`"), "{e}");
+    let e = Config::parse(br#"{"resource":"https://cognitiveservices.azure.com/.default"}"#)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("write \"https://cognitiveservices.azure.com\""),
+        "{e}"
+    );
+    assert_eq!(Config::parse(b"{}").unwrap(), Config::default());
+}
+
+#[wasm_bindgen_test]
+fn host_matching_in_wasm_refuses_lookalikes() {
+    let hosts = Config::default().hosts;
+    assert!(hosts.matches("MyRes.openai.azure.com:443"));
+    assert!(!hosts.matches("openai.azure.com.evil.example"));
+    assert!(!hosts.matches("xopenai.azure.com"));
+}
+
+#[wasm_bindgen_test]
+fn imds_answers_with_string_times_parse_in_wasm() {
+    let body = br#"{"access_token":"eyJ.a.b","expires_on":"1763838699","expires_in":"86399","token_type":"Bearer"}"#;
+    let token = parse_response(Some(200), body, NOW_MS).unwrap();
+    assert_eq!(token.expires_at_ms, 1_763_838_699_000);
+    assert!(!format!("{token:?}").contains("eyJ.a.b"));
+    let request = TokenRequest::imds(&Config::default());
+    assert!(request
+        .path()
+        .contains("resource=https%3A%2F%2Fcognitiveservices.azure.com"));
+    assert_eq!(
+        parse_response(None, b"", NOW_MS).unwrap_err(),
+        FetchFailure::NoResponse
+    );
+}
+
+#[wasm_bindgen_test]
+fn skew_margin_boundary_holds_to_the_millisecond_in_wasm() {
+    let token = Token {
+        secret: Secret::new("t".into()),
+        obtained_at_ms: 0,
+        expires_at_ms: 86_400_000,
+    };
+    assert!(token.usable(86_100_000 - 1));
+    assert!(!token.usable(86_100_000));
+    assert!(token.refresh_due(43_200_000));
+}
+
+#[wasm_bindgen_test]
+fn one_fetch_for_many_vms_in_wasm() {
+    let config = Config::default();
+    let mut shared = MemoryStore::default();
+    store::ensure_record(&mut shared, &Agent::record_key(&config)).unwrap();
+    let mut vms: Vec<Agent> = (0..4).map(|vm| Agent::new(config.clone(), vm)).collect();
+    let mut leaders = Vec::new();
+    for (i, vm) in vms.iter_mut().enumerate() {
+        assert!(matches!(vm.admit(NOW_MS, i as u32), Admission::Park { .. }));
+        if vm.sync(NOW_MS, &mut shared).contains(&Command::Fetch) {
+            leaders.push(i);
+        }
+    }
+    assert_eq!(leaders.len(), 1, "single flight: {leaders:?}");
+    let token = Token {
+        secret: Secret::new("tok".into()),
+        obtained_at_ms: NOW_MS,
+        expires_at_ms: NOW_MS + 3_600_000,
+    };
+    vms[leaders[0]].fetched(NOW_MS + 5, &mut shared, Ok(token));
+    for vm in vms.iter_mut() {
+        vm.sync(NOW_MS + 6, &mut shared);
+        assert_eq!(vm.admit(NOW_MS + 7, 99), Admission::Authorize("Bearer tok"));
+    }
+}
