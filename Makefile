@@ -26,7 +26,10 @@ else
 endif
 export ENVOY
 
-.PHONY: build run test test-unit test-wasm test-e2e test-demo lint fmt setup clean
+# Property-test cases per property: `make test` runs 7 x 50 000 inputs, `make fuzz` 7 x 300 000.
+FUZZ_CASES ?= 50000
+
+.PHONY: build run test test-unit test-wasm test-fuzz test-e2e test-demo fuzz lint fmt setup clean
 
 setup: .targets $(VENV)/bin/envoy
 
@@ -50,7 +53,7 @@ build: .targets
 run: setup build
 	scripts/run.sh
 
-test: lint test-unit test-wasm test-e2e test-demo
+test: lint test-unit test-wasm test-fuzz test-e2e test-demo
 
 test-unit: .targets
 	cargo test --workspace --lib --bins
@@ -59,8 +62,18 @@ test-wasm: .targets $(WASM_BINDGEN_RUNNER)
 	CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUNNER=$(abspath $(WASM_BINDGEN_RUNNER)) \
 	  cargo test --target wasm32-unknown-unknown --no-default-features --test wasm_core
 
+# Parsers of what others wrote (token responses, configs, shared records,
+# upstream errors) against generated inputs: never a panic.
+test-fuzz:
+	PROPTEST_CASES=$(FUZZ_CASES) cargo test --test robustness
+
+fuzz:
+	$(MAKE) test-fuzz FUZZ_CASES=300000
+
+# Real Envoy against the emulator; the load test runs alone (60 s, 50 requests/s).
 test-e2e: setup build
-	ENVOY_BIN=$(abspath $(VENV)/bin/envoy) cargo test --test e2e -- --test-threads 2
+	ENVOY_BIN=$(abspath $(VENV)/bin/envoy) cargo test --test e2e --test failures -- --test-threads 2 --nocapture
+	ENVOY_BIN=$(abspath $(VENV)/bin/envoy) cargo test --test load -- --nocapture
 
 # The newcomer path, once, without waiting for Ctrl-C.
 test-demo: setup build

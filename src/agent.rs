@@ -26,18 +26,16 @@ use crate::rewrite::bearer_header;
 use crate::store::{self, Decision, Failure, Lease, Record, SharedStore};
 use crate::token::{FailureClass, FetchFailure, Secret, Token};
 
-/// The token call's timeout.
-pub const FETCH_TIMEOUT_MS: u64 = 10_000;
-/// A lease outlives the call it covers by this much, then others may take over
-/// (the holder's VM may have gone away with the call).
+/// A lease outlives the call it covers (`token_source.timeout_ms`) by this
+/// much, then others may take over: the holder's VM may have gone away with
+/// the call.
 pub const LEASE_GRACE_MS: u64 = 2_000;
-pub const LEASE_MS: u64 = FETCH_TIMEOUT_MS + LEASE_GRACE_MS;
 
 /// What happens to a request to a matching host.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Admission<'a> {
-    /// Send it with this `authorization` value.
-    Authorize(&'a str),
+    /// Send it with this `authorization` value, from token `generation`.
+    Authorize { bearer: &'a str, generation: u64 },
     /// Hold it. When `kick` is set, the glue must wake this VM's root, which
     /// will start or join a token fetch.
     Park { kick: bool },
@@ -63,6 +61,12 @@ pub enum Command {
     Reject(Vec<u32>, Diagnosis),
     /// A line for the log; never contains a secret.
     Log(Level, String),
+}
+
+enum Invalidation {
+    Dropped,
+    RateLimited(u64),
+    AlreadyReplaced,
 }
 
 #[derive(Debug)]
@@ -129,6 +133,16 @@ impl Agent {
         self.parked.len()
     }
 
+    /// Generation of the VM-local token, if any.
+    pub fn generation(&self) -> Option<u64> {
+        self.local.as_ref().map(|l| l.generation)
+    }
+
+    /// How long a lease protects a token call.
+    pub fn lease_ms(&self) -> u64 {
+        self.config.imds().timeout_ms + LEASE_GRACE_MS
+    }
+
     pub fn is_parked(&self, request: u32) -> bool {
         self.parked.iter().any(|p| p.id == request)
     }
@@ -138,7 +152,10 @@ impl Agent {
         let usable = self.local.as_ref().is_some_and(|l| l.token.usable(now_ms));
         if usable {
             if let Some(local) = &self.local {
-                return Admission::Authorize(local.bearer.expose());
+                return Admission::Authorize {
+                    bearer: local.bearer.expose(),
+                    generation: local.generation,
+                };
             }
         }
         self.parked.push(Parked {
@@ -162,22 +179,25 @@ impl Agent {
         let mut commands = Vec::new();
         let busy = self.fetch_started_ms.is_some();
         let vm = self.vm;
+        let lease_ms = self.lease_ms();
         let outcome = store::update(store, &self.key, |record| {
             let mut record = record.unwrap_or_default();
-            let fresh = record
-                .token
-                .as_ref()
-                .is_some_and(|t| t.usable(now_ms) && !t.refresh_due(now_ms));
+            let usable = record.token.as_ref().is_some_and(|t| t.usable(now_ms));
+            let fresh = usable
+                && record
+                    .token
+                    .as_ref()
+                    .is_some_and(|t| !t.refresh_due(now_ms));
             let backing_off = record
                 .failure
                 .as_ref()
-                .is_some_and(|f| now_ms < f.retry_at_ms);
+                .is_some_and(|f| now_ms < f.next_attempt_ms(!usable));
             if fresh || busy || record.lease_active(now_ms) || backing_off {
                 return Decision::Keep((record, false));
             }
             record.lease = Some(Lease {
                 holder: vm,
-                until_ms: now_ms + LEASE_MS,
+                until_ms: now_ms + lease_ms,
             });
             Decision::Write(record.clone(), (record, true))
         });
@@ -198,9 +218,10 @@ impl Agent {
     /// The periodic check: time out parked requests, and sync when this VM's
     /// copy is missing, due for refresh, or requests are waiting.
     pub fn tick(&mut self, now_ms: u64, store: &mut dyn SharedStore) -> Vec<Command> {
+        let lease_ms = self.lease_ms();
         if self
             .fetch_started_ms
-            .is_some_and(|started| now_ms >= started + LEASE_MS)
+            .is_some_and(|started| now_ms >= started + lease_ms)
         {
             // The host never answered the call; the lease has lapsed too.
             self.fetch_started_ms = None;
@@ -285,6 +306,7 @@ impl Agent {
                         commands.push(Command::Log(Level::Warn, format!("token record: {e}")))
                     }
                 }
+                let urgent = !self.local.as_ref().is_some_and(|l| l.token.usable(now_ms));
                 if let Some(f) = &self.failure {
                     commands.push(Command::Log(
                         Level::Warn,
@@ -292,7 +314,7 @@ impl Agent {
                             "token fetch failed ({}), attempt {}, next try in {} ms: {}",
                             f.cause.label(),
                             f.attempts,
-                            f.retry_at_ms.saturating_sub(now_ms),
+                            f.next_attempt_ms(urgent).saturating_sub(now_ms),
                             Diagnosis::for_failure(f, &self.config, now_ms).message
                         ),
                     ));
@@ -304,14 +326,70 @@ impl Agent {
         commands
     }
 
+    /// The upstream rejected token `generation` as a token (401 missing /
+    /// invalid / audience / expired). Drop it everywhere so the next request
+    /// fetches a new one — at most once per `invalidation_interval_ms`, so a
+    /// misconfigured audience cannot become an IMDS storm. The glue then wakes
+    /// the root, which leads the fetch.
+    pub fn invalidate(
+        &mut self,
+        now_ms: u64,
+        store: &mut dyn SharedStore,
+        generation: u64,
+    ) -> Vec<Command> {
+        let interval = self.config.invalidation_interval_ms;
+        let outcome = store::update(store, &self.key, |record| {
+            let mut record = record.unwrap_or_default();
+            if record.generation != generation || record.token.is_none() {
+                return Decision::Keep((record, Invalidation::AlreadyReplaced));
+            }
+            if let Some(last) = record.invalidated_at_ms {
+                if now_ms < last + interval {
+                    let again_in = last + interval - now_ms;
+                    return Decision::Keep((record, Invalidation::RateLimited(again_in)));
+                }
+            }
+            record.token = None;
+            record.generation += 1;
+            record.invalidated_at_ms = Some(now_ms);
+            Decision::Write(record.clone(), (record, Invalidation::Dropped))
+        });
+        match outcome {
+            Ok((record, what)) => {
+                self.adopt(record);
+                match what {
+                    Invalidation::Dropped => vec![
+                        Command::Log(
+                            Level::Warn,
+                            format!(
+                                "the upstream rejected the token (401: missing, invalid, wrong audience or expired):                                  dropped it and fetching a new one; the next drop is allowed in {} s",
+                                interval / 1000
+                            ),
+                        ),
+                        Command::NotifyOthers,
+                    ],
+                    Invalidation::RateLimited(again_in) => vec![Command::Log(
+                        Level::Debug,
+                        format!("the upstream rejected the token again; kept it, next drop allowed in {again_in} ms"),
+                    )],
+                    Invalidation::AlreadyReplaced => Vec::new(),
+                }
+            }
+            Err(e) => vec![Command::Log(Level::Warn, format!("token record: {e}"))],
+        }
+    }
+
     fn adopt(&mut self, record: Record) {
         self.failure = record.failure;
-        let newer = self
-            .local
-            .as_ref()
-            .is_none_or(|l| l.generation != record.generation);
-        if let (true, Some(token)) = (newer, record.token) {
-            self.install(token, record.generation);
+        let current = self.local.as_ref().map(|l| l.generation);
+        if current == Some(record.generation) {
+            return;
+        }
+        match record.token {
+            Some(token) => self.install(token, record.generation),
+            // The token was dropped (rejected upstream): stop using it.
+            None if current.is_some() => self.local = None,
+            None => {}
         }
     }
 
@@ -396,6 +474,25 @@ mod tests {
         )
     }
 
+    /// What `admit` answers for a usable token, whatever its generation.
+    fn authorized(bearer: &str) -> AuthorizedAs<'_> {
+        AuthorizedAs(bearer)
+    }
+
+    struct AuthorizedAs<'a>(&'a str);
+
+    impl PartialEq<AuthorizedAs<'_>> for Admission<'_> {
+        fn eq(&self, other: &AuthorizedAs<'_>) -> bool {
+            matches!(self, Admission::Authorize { bearer, .. } if *bearer == other.0)
+        }
+    }
+
+    impl std::fmt::Debug for AuthorizedAs<'_> {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "Authorize({})", self.0)
+        }
+    }
+
     fn fetches(commands: &[Command]) -> usize {
         commands.iter().filter(|c| **c == Command::Fetch).count()
     }
@@ -460,7 +557,7 @@ mod tests {
         for i in 0..1000 {
             assert_eq!(
                 agents[0].admit(T0 + i, 10 + i as u32),
-                Admission::Authorize("Bearer tok")
+                authorized("Bearer tok")
             );
         }
         assert_eq!(store.writes, writes);
@@ -472,10 +569,7 @@ mod tests {
         agents[0].sync(T0, &mut store);
         agents[0].fetched(T0, &mut store, Ok(token(T0, 8, "short")));
         // 8 s token: margin 2 s, so usable until T0 + 6 s exactly.
-        assert_eq!(
-            agents[0].admit(T0 + 5_999, 1),
-            Admission::Authorize("Bearer short")
-        );
+        assert_eq!(agents[0].admit(T0 + 5_999, 1), authorized("Bearer short"));
         assert!(matches!(
             agents[0].admit(T0 + 6_000, 2),
             Admission::Park { .. }
@@ -504,10 +598,7 @@ mod tests {
             .sum();
         assert_eq!(started, 1, "single flight across workers");
         for (i, agent) in agents.iter_mut().enumerate() {
-            assert_eq!(
-                agent.admit(half + 10, i as u32),
-                Admission::Authorize("Bearer old")
-            );
+            assert_eq!(agent.admit(half + 10, i as u32), authorized("Bearer old"));
         }
         let leader = agents
             .iter()
@@ -529,13 +620,38 @@ mod tests {
         assert_eq!(fetches(&agents[0].tick(half, &mut store)), 1);
         let failed = agents[0].fetched(half + 10, &mut store, Err(FetchFailure::NoResponse));
         assert!(rejected(&failed).is_none());
-        assert_eq!(
-            agents[0].admit(half + 20, 1),
-            Admission::Authorize("Bearer old")
-        );
+        assert_eq!(agents[0].admit(half + 20, 1), authorized("Bearer old"));
         // Backoff is respected, then the refresh is tried again.
         assert_eq!(fetches(&agents[0].tick(half + 11, &mut store)), 0);
         assert_eq!(fetches(&agents[0].tick(half + 10 + 501, &mut store)), 1);
+    }
+
+    #[test]
+    fn once_the_token_is_unusable_a_long_backoff_is_cut_to_the_urgent_cap() {
+        let (mut agents, mut store) = vms(1);
+        let a = &mut agents[0];
+        a.sync(T0, &mut store);
+        a.fetched(T0, &mut store, Ok(token(T0, 8, "short")));
+        // The refresh has failed nine times; the next try is scheduled 30 s out.
+        let failed_at = T0 + 5_000;
+        store::update(&mut store, a.key(), |r| {
+            let mut r = r.unwrap();
+            r.failure = Some(Failure {
+                cause: FetchFailure::NoResponse,
+                attempts: 9,
+                retry_at_ms: failed_at + 30_000,
+                at_ms: failed_at,
+            });
+            Decision::Write(r, ())
+        })
+        .unwrap();
+        // While the token is usable, the schedule stands.
+        assert_eq!(fetches(&a.sync(T0 + 5_900, &mut store)), 0);
+        // Past its margin (6 s), requests wait: the retry comes within the urgent cap.
+        assert!(matches!(a.admit(T0 + 6_500, 1), Admission::Park { .. }));
+        let urgent = failed_at + crate::lifecycle::URGENT_CAP_MS;
+        assert_eq!(fetches(&a.sync(urgent - 1, &mut store)), 0);
+        assert_eq!(fetches(&a.sync(urgent, &mut store)), 1);
     }
 
     #[test]
@@ -599,8 +715,10 @@ mod tests {
         let (mut agents, mut store) = vms(2);
         assert_eq!(fetches(&agents[0].sync(T0, &mut store)), 1);
         // VM 0 disappears with its call. VM 1 waits for the lease to lapse.
-        assert_eq!(fetches(&agents[1].sync(T0 + LEASE_MS - 1, &mut store)), 0);
-        assert_eq!(fetches(&agents[1].sync(T0 + LEASE_MS, &mut store)), 1);
+        let lease = agents[1].lease_ms();
+        assert_eq!(lease, 12_000);
+        assert_eq!(fetches(&agents[1].sync(T0 + lease - 1, &mut store)), 0);
+        assert_eq!(fetches(&agents[1].sync(T0 + lease, &mut store)), 1);
     }
 
     #[test]
@@ -621,6 +739,70 @@ mod tests {
         assert_eq!(agents[0].admit(T0, 2), Admission::Park { kick: false });
         agents[0].sync(T0, &mut store);
         assert_eq!(agents[0].admit(T0, 3), Admission::Park { kick: true });
+    }
+
+    fn generation(admission: Admission<'_>) -> u64 {
+        match admission {
+            Admission::Authorize { generation, .. } => generation,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_rejected_token_is_dropped_on_every_worker_and_fetched_anew() {
+        let (mut agents, mut store) = vms(2);
+        agents[0].sync(T0, &mut store);
+        agents[0].fetched(T0, &mut store, Ok(token(T0, 3600, "bad")));
+        agents[1].sync(T0, &mut store);
+        let rejected = generation(agents[1].admit(T0 + 10, 1));
+        let commands = agents[1].invalidate(T0 + 20, &mut store, rejected);
+        assert!(commands.contains(&Command::NotifyOthers));
+        assert!(matches!(
+            agents[1].admit(T0 + 21, 2),
+            Admission::Park { .. }
+        ));
+        // The other worker learns of it by notification; exactly one fetches.
+        let mut started = fetches(&agents[0].sync(T0 + 22, &mut store));
+        assert!(matches!(
+            agents[0].admit(T0 + 23, 3),
+            Admission::Park { .. }
+        ));
+        started += fetches(&agents[1].sync(T0 + 24, &mut store));
+        assert_eq!(started, 1);
+    }
+
+    #[test]
+    fn rejections_drop_the_token_at_most_once_per_interval() {
+        let (mut agents, mut store) = vms(1);
+        let a = &mut agents[0];
+        a.sync(T0, &mut store);
+        a.fetched(T0, &mut store, Ok(token(T0, 3600, "t1")));
+        let first = generation(a.admit(T0, 1));
+        a.invalidate(T0 + 1, &mut store, first);
+        a.sync(T0 + 2, &mut store);
+        a.fetched(T0 + 3, &mut store, Ok(token(T0 + 3, 3600, "t2")));
+        let second = generation(a.admit(T0 + 4, 2));
+        // Still rejected (say, a wrong audience): kept until the interval has passed.
+        a.invalidate(T0 + 5, &mut store, second);
+        assert_eq!(a.admit(T0 + 6, 3), authorized("Bearer t2"));
+        a.invalidate(T0 + 1 + 60_000, &mut store, second);
+        assert!(matches!(
+            a.admit(T0 + 1 + 60_000, 4),
+            Admission::Park { .. }
+        ));
+    }
+
+    #[test]
+    fn a_rejection_of_an_already_replaced_token_changes_nothing() {
+        let (mut agents, mut store) = vms(1);
+        let a = &mut agents[0];
+        a.sync(T0, &mut store);
+        a.fetched(T0, &mut store, Ok(token(T0, 60, "old")));
+        let old = generation(a.admit(T0, 1));
+        a.tick(T0 + 30_000, &mut store);
+        a.fetched(T0 + 30_001, &mut store, Ok(token(T0 + 30_001, 60, "new")));
+        assert!(a.invalidate(T0 + 30_002, &mut store, old).is_empty());
+        assert_eq!(a.admit(T0 + 30_003, 2), authorized("Bearer new"));
     }
 
     #[test]

@@ -20,8 +20,14 @@ pub const DEFAULT_HOSTS: [&str; 3] = [
     "*.cognitiveservices.azure.com",
     "*.services.ai.azure.com",
 ];
+/// Timeout of one token call.
+pub const DEFAULT_FETCH_TIMEOUT_MS: u64 = 10_000;
+pub const MAX_FETCH_TIMEOUT_MS: u64 = 60_000;
 /// How long a request may wait for the first token before it gets a diagnosis.
 pub const DEFAULT_TOKEN_WAIT_MS: u64 = 5_000;
+/// How often, at most, a token the upstream rejected is dropped and refetched.
+pub const DEFAULT_INVALIDATION_INTERVAL_MS: u64 = 60_000;
+pub const MAX_INVALIDATION_INTERVAL_MS: u64 = 3_600_000;
 /// Upper bound on `token_wait_timeout_ms`: beyond it a client times out first.
 pub const MAX_TOKEN_WAIT_MS: u64 = 120_000;
 
@@ -34,6 +40,8 @@ pub struct Config {
     pub resource: String,
     /// Longest time a request is held while no usable token exists.
     pub token_wait_timeout_ms: u64,
+    /// Minimum time between two invalidations of a rejected token.
+    pub invalidation_interval_ms: u64,
 }
 
 /// Where tokens come from. Only IMDS today; the enum is the extension point
@@ -50,6 +58,8 @@ pub struct ImdsSource {
     /// `:authority` of the token call.
     pub authority: String,
     pub identity: IdentitySelector,
+    /// Timeout of one token call.
+    pub timeout_ms: u64,
 }
 
 /// Which managed identity IMDS should issue a token for.
@@ -81,6 +91,7 @@ impl Default for Config {
                 cluster: DEFAULT_CLUSTER.to_owned(),
                 authority: DEFAULT_AUTHORITY.to_owned(),
                 identity: IdentitySelector::Default,
+                timeout_ms: DEFAULT_FETCH_TIMEOUT_MS,
             }),
             hosts: HostPatterns::new(
                 DEFAULT_HOSTS
@@ -90,6 +101,7 @@ impl Default for Config {
             ),
             resource: DEFAULT_RESOURCE.to_owned(),
             token_wait_timeout_ms: DEFAULT_TOKEN_WAIT_MS,
+            invalidation_interval_ms: DEFAULT_INVALIDATION_INTERVAL_MS,
         }
     }
 }
@@ -145,7 +157,13 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
-const TOP_FIELDS: &[&str] = &["token_source", "hosts", "resource", "token_wait_timeout_ms"];
+const TOP_FIELDS: &[&str] = &[
+    "token_source",
+    "hosts",
+    "resource",
+    "token_wait_timeout_ms",
+    "invalidation_interval_ms",
+];
 const SOURCE_FIELDS: &[&str] = &[
     "type",
     "cluster",
@@ -153,6 +171,7 @@ const SOURCE_FIELDS: &[&str] = &[
     "client_id",
     "object_id",
     "msi_res_id",
+    "timeout_ms",
 ];
 
 impl Config {
@@ -180,7 +199,22 @@ impl Config {
             config.resource = parse_resource(resource)?;
         }
         if let Some(wait) = top.get("token_wait_timeout_ms") {
-            config.token_wait_timeout_ms = parse_wait(wait)?;
+            config.token_wait_timeout_ms = milliseconds(
+                wait,
+                "token_wait_timeout_ms",
+                1,
+                MAX_TOKEN_WAIT_MS,
+                DEFAULT_TOKEN_WAIT_MS,
+            )?;
+        }
+        if let Some(interval) = top.get("invalidation_interval_ms") {
+            config.invalidation_interval_ms = milliseconds(
+                interval,
+                "invalidation_interval_ms",
+                1_000,
+                MAX_INVALIDATION_INTERVAL_MS,
+                DEFAULT_INVALIDATION_INTERVAL_MS,
+            )?;
         }
         Ok(config)
     }
@@ -327,10 +361,21 @@ fn parse_source(value: &Value) -> Result<TokenSource, ConfigError> {
     let identity = selectors
         .pop()
         .map_or(IdentitySelector::Default, |(_, s)| s);
+    let timeout_ms = match map.get("timeout_ms") {
+        Some(v) => milliseconds(
+            v,
+            "token_source.timeout_ms",
+            100,
+            MAX_FETCH_TIMEOUT_MS,
+            DEFAULT_FETCH_TIMEOUT_MS,
+        )?,
+        None => DEFAULT_FETCH_TIMEOUT_MS,
+    };
     Ok(TokenSource::Imds(ImdsSource {
         cluster,
         authority,
         identity,
+        timeout_ms,
     }))
 }
 
@@ -385,18 +430,22 @@ fn parse_resource(value: &Value) -> Result<String, ConfigError> {
     Ok(r.to_owned())
 }
 
-fn parse_wait(value: &Value) -> Result<u64, ConfigError> {
+fn milliseconds(
+    value: &Value,
+    field: &str,
+    min: u64,
+    max: u64,
+    default: u64,
+) -> Result<u64, ConfigError> {
     let ms = value.as_u64().ok_or_else(|| ConfigError::WrongType {
-        field: "token_wait_timeout_ms".to_owned(),
+        field: field.to_owned(),
         expected: "a whole number of milliseconds",
     })?;
-    if ms == 0 || ms > MAX_TOKEN_WAIT_MS {
+    if !(min..=max).contains(&ms) {
         return Err(ConfigError::Invalid {
-            field: "token_wait_timeout_ms".to_owned(),
+            field: field.to_owned(),
             problem: format!("is {ms}"),
-            fix: format!(
-                "use a value from 1 to {MAX_TOKEN_WAIT_MS} (default {DEFAULT_TOKEN_WAIT_MS})"
-            ),
+            fix: format!("use a value from {min} to {max} (default {default})"),
         });
     }
     Ok(ms)
@@ -432,7 +481,7 @@ mod tests {
     fn full_configuration_is_read_field_by_field() {
         let c = Config::parse(
             br#"{"token_source":{"type":"imds","cluster":"outbound|80||imds.azure.internal",
-                 "authority":"imds.azure.internal","client_id":"1111-2222"},
+                 "authority":"imds.azure.internal","client_id":"1111-2222","timeout_ms":750},
                  "hosts":["myres.openai.azure.com"],"resource":"https://cognitiveservices.azure.us",
                  "token_wait_timeout_ms":2500}"#,
         )
@@ -526,6 +575,11 @@ mod tests {
                 "1 to 120000",
             ),
             (r#"{"token_wait_timeout_ms":"5s"}"#, "milliseconds", ""),
+            (
+                r#"{"token_source":{"timeout_ms":50}}"#,
+                "`token_source.timeout_ms` is 50",
+                "100 to 60000",
+            ),
             (r#"[]"#, "`configuration` must be a JSON object", ""),
             (r#"{"hosts":"#, "not valid JSON", "{}"),
         ];

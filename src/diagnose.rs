@@ -40,9 +40,10 @@ impl Diagnosis {
     /// Why a request that waited for a token gets none: the last failure.
     pub fn for_failure(failure: &Failure, config: &Config, now_ms: u64) -> Diagnosis {
         let imds = config.imds();
+        // Requests are only answered this way when no usable token exists.
         let retry_after_s = Some(
             failure
-                .retry_at_ms
+                .next_attempt_ms(true)
                 .saturating_sub(now_ms)
                 .div_ceil(1000)
                 .max(1),

@@ -13,6 +13,7 @@ pub mod lifecycle;
 pub mod rewrite;
 pub mod store;
 pub mod token;
+pub mod upstream;
 
 #[cfg(all(feature = "glue", target_arch = "wasm32"))]
 mod glue;

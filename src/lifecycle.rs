@@ -17,6 +17,10 @@ pub const MAX_MARGIN_MS: u64 = 5 * 60 * 1000;
 pub const BACKOFF_BASE_MS: u64 = 500;
 /// Longest delay between retries of a transient failure.
 pub const BACKOFF_CAP_MS: u64 = 30_000;
+/// Longest delay between retries while no usable token exists: requests are
+/// waiting, so a recovered endpoint must be noticed within seconds. Still
+/// far below IMDS's budget (20 calls/s per VM).
+pub const URGENT_CAP_MS: u64 = 4_000;
 /// Delay between retries when the token endpoint refused the request (no
 /// identity yet, ambiguous identity): an identity may be assigned a minute later.
 pub const REFUSED_RETRY_MS: u64 = 30_000;
@@ -63,6 +67,20 @@ pub fn retry_delay_ms(class: FailureClass, attempt: u32, seed: u64) -> u64 {
     };
     let half = full / 2;
     half + jitter(seed) % (full - half + 1)
+}
+
+impl crate::store::Failure {
+    /// When the next attempt may start: the backoff as scheduled while a
+    /// usable token still serves requests, capped at [`URGENT_CAP_MS`] once
+    /// none does. Refusals stay slow: requests do not wait on them.
+    pub fn next_attempt_ms(&self, urgent: bool) -> u64 {
+        let scheduled = self.retry_at_ms;
+        if urgent && self.cause.class() == FailureClass::Transient {
+            scheduled.min(self.at_ms + URGENT_CAP_MS)
+        } else {
+            scheduled
+        }
+    }
 }
 
 /// A few rounds of splitmix64: good enough to spread retries, and pure.
@@ -145,6 +163,27 @@ mod tests {
             .map(|s| retry_delay_ms(FailureClass::Transient, 5, s))
             .collect();
         assert!(spread.len() > 10, "jitter spreads retries: {spread:?}");
+    }
+
+    #[test]
+    fn without_a_usable_token_the_next_attempt_comes_within_the_urgent_cap() {
+        use crate::store::Failure;
+        use crate::token::FetchFailure;
+        let failure = |cause| Failure {
+            cause,
+            attempts: 9,
+            retry_at_ms: 1_000 + 30_000,
+            at_ms: 1_000,
+        };
+        let transient = failure(FetchFailure::NoResponse);
+        assert_eq!(transient.next_attempt_ms(false), 31_000);
+        assert_eq!(transient.next_attempt_ms(true), 1_000 + URGENT_CAP_MS);
+        let refused = failure(FetchFailure::Status {
+            status: 400,
+            error: None,
+            description: None,
+        });
+        assert_eq!(refused.next_attempt_ms(true), 31_000);
     }
 
     #[test]

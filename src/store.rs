@@ -70,6 +70,9 @@ pub struct Record {
     pub generation: u64,
     pub lease: Option<Lease>,
     pub failure: Option<Failure>,
+    /// When a token was last dropped because the upstream rejected it.
+    #[serde(default)]
+    pub invalidated_at_ms: Option<u64>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -278,6 +281,7 @@ mod tests {
                 retry_at_ms: 5,
                 at_ms: 4,
             }),
+            invalidated_at_ms: Some(3),
         };
         assert_eq!(Record::decode(&record.encode()), Some(record.clone()));
         let future = String::from_utf8(record.encode())

@@ -58,6 +58,7 @@ pub struct Token {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TokenRequest {
     pub cluster: String,
+    pub timeout_ms: u64,
     /// Pseudo-headers and headers, in order.
     pub headers: Vec<(&'static str, String)>,
 }
@@ -78,6 +79,7 @@ impl TokenRequest {
         }
         TokenRequest {
             cluster: imds.cluster.clone(),
+            timeout_ms: imds.timeout_ms,
             headers: vec![
                 (":method", "GET".to_owned()),
                 (":path", path),
@@ -278,7 +280,23 @@ fn invalid(problem: String) -> FetchFailure {
     FetchFailure::InvalidBody { problem }
 }
 
+/// Envoy answers a call it could not complete (connection refused or reset,
+/// no healthy endpoint, upstream timeout) with a local reply of its own
+/// rather than a failure: recognise those by their text.
+const ENVOY_LOCAL_REPLIES: [&str; 3] = [
+    "upstream connect error or disconnect/reset before headers",
+    "no healthy upstream",
+    "upstream request timeout",
+];
+
 fn error_status(status: u16, body: &[u8]) -> FetchFailure {
+    if matches!(status, 503 | 504)
+        && ENVOY_LOCAL_REPLIES
+            .iter()
+            .any(|phrase| body.starts_with(phrase.as_bytes()))
+    {
+        return FetchFailure::NoResponse;
+    }
     let raw: Option<RawError> = serde_json::from_slice(body).ok();
     let (error, description) = match raw {
         Some(raw) => (
@@ -479,6 +497,20 @@ mod tests {
             .class(),
             FailureClass::Misconfigured
         );
+    }
+
+    #[test]
+    fn envoys_own_replies_mean_the_endpoint_was_not_reached() {
+        for (status, body) in [
+            (503, &b"upstream connect error or disconnect/reset before headers. reset reason: connection failure"[..]),
+            (503, b"no healthy upstream"),
+            (504, b"upstream request timeout"),
+        ] {
+            assert_eq!(parse_response(Some(status), body, NOW_MS).unwrap_err(), FetchFailure::NoResponse);
+        }
+        let imds_503 =
+            parse_response(Some(503), br#"{"error":"unavailable"}"#, NOW_MS).unwrap_err();
+        assert!(matches!(imds_503, FetchFailure::Status { status: 503, .. }));
     }
 
     #[test]

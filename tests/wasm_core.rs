@@ -84,6 +84,12 @@ fn one_fetch_for_many_vms_in_wasm() {
     vms[leaders[0]].fetched(NOW_MS + 5, &mut shared, Ok(token));
     for vm in vms.iter_mut() {
         vm.sync(NOW_MS + 6, &mut shared);
-        assert_eq!(vm.admit(NOW_MS + 7, 99), Admission::Authorize("Bearer tok"));
+        assert!(matches!(
+            vm.admit(NOW_MS + 7, 99),
+            Admission::Authorize {
+                bearer: "Bearer tok",
+                ..
+            }
+        ));
     }
 }

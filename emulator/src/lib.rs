@@ -21,7 +21,8 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::extract::{Path, Query, State};
@@ -72,6 +73,8 @@ pub enum ImdsReply {
     Token,
     /// Answer with this status and body.
     Raw { status: u16, body: String },
+    /// Wait, then answer as `then` does: longer than the caller's timeout is a timeout.
+    Slow { delay_ms: u64, then: Box<ImdsReply> },
 }
 
 impl ImdsReply {
@@ -86,6 +89,8 @@ impl ImdsReply {
 /// One request as IMDS received it.
 #[derive(Debug, Clone, Serialize)]
 pub struct ImdsRequest {
+    /// When the request arrived and when it was answered.
+    pub arrived_ms: u64,
     pub at_ms: u64,
     pub query: HashMap<String, String>,
     pub headers: Vec<(String, String)>,
@@ -143,6 +148,10 @@ pub struct Settings {
     pub role_holders: HashSet<String>,
     /// Extra bytes in each token's `aio` claim, to model larger real tokens.
     pub token_padding: usize,
+    /// While set, every IMDS request gets this reply (an outage), before any script.
+    pub imds_failure: Option<ImdsReply>,
+    /// The audience Azure OpenAI accepts.
+    pub accepted_audience: String,
 }
 
 impl Default for Settings {
@@ -157,13 +166,15 @@ impl Default for Settings {
             system_identity: Some(system),
             user_identities: Vec::new(),
             token_padding: 0,
+            imds_failure: None,
+            accepted_audience: RESOURCE.to_owned(),
         }
     }
 }
 
-#[derive(Default)]
 struct World {
     settings: Settings,
+    key: RS256KeyPair,
     script: VecDeque<ImdsReply>,
     imds: Vec<ImdsRequest>,
     upstream: Vec<UpstreamRequest>,
@@ -184,15 +195,31 @@ impl Shared {
     }
 }
 
-fn signing_key() -> &'static RS256KeyPair {
-    static KEY: OnceLock<RS256KeyPair> = OnceLock::new();
-    KEY.get_or_init(|| match RS256KeyPair::generate(2048) {
-        Ok(key) => key.with_key_id("emulator-key-1"),
-        Err(e) => {
-            eprintln!("aoai-emulator: cannot generate an RSA key: {e}");
-            std::process::exit(70)
-        }
-    })
+fn new_signing_key() -> std::io::Result<RS256KeyPair> {
+    static KEYS: AtomicU64 = AtomicU64::new(0);
+    let n = KEYS.fetch_add(1, Ordering::Relaxed);
+    RS256KeyPair::generate(2048)
+        .map(|key| key.with_key_id(&format!("emulator-key-{n}")))
+        .map_err(|e| std::io::Error::other(format!("cannot generate an RSA key: {e}")))
+}
+
+/// Counts a request in flight for as long as it lives, even when the client
+/// hangs up and the server drops the handler halfway.
+struct InFlight(Arc<Shared>);
+
+impl InFlight {
+    fn enter(shared: &Arc<Shared>) -> InFlight {
+        let mut world = shared.world();
+        world.imds_in_flight += 1;
+        world.imds_max_in_flight = world.imds_max_in_flight.max(world.imds_in_flight);
+        InFlight(shared.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.world().imds_in_flight -= 1;
+    }
 }
 
 fn now_ms() -> u64 {
@@ -225,14 +252,20 @@ impl Emulator {
         settings: Settings,
         verbose: bool,
     ) -> std::io::Result<Emulator> {
-        signing_key();
+        let key = new_signing_key()?;
         let listener = std::net::TcpListener::bind(addr)?;
         listener.set_nonblocking(true)?;
         let addr = listener.local_addr()?;
         let shared = Arc::new(Shared {
             world: Mutex::new(World {
                 settings,
-                ..World::default()
+                key,
+                script: VecDeque::new(),
+                imds: Vec::new(),
+                upstream: Vec::new(),
+                imds_in_flight: 0,
+                imds_max_in_flight: 0,
+                minted: 0,
             }),
         });
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -319,11 +352,25 @@ impl Emulator {
             .clone()
             .unwrap_or_else(Identity::system);
         mint(
+            &world.key,
             &identity,
             audience,
             lifetime_s,
             world.settings.token_padding,
         )
+    }
+
+    /// Sign with a new key from now on: every token issued so far stops
+    /// verifying, as after a key rollover that a cached token missed.
+    pub fn rotate_signing_key(&self) -> std::io::Result<()> {
+        let key = new_signing_key()?;
+        self.shared.world().key = key;
+        Ok(())
+    }
+
+    /// Requests IMDS is handling right now.
+    pub fn imds_in_flight(&self) -> usize {
+        self.shared.world().imds_in_flight
     }
 }
 
@@ -390,20 +437,27 @@ async fn imds(
     Query(query): Query<HashMap<String, String>>,
     headers: HeaderMap,
 ) -> Response {
-    let (delay, reply) = {
+    let _in_flight = InFlight::enter(&app.shared);
+    let arrived_ms = now_ms();
+    let (delay, mut reply) = {
         let mut world = app.shared.world();
-        world.imds_in_flight += 1;
-        world.imds_max_in_flight = world.imds_max_in_flight.max(world.imds_in_flight);
-        let reply = world.script.pop_front().unwrap_or(ImdsReply::Token);
+        let reply = match &world.settings.imds_failure {
+            Some(failure) => failure.clone(),
+            None => world.script.pop_front().unwrap_or(ImdsReply::Token),
+        };
         (world.settings.imds_delay_ms, reply)
     };
     if delay > 0 {
         tokio::time::sleep(Duration::from_millis(delay)).await;
     }
+    while let ImdsReply::Slow { delay_ms, then } = reply {
+        tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+        reply = *then;
+    }
     let (status, body) = imds_answer(&app.shared, &query, &headers, reply);
     let mut world = app.shared.world();
-    world.imds_in_flight -= 1;
     world.imds.push(ImdsRequest {
+        arrived_ms,
         at_ms: now_ms(),
         query: query.clone(),
         headers: header_list(&headers),
@@ -419,14 +473,18 @@ async fn imds(
             query.get("resource").map_or("-", String::as_str)
         );
     }
-    json_response(status, body)
+    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    (
+        status,
+        [("content-type", "application/json; charset=utf-8")],
+        body,
+    )
+        .into_response()
 }
 
-fn imds_error(description: &str) -> (u16, Value) {
-    (
-        400,
-        json!({"error": "invalid_request", "error_description": description}),
-    )
+fn imds_error(description: &str) -> (u16, String) {
+    let body = json!({"error": "invalid_request", "error_description": description});
+    (400, body.to_string())
 }
 
 fn imds_answer(
@@ -434,7 +492,7 @@ fn imds_answer(
     query: &HashMap<String, String>,
     headers: &HeaderMap,
     reply: ImdsReply,
-) -> (u16, Value) {
+) -> (u16, String) {
     if headers.get("metadata").and_then(|v| v.to_str().ok()) != Some("true") {
         return imds_error("Required metadata header not specified");
     }
@@ -452,11 +510,10 @@ fn imds_answer(
     if resource.ends_with("/.default") {
         return (
             400,
-            json!({"error": "invalid_resource", "error_description": format!("AADSTS500011: The resource principal named {resource} was not found in the tenant.")}),
+            json!({"error": "invalid_resource", "error_description": format!("AADSTS500011: The resource principal named {resource} was not found in the tenant.")}).to_string(),
         );
     }
     if let ImdsReply::Raw { status, body } = reply {
-        let body = serde_json::from_str(&body).unwrap_or(Value::String(body));
         return (status, body);
     }
     let mut world = shared.world();
@@ -489,7 +546,13 @@ fn imds_answer(
         },
     };
     let lifetime = settings.token_lifetime_s;
-    let token = mint(&identity, resource, lifetime, settings.token_padding);
+    let token = mint(
+        &world.key,
+        &identity,
+        resource,
+        lifetime,
+        settings.token_padding,
+    );
     world.minted += 1;
     let now = now_ms() / 1000;
     (
@@ -504,7 +567,8 @@ fn imds_answer(
             "resource": resource,
             "token_type": "Bearer",
             "client_id": identity.client_id,
-        }),
+        })
+        .to_string(),
     )
 }
 
@@ -520,7 +584,13 @@ struct AzureClaims {
     aio: String,
 }
 
-fn mint(identity: &Identity, audience: &str, lifetime_s: u64, padding: usize) -> String {
+fn mint(
+    key: &RS256KeyPair,
+    identity: &Identity,
+    audience: &str,
+    lifetime_s: u64,
+    padding: usize,
+) -> String {
     let custom = AzureClaims {
         oid: identity.object_id.clone(),
         tid: TENANT_ID.into(),
@@ -536,19 +606,21 @@ fn mint(identity: &Identity, audience: &str, lifetime_s: u64, padding: usize) ->
             .with_audience(audience)
             .with_issuer(format!("https://sts.windows.net/{TENANT_ID}/"))
             .with_subject(&identity.object_id);
-    signing_key().sign(claims).unwrap_or_default()
+    key.sign(claims).unwrap_or_default()
 }
 
 /// Why a bearer token is refused, or whose it is.
-fn check_token(token: &str) -> Result<JWTClaims<AzureClaims>, Verdict> {
+fn check_token(
+    key: &RS256PublicKey,
+    audience: &str,
+    token: &str,
+) -> Result<JWTClaims<AzureClaims>, Verdict> {
     let options = VerificationOptions {
-        allowed_audiences: Some(HashSet::from([RESOURCE.to_owned()])),
+        allowed_audiences: Some(HashSet::from([audience.to_owned()])),
         time_tolerance: Some(jwt_simple::prelude::Duration::from_secs(0)),
         ..VerificationOptions::default()
     };
-    signing_key()
-        .public_key()
-        .verify_token::<AzureClaims>(token, Some(options))
+    key.verify_token::<AzureClaims>(token, Some(options))
         .map_err(|e| match e.downcast_ref::<JWTError>() {
             Some(JWTError::TokenHasExpired) => Verdict::ExpiredToken,
             Some(JWTError::RequiredAudienceMismatch) => Verdict::WrongAudience,
@@ -600,7 +672,10 @@ fn data_plane(
     headers: HeaderMap,
     body: &str,
 ) -> Response {
-    let settings = app.shared.world().settings.clone();
+    let (settings, public_key) = {
+        let world = app.shared.world();
+        (world.settings.clone(), world.key.public_key())
+    };
     let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
     let bearer = header("authorization").and_then(|v| {
         v.strip_prefix("Bearer ")
@@ -626,7 +701,7 @@ fn data_plane(
         }
     } else {
         let unauthorized = json!({"statusCode": 401, "message": format!("Unauthorized. Access token is missing, invalid, audience is incorrect ({RESOURCE}), or have expired.")});
-        match bearer.map(check_token) {
+        match bearer.map(|t| check_token(&public_key, &settings.accepted_audience, t)) {
             None => (Verdict::MissingToken, 401, unauthorized),
             Some(Err(verdict)) => {
                 token_exp = bearer.and_then(unverified_exp);
@@ -803,11 +878,16 @@ async fn script(State(app): State<App>, Json(steps): Json<Vec<Value>>) -> Respon
 mod tests {
     use super::*;
 
+    fn key() -> RS256KeyPair {
+        new_signing_key().unwrap()
+    }
+
     #[test]
     fn minted_tokens_verify_and_carry_the_identity() {
         let identity = Identity::system();
-        let token = mint(&identity, RESOURCE, 60, 0);
-        let claims = check_token(&token).unwrap();
+        let key = key();
+        let token = mint(&key, &identity, RESOURCE, 60, 0);
+        let claims = check_token(&key.public_key(), RESOURCE, &token).unwrap();
         assert_eq!(claims.custom.oid, identity.object_id);
         assert_eq!(claims.custom.tid, TENANT_ID);
         assert!(token.starts_with("eyJ"));
@@ -815,13 +895,36 @@ mod tests {
 
     #[test]
     fn tokens_for_another_audience_are_refused() {
-        let token = mint(&Identity::system(), "https://management.azure.com", 60, 0);
-        assert_eq!(check_token(&token).unwrap_err(), Verdict::WrongAudience);
+        let key = key();
+        let token = mint(
+            &key,
+            &Identity::system(),
+            "https://management.azure.com",
+            60,
+            0,
+        );
+        assert_eq!(
+            check_token(&key.public_key(), RESOURCE, &token).unwrap_err(),
+            Verdict::WrongAudience
+        );
     }
 
     #[test]
     fn garbage_is_an_invalid_token() {
-        assert_eq!(check_token("not-a-jwt").unwrap_err(), Verdict::InvalidToken);
+        assert_eq!(
+            check_token(&key().public_key(), RESOURCE, "not-a-jwt").unwrap_err(),
+            Verdict::InvalidToken
+        );
+    }
+
+    #[test]
+    fn tokens_signed_by_a_rotated_key_are_invalid() {
+        let (old, new) = (key(), key());
+        let token = mint(&old, &Identity::system(), RESOURCE, 60, 0);
+        assert_eq!(
+            check_token(&new.public_key(), RESOURCE, &token).unwrap_err(),
+            Verdict::InvalidToken
+        );
     }
 
     #[test]

@@ -54,6 +54,22 @@ pub fn request_header(name: &str) -> Option<String> {
         .flatten()
 }
 
+/// `:status` of the upstream's answer to the current request.
+pub fn response_status() -> Option<u16> {
+    hostcalls::get_map_value(MapType::HttpResponseHeaders, ":status")
+        .ok()
+        .flatten()
+        .and_then(|s| s.parse().ok())
+}
+
+/// The buffered response body of the current request.
+pub fn response_body(size: usize) -> Vec<u8> {
+    hostcalls::get_buffer(BufferType::HttpResponseBody, 0, size)
+        .ok()
+        .flatten()
+        .unwrap_or_default()
+}
+
 /// Remove `api-key` and set exactly one `authorization` on the current request.
 pub fn authorize_request(bearer: &str) -> Result<(), Status> {
     hostcalls::set_map_value(

@@ -8,18 +8,19 @@
 mod host;
 
 use std::cell::RefCell;
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::rc::Rc;
 use std::time::Duration;
 
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel};
 
-use crate::agent::{Admission, Agent, Command, Level, FETCH_TIMEOUT_MS};
+use crate::agent::{Admission, Agent, Command, Level};
 use crate::config::{Config, IdentitySelector};
 use crate::rewrite::HostPatterns;
 use crate::store;
 use crate::token::{parse_response, FetchFailure, TokenRequest, MAX_RESPONSE_BYTES};
+use crate::upstream::{self, UpstreamFailure};
 use host::HostStore;
 
 /// How often each VM checks for refresh, lapsed leases and waiting requests.
@@ -41,6 +42,8 @@ struct Vm {
     hosts: HostPatterns,
     request: TokenRequest,
     agent: RefCell<Agent>,
+    /// Token generation each resumed request left with, until it takes it.
+    resumed: RefCell<HashMap<u32, u64>>,
 }
 
 struct Root {
@@ -86,6 +89,7 @@ impl Root {
             hosts: config.hosts.clone(),
             request: TokenRequest::imds(config),
             agent: RefCell::new(agent),
+            resumed: RefCell::new(HashMap::new()),
         })
     }
 
@@ -153,6 +157,8 @@ impl RootContext for Root {
             id,
             vm: self.vm.clone(),
             parked: false,
+            authorized: None,
+            inspect_body: false,
         }))
     }
 
@@ -172,7 +178,7 @@ fn execute(vm: &Vm, commands: Vec<Command>) {
                     .iter()
                     .map(|(name, value)| (*name, value.as_str()))
                     .collect();
-                let timeout = Duration::from_millis(FETCH_TIMEOUT_MS);
+                let timeout = Duration::from_millis(vm.request.timeout_ms);
                 if let Err(status) = host::dispatch(&vm.request.cluster, &headers, timeout) {
                     log::warn!(
                         "cannot dispatch the token call to cluster {} ({status:?})",
@@ -194,14 +200,19 @@ fn execute(vm: &Vm, commands: Vec<Command>) {
                 }
             }
             Command::Resume(requests) => {
-                let bearer = vm
+                let token = vm
                     .agent
                     .try_borrow()
                     .ok()
-                    .and_then(|a| a.bearer().map(str::to_owned));
-                let Some(bearer) = bearer else { continue };
+                    .and_then(|a| Some((a.bearer()?.to_owned(), a.generation()?)));
+                let Some((bearer, generation)) = token else {
+                    continue;
+                };
                 for request in requests {
                     if host::enter(request).is_ok() && host::authorize_request(&bearer).is_ok() {
+                        if let Ok(mut resumed) = vm.resumed.try_borrow_mut() {
+                            resumed.insert(request, generation);
+                        }
                         let _ = host::resume_request();
                     }
                 }
@@ -239,6 +250,27 @@ struct Request {
     id: u32,
     vm: Option<Rc<Vm>>,
     parked: bool,
+    /// Generation of the token this request left with, if it got one.
+    authorized: Option<u64>,
+    /// The upstream answered 401: read the body to see whether it rejected the token.
+    inspect_body: bool,
+}
+
+impl Request {
+    /// The upstream rejected the token this request carried.
+    fn token_rejected(&self, vm: &Vm, generation: u64) {
+        let commands = match vm.agent.try_borrow_mut() {
+            Ok(mut agent) => agent.invalidate(host::now_ms(), &mut HostStore, generation),
+            Err(_) => return,
+        };
+        let dropped = commands.contains(&Command::NotifyOthers);
+        // Only notifications and log lines: safe to carry out from a request.
+        execute(vm, commands);
+        if dropped {
+            // The root, not this request, dispatches the new token call.
+            let _ = host::enqueue(vm.queue, b"kick");
+        }
+    }
 }
 
 impl Context for Request {}
@@ -256,9 +288,10 @@ impl HttpContext for Request {
             return Action::Continue;
         };
         match agent.admit(host::now_ms(), self.id) {
-            Admission::Authorize(bearer) => {
-                if let Err(status) = host::authorize_request(bearer) {
-                    log::warn!("cannot rewrite request headers ({status:?})");
+            Admission::Authorize { bearer, generation } => {
+                match host::authorize_request(bearer) {
+                    Ok(()) => self.authorized = Some(generation),
+                    Err(status) => log::warn!("cannot rewrite request headers ({status:?})"),
                 }
                 Action::Continue
             }
@@ -285,6 +318,36 @@ impl HttpContext for Request {
                 return Action::Pause;
             }
             self.parked = false;
+            // Resumed by the root with the token it held then.
+            self.authorized = self
+                .vm
+                .as_ref()
+                .and_then(|vm| vm.agent.try_borrow().ok().and_then(|a| a.generation()));
+        }
+        Action::Continue
+    }
+
+    fn on_http_response_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
+        if self.authorized.is_some() && host::response_status() == Some(401) {
+            self.inspect_body = true;
+        }
+        Action::Continue
+    }
+
+    fn on_http_response_body(&mut self, size: usize, end_of_stream: bool) -> Action {
+        if !self.inspect_body {
+            return Action::Continue;
+        }
+        if !end_of_stream {
+            // Hold the (small) error body until it is complete.
+            return Action::Pause;
+        }
+        self.inspect_body = false;
+        let body = host::response_body(size.min(upstream::MAX_ERROR_BODY + 1));
+        if let (Some(UpstreamFailure::TokenRejected), Some(generation), Some(vm)) =
+            (upstream::classify(401, &body), self.authorized, &self.vm)
+        {
+            self.token_rejected(vm, generation);
         }
         Action::Continue
     }
@@ -295,6 +358,9 @@ impl Drop for Request {
         if let (true, Some(vm)) = (self.parked, &self.vm) {
             if let Ok(mut agent) = vm.agent.try_borrow_mut() {
                 agent.forget(self.id);
+            }
+            if let Ok(mut resumed) = vm.resumed.try_borrow_mut() {
+                resumed.remove(&self.id);
             }
         }
     }

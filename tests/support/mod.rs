@@ -5,7 +5,13 @@
 //! build fails the test: these tests never skip.
 
 // Harness code: a failed step is a failed test, so it may unwrap and panic.
-#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![allow(
+    dead_code,
+    unused_imports,
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic
+)]
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -13,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-pub use aoai_emulator::{Emulator, Settings, UpstreamRequest, Verdict};
+pub use aoai_emulator::{Emulator, ImdsReply, Settings, UpstreamRequest, Verdict};
 
 pub const AOAI_HOST: &str = "myres.openai.azure.com";
 pub const CHAT_PATH: &str =
@@ -315,10 +321,62 @@ pub fn chat(
         .body(serde_json::json!({"messages": [{"role": "user", "content": prompt}]}).to_string())
 }
 
+/// Milliseconds since the Unix epoch, the emulator's time scale.
+pub fn epoch_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
 pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
         return Duration::ZERO;
     }
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[i]
+}
+
+/// One chat request through Envoy: (status, headers, body).
+pub async fn send_chat(envoy: &Envoy) -> (u16, reqwest::header::HeaderMap, String) {
+    let response = chat(&client(), envoy, AOAI_HOST, "hi")
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    (status, headers, response.text().await.unwrap())
+}
+
+/// A listener delivered by file-based LDS, so the test can change the plugin
+/// configuration of a running Envoy.
+pub fn lds_listener(filter_config: &str, port: u16) -> String {
+    serde_json::json!({
+        "resources": [{
+            "@type": "type.googleapis.com/envoy.config.listener.v3.Listener",
+            "name": "app",
+            "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
+            "filter_chains": [{"filters": [{
+                "name": "envoy.filters.network.http_connection_manager",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                    "stat_prefix": "e2e",
+                    "route_config": {"virtual_hosts": [{"name": "all", "domains": ["*"],
+                        "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "upstream"}}]}]},
+                    "http_filters": [
+                        {"name": "aoai-msi-filter", "typed_config": {
+                            "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
+                            "config": {
+                                "name": "aoai-msi-filter", "root_id": "aoai-msi-filter",
+                                "configuration": {"@type": "type.googleapis.com/google.protobuf.StringValue", "value": filter_config},
+                                "vm_config": {"vm_id": "aoai-msi-filter", "runtime": "envoy.wasm.runtime.v8",
+                                    "code": {"local": {"filename": wasm().display().to_string()}}}}}},
+                        {"name": "envoy.filters.http.router", "typed_config": {
+                            "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}
+                    ]
+                }
+            }]}]
+        }]
+    })
+    .to_string()
 }
