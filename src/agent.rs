@@ -19,6 +19,7 @@
 //! failure's `retry_at` makes backoff shared too. Requests never read shared
 //! data: they use the VM-local copy, which notifications keep current.
 
+use crate::claims::Claims;
 use crate::config::Config;
 use crate::diagnose::Diagnosis;
 use crate::lifecycle::retry_delay_ms;
@@ -61,6 +62,22 @@ pub enum Command {
     Reject(Vec<u32>, Diagnosis),
     /// A line for the log; never contains a secret.
     Log(Level, String),
+    /// Something to count.
+    Record(Event),
+}
+
+/// Lifecycle events the metrics count.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// A token call ended: `ok` or the failure's label, and how long it took.
+    Fetched {
+        outcome: String,
+        duration_ms: Option<u64>,
+    },
+    /// A background refresh started while a usable token served requests.
+    RefreshStarted,
+    /// A token the upstream rejected was dropped.
+    Invalidated,
 }
 
 enum Invalidation {
@@ -75,6 +92,8 @@ struct Local {
     /// `Bearer <token>`, formatted once per token.
     bearer: Secret,
     generation: u64,
+    /// Read once per token, for diagnoses only.
+    claims: Option<Claims>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -131,6 +150,16 @@ impl Agent {
 
     pub fn parked(&self) -> usize {
         self.parked.len()
+    }
+
+    /// Unverified claims of the VM-local token, to explain failures.
+    pub fn claims(&self) -> Option<&Claims> {
+        self.local.as_ref().and_then(|l| l.claims.as_ref())
+    }
+
+    /// When the VM-local token expires (ms since the epoch).
+    pub fn expires_at_ms(&self) -> Option<u64> {
+        self.local.as_ref().map(|l| l.token.expires_at_ms)
     }
 
     /// Generation of the VM-local token, if any.
@@ -203,9 +232,13 @@ impl Agent {
         });
         match outcome {
             Ok((record, lead)) => {
+                let refreshing = record.token.as_ref().is_some_and(|t| t.usable(now_ms));
                 self.adopt(record);
                 if lead {
                     self.fetch_started_ms = Some(now_ms);
+                    if refreshing {
+                        commands.push(Command::Record(Event::RefreshStarted));
+                    }
                     commands.push(Command::Fetch);
                 }
             }
@@ -247,9 +280,19 @@ impl Agent {
         store: &mut dyn SharedStore,
         result: Result<Token, FetchFailure>,
     ) -> Vec<Command> {
-        self.fetch_started_ms = None;
+        let duration_ms = self
+            .fetch_started_ms
+            .take()
+            .map(|started| now_ms.saturating_sub(started));
         let vm = self.vm;
-        let mut commands = Vec::new();
+        let outcome = match &result {
+            Ok(_) => "ok".to_owned(),
+            Err(cause) => cause.label(),
+        };
+        let mut commands = vec![Command::Record(Event::Fetched {
+            outcome,
+            duration_ms,
+        })];
         let release = |record: &mut Record| {
             if record.lease.is_some_and(|l| l.holder == vm) {
                 record.lease = None;
@@ -359,6 +402,7 @@ impl Agent {
                 self.adopt(record);
                 match what {
                     Invalidation::Dropped => vec![
+                        Command::Record(Event::Invalidated),
                         Command::Log(
                             Level::Warn,
                             format!(
@@ -395,10 +439,12 @@ impl Agent {
 
     fn install(&mut self, token: Token, generation: u64) {
         let bearer = Secret::new(bearer_header(token.secret.expose()));
+        let claims = Claims::read(token.secret.expose());
         self.local = Some(Local {
             token,
             bearer,
             generation,
+            claims,
         });
     }
 

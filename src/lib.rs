@@ -7,9 +7,12 @@
 //! calls proxy-wasm, and it is compiled only for wasm with the `glue` feature.
 
 pub mod agent;
+pub mod annotate;
+pub mod claims;
 pub mod config;
 pub mod diagnose;
 pub mod lifecycle;
+pub mod metrics;
 pub mod rewrite;
 pub mod store;
 pub mod token;

@@ -89,7 +89,7 @@ impl HostPatterns {
 
     /// Does a request with this `:authority` get the token?
     pub fn matches(&self, authority: &str) -> bool {
-        let host = strip_port(authority.as_bytes());
+        let host = host_without_port(authority).as_bytes();
         // A fully qualified name may end in a dot; it names the same host.
         let host = host.strip_suffix(b".").unwrap_or(host);
         !host.is_empty() && self.0.iter().any(|p| p.matches(host))
@@ -97,15 +97,15 @@ impl HostPatterns {
 }
 
 /// `host:port` → `host`; `[v6]:port` → `[v6]`.
-fn strip_port(authority: &[u8]) -> &[u8] {
-    if authority.first() == Some(&b'[') {
-        return match authority.iter().position(|b| *b == b']') {
+pub fn host_without_port(authority: &str) -> &str {
+    if authority.starts_with('[') {
+        return match authority.find(']') {
             Some(end) => &authority[..=end],
             None => authority,
         };
     }
-    match authority.iter().rposition(|b| *b == b':') {
-        Some(colon) => &authority[..colon],
+    match authority.rsplit_once(':') {
+        Some((host, _port)) => host,
         None => authority,
     }
 }
@@ -201,6 +201,20 @@ mod tests {
             HostPattern::parse("a.example").unwrap().to_string(),
             "a.example"
         );
+    }
+
+    #[test]
+    fn ports_are_removed_from_names_and_bracketed_addresses() {
+        assert_eq!(
+            host_without_port("myres.openai.azure.com:443"),
+            "myres.openai.azure.com"
+        );
+        assert_eq!(
+            host_without_port("myres.openai.azure.com"),
+            "myres.openai.azure.com"
+        );
+        assert_eq!(host_without_port("[::1]:10000"), "[::1]");
+        assert_eq!(host_without_port("127.0.0.1:10000"), "127.0.0.1");
     }
 
     #[test]

@@ -13,8 +13,9 @@ pub const MAX_ERROR_BODY: usize = 16 * 1024;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum UpstreamFailure {
-    /// 401 `statusCode` body: the token was not accepted as a token.
-    TokenRejected,
+    /// 401 `statusCode` body: the token was not accepted as a token. The
+    /// message names the audience the resource accepts.
+    TokenRejected { expected_audience: Option<String> },
     /// 401 `PermissionDenied`: the identity lacks the data action.
     PermissionDenied {
         principal: Option<String>,
@@ -24,17 +25,25 @@ pub enum UpstreamFailure {
     KeyAuthDisabled,
     /// 403 firewall / virtual-network rule.
     NetworkRule,
+    /// 400: tokens need the resource's custom subdomain endpoint.
+    SubdomainRequired,
 }
 
 /// Classify an upstream answer by status and body; `None` when it is not an
 /// authorization failure this filter understands.
 pub fn classify(status: u16, body: &[u8]) -> Option<UpstreamFailure> {
-    if !matches!(status, 401 | 403) || body.len() > MAX_ERROR_BODY {
+    if !matches!(status, 400 | 401 | 403) || body.len() > MAX_ERROR_BODY {
         return None;
     }
     let json: Value = serde_json::from_slice(body).ok()?;
     if status == 401 && json.get("statusCode").is_some() {
-        return Some(UpstreamFailure::TokenRejected);
+        let message = json
+            .get("message")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
+        return Some(UpstreamFailure::TokenRejected {
+            expected_audience: audience_in(message),
+        });
     }
     let error = json.get("error")?;
     let code = error
@@ -54,8 +63,18 @@ pub fn classify(status: u16, body: &[u8]) -> Option<UpstreamFailure> {
         (403, _) if message.contains("Virtual Network/Firewall") => {
             Some(UpstreamFailure::NetworkRule)
         }
+        (400, _) if message.to_ascii_lowercase().contains("custom subdomain") => {
+            Some(UpstreamFailure::SubdomainRequired)
+        }
         _ => None,
     }
+}
+
+/// "… audience is incorrect (https://cognitiveservices.azure.com) …" → the URI.
+fn audience_in(message: &str) -> Option<String> {
+    let (_, rest) = message.split_once("audience is incorrect (")?;
+    let (audience, _) = rest.split_once(')')?;
+    Some(audience.to_owned())
 }
 
 /// The `n`-th `quoted` span of a message such as
@@ -76,7 +95,12 @@ mod tests {
     #[test]
     fn gateway_401_means_the_token_itself_was_rejected() {
         let body = br#"{"statusCode": 401, "message": "Unauthorized. Access token is missing, invalid, audience is incorrect (https://cognitiveservices.azure.com), or have expired."}"#;
-        assert_eq!(classify(401, body), Some(UpstreamFailure::TokenRejected));
+        assert_eq!(
+            classify(401, body),
+            Some(UpstreamFailure::TokenRejected {
+                expected_audience: Some("https://cognitiveservices.azure.com".into())
+            })
+        );
     }
 
     #[test]
@@ -100,6 +124,11 @@ mod tests {
         assert_eq!(classify(403, key), Some(UpstreamFailure::KeyAuthDisabled));
         let net = br#"{"error":{"code":"403","message":"Access denied due to Virtual Network/Firewall rules."}}"#;
         assert_eq!(classify(403, net), Some(UpstreamFailure::NetworkRule));
+        let subdomain = br#"{"error":{"code":"BadRequest","message":"Please provide a custom subdomain for token authentication, otherwise API key is required."}}"#;
+        assert_eq!(
+            classify(400, subdomain),
+            Some(UpstreamFailure::SubdomainRequired)
+        );
     }
 
     #[test]

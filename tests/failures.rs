@@ -135,11 +135,13 @@ async fn bad_token_answers_are_named_retried_and_never_injected() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn refresh_failures_never_reach_requests_while_the_token_is_valid() {
-    let emulator = Emulator::start(Settings {
-        token_lifetime_s: 8,
-        ..Settings::default()
-    })
-    .unwrap();
+    let emulator = std::sync::Arc::new(
+        Emulator::start(Settings {
+            token_lifetime_s: 8,
+            ..Settings::default()
+        })
+        .unwrap(),
+    );
     let envoy = Envoy::start(r#"{"token_source":{"timeout_ms":500}}"#, &emulator, 4);
     let client = client();
     let first = chat(&client, &envoy, AOAI_HOST, "first")
@@ -147,40 +149,52 @@ async fn refresh_failures_never_reach_requests_while_the_token_is_valid() {
         .await
         .unwrap();
     assert_eq!(first.status(), 200);
-    let t0 = Instant::now();
-    // Around the refresh (half-life, 4 s) and until just before the margin
-    // (6 s), every refresh attempt fails, with each failure class in turn.
+    // Timed from the token's issue: the refresh is due at 4 s, the margin at 6 s.
+    // Around the refresh and until just before the margin, every attempt fails,
+    // with each failure class in turn; the schedule runs on its own.
+    let issued = emulator.imds_requests()[0].at_ms;
+    let schedule = {
+        let emulator = emulator.clone();
+        tokio::spawn(async move {
+            let phases = [
+                (3_500, Some(ImdsReply::error(500, "server_error", ""))),
+                (4_300, Some(ImdsReply::error(429, "too_many_requests", ""))),
+                (4_800, Some(ImdsReply::error(410, "gone", ""))),
+                (
+                    5_200,
+                    Some(ImdsReply::Slow {
+                        delay_ms: 2_000,
+                        then: Box::new(ImdsReply::Token),
+                    }),
+                ),
+                (5_700, None),
+            ];
+            for (at, reply) in phases {
+                let wait = (issued + at).saturating_sub(epoch_ms());
+                tokio::time::sleep(Duration::from_millis(wait)).await;
+                emulator.configure(|s| s.imds_failure = reply);
+            }
+        })
+    };
     let mut statuses = Vec::new();
-    let mut phase = 0;
-    let failures = [
-        ImdsReply::error(500, "server_error", ""),
-        ImdsReply::error(429, "too_many_requests", ""),
-        ImdsReply::error(410, "gone", ""),
-        ImdsReply::Slow {
-            delay_ms: 2_000,
-            then: Box::new(ImdsReply::Token),
-        },
-    ];
-    while t0.elapsed() < Duration::from_secs(10) {
-        let wanted = match t0.elapsed().as_millis() {
-            0..=3_699 => 0,
-            3_700..=4_399 => 1,
-            4_400..=4_899 => 2,
-            4_900..=5_299 => 3,
-            5_300..=5_799 => 4,
-            _ => 5,
-        };
-        if wanted != phase {
-            phase = wanted;
-            emulator.configure(|s| s.imds_failure = failures.get(phase - 1).cloned());
-        }
+    while epoch_ms() < issued + 11_000 {
+        let sent = epoch_ms() - issued;
         let response = chat(&client, &envoy, AOAI_HOST, "during refresh")
             .send()
             .await
             .unwrap();
-        statuses.push(response.status().as_u16());
+        let status = response.status().as_u16();
+        if status != 200 {
+            let body = response.text().await.unwrap_or_default();
+            println!(
+                "sent at {sent} ms, answered {status} at {} ms: {body}",
+                epoch_ms() - issued
+            );
+        }
+        statuses.push(status);
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
+    schedule.await.unwrap();
     let failed: Vec<_> = statuses.iter().filter(|s| **s != 200).collect();
     let attempts = token_status(&emulator);
     println!(

@@ -108,6 +108,8 @@ pub enum Verdict {
     ExpiredToken,
     WrongAudience,
     PermissionDenied,
+    NetworkRule,
+    SubdomainRequired,
     Echoed,
 }
 
@@ -152,6 +154,11 @@ pub struct Settings {
     pub imds_failure: Option<ImdsReply>,
     /// The audience Azure OpenAI accepts.
     pub accepted_audience: String,
+    /// Refuse every data-plane request with the firewall's 403.
+    pub network_rule_denies: bool,
+    /// Send error bodies with `content-encoding: gzip` (as a gateway that
+    /// compresses would); the bytes stay JSON, which is all the tests need.
+    pub compress_errors: bool,
 }
 
 impl Default for Settings {
@@ -168,6 +175,8 @@ impl Default for Settings {
             token_padding: 0,
             imds_failure: None,
             accepted_audience: RESOURCE.to_owned(),
+            network_rule_denies: false,
+            compress_errors: false,
         }
     }
 }
@@ -181,6 +190,8 @@ struct World {
     imds_in_flight: usize,
     imds_max_in_flight: usize,
     minted: u64,
+    /// Every token IMDS issued, so tests can look for them where they must not be.
+    minted_tokens: Vec<String>,
 }
 
 struct Shared {
@@ -266,6 +277,7 @@ impl Emulator {
                 imds_in_flight: 0,
                 imds_max_in_flight: 0,
                 minted: 0,
+                minted_tokens: Vec::new(),
             }),
         });
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -366,6 +378,11 @@ impl Emulator {
         let key = new_signing_key()?;
         self.shared.world().key = key;
         Ok(())
+    }
+
+    /// Every token IMDS has issued.
+    pub fn minted_tokens(&self) -> Vec<String> {
+        self.shared.world().minted_tokens.clone()
     }
 
     /// Requests IMDS is handling right now.
@@ -554,6 +571,7 @@ fn imds_answer(
         settings.token_padding,
     );
     world.minted += 1;
+    world.minted_tokens.push(token.clone());
     let now = now_ms() / 1000;
     (
         200,
@@ -683,7 +701,22 @@ fn data_plane(
     });
     let mut token_exp = None;
     let mut token_oid = None;
-    let (verdict, status, response) = if let Some(key) = header("api-key") {
+    let host = header("host").unwrap_or_default();
+    // A regional endpoint, not the resource's custom subdomain.
+    let regional = host.contains(".api.cognitive.microsoft.com");
+    let (verdict, status, response) = if settings.network_rule_denies {
+        (
+            Verdict::NetworkRule,
+            403,
+            json!({"error": {"code": "403", "message": "Access denied due to Virtual Network/Firewall rules."}}),
+        )
+    } else if bearer.is_some() && regional {
+        (
+            Verdict::SubdomainRequired,
+            400,
+            json!({"error": {"code": "BadRequest", "message": "Please provide a custom subdomain for token authentication, otherwise API key is required."}}),
+        )
+    } else if let Some(key) = header("api-key") {
         if settings.local_auth_disabled {
             (
                 Verdict::KeyAuthDisabled,
@@ -726,7 +759,14 @@ fn data_plane(
     record(
         app, method, &uri, &headers, verdict, token_exp, token_oid, status,
     );
-    json_response(status, response)
+    let mut response = json_response(status, response);
+    if status != 200 && settings.compress_errors {
+        response.headers_mut().insert(
+            "content-encoding",
+            axum::http::HeaderValue::from_static("gzip"),
+        );
+    }
+    response
 }
 
 fn completion(deployment: &str, caller: &str, request: &str) -> Value {

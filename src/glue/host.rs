@@ -4,7 +4,7 @@
 use std::time::{Duration, UNIX_EPOCH};
 
 use proxy_wasm::hostcalls;
-use proxy_wasm::types::{BufferType, MapType, Status};
+use proxy_wasm::types::{BufferType, MapType, MetricType, Status};
 
 use crate::store::{SharedStore, StoreError};
 
@@ -70,6 +70,22 @@ pub fn response_body(size: usize) -> Vec<u8> {
         .unwrap_or_default()
 }
 
+pub fn response_header(name: &str) -> Option<String> {
+    hostcalls::get_map_value(MapType::HttpResponseHeaders, name)
+        .ok()
+        .flatten()
+}
+
+/// Set (or with `None`, remove) a response header.
+pub fn set_response_header(name: &str, value: Option<&str>) -> Result<(), Status> {
+    hostcalls::set_map_value(MapType::HttpResponseHeaders, name, value)
+}
+
+/// Replace the first `size` bytes (the whole buffered body) of the response.
+pub fn replace_response_body(size: usize, body: &[u8]) -> Result<(), Status> {
+    hostcalls::set_buffer(BufferType::HttpResponseBody, 0, size, body)
+}
+
 /// Remove `api-key` and set exactly one `authorization` on the current request.
 pub fn authorize_request(bearer: &str) -> Result<(), Status> {
     hostcalls::set_map_value(
@@ -131,4 +147,22 @@ pub fn drain(queue: u32) {
 
 pub fn set_tick(period: Duration) -> Result<(), Status> {
     hostcalls::set_tick_period(period)
+}
+
+pub fn define_metric(kind: crate::metrics::Kind, name: &str) -> Result<u32, Status> {
+    use crate::metrics::Kind;
+    let kind = match kind {
+        Kind::Counter => MetricType::Counter,
+        Kind::Gauge => MetricType::Gauge,
+        Kind::Histogram => MetricType::Histogram,
+    };
+    hostcalls::define_metric(kind, name)
+}
+
+pub fn increment_metric(id: u32, delta: i64) -> Result<(), Status> {
+    hostcalls::increment_metric(id, delta)
+}
+
+pub fn record_metric(id: u32, value: u64) -> Result<(), Status> {
+    hostcalls::record_metric(id, value)
 }

@@ -25,6 +25,15 @@ pub const AOAI_HOST: &str = "myres.openai.azure.com";
 pub const CHAT_PATH: &str =
     "/openai/deployments/gpt-4o-mini/chat/completions?api-version=2024-10-21";
 
+/// The `stats_config` of the shipped configs, built from the filter's own list.
+pub fn stats_tags_yaml() -> String {
+    let mut yaml = String::from("stats_config:\n  stats_tags:\n");
+    for (tag, regex) in aoai_msi_filter::metrics::STATS_TAGS {
+        yaml.push_str(&format!("  - {{ tag_name: {tag}, regex: \"{regex}\" }}\n"));
+    }
+    yaml
+}
+
 pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
@@ -57,7 +66,7 @@ pub fn envoy_yaml(filter_config: &str, imds_port: u16, upstream_port: u16) -> St
     let config = serde_json::to_string(filter_config).unwrap();
     let wasm = wasm();
     format!(
-        r#"admin:
+        r#"{STATS_TAGS}admin:
   address: {{ socket_address: {{ address: 127.0.0.1, port_value: 0 }} }}
 static_resources:
   listeners:
@@ -111,7 +120,8 @@ static_resources:
       - lb_endpoints:
         - endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {upstream_port} }} }} }}
 "#,
-        wasm = wasm.display()
+        wasm = wasm.display(),
+        STATS_TAGS = stats_tags_yaml(),
     )
 }
 

@@ -1,0 +1,151 @@
+//! The claims of a token, read **without verification**, to explain failures.
+//!
+//! Access is never decided from these: the token is opaque for authorization
+//! (AZURE_FACTS.md §5). A diagnosis may say "the token is for audience X, the
+//! resource wants Y" or "principal `oid` lacks the role", and that is all.
+
+use serde::Deserialize;
+
+/// The claims a diagnosis uses. Anything may be missing.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+pub struct Claims {
+    pub aud: Option<String>,
+    pub iss: Option<String>,
+    pub tid: Option<String>,
+    /// The principal (object) id: what a role assignment targets.
+    pub oid: Option<String>,
+    /// Client id of the identity (v1 tokens).
+    pub appid: Option<String>,
+    /// Client id of the identity (v2 tokens).
+    pub azp: Option<String>,
+    /// ARM resource id of a managed identity.
+    pub xms_mirid: Option<String>,
+    pub exp: Option<u64>,
+    pub nbf: Option<u64>,
+    pub iat: Option<u64>,
+}
+
+impl Claims {
+    /// Read the payload of a JWT (`header.payload.signature`); `None` when the
+    /// value is not a JWT with a JSON payload.
+    pub fn read(token: &str) -> Option<Claims> {
+        let mut parts = token.split('.');
+        let (_header, payload, _signature) = (parts.next()?, parts.next()?, parts.next()?);
+        if parts.next().is_some() {
+            return None;
+        }
+        serde_json::from_slice(&base64url_decode(payload)?).ok()
+    }
+
+    pub fn client_id(&self) -> Option<&str> {
+        self.appid.as_deref().or(self.azp.as_deref())
+    }
+}
+
+/// Decode unpadded base64url (RFC 4648 §5), as JWT segments are written.
+pub fn base64url_decode(text: &str) -> Option<Vec<u8>> {
+    fn value(c: u8) -> Option<u32> {
+        Some(match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'-' => 62,
+            b'_' => 63,
+            _ => return None,
+        } as u32)
+    }
+    let text = text.trim_end_matches('=').as_bytes();
+    if text.len() % 4 == 1 {
+        return None;
+    }
+    let mut out = Vec::with_capacity(text.len() * 3 / 4);
+    for chunk in text.chunks(4) {
+        let mut acc = 0u32;
+        for (i, c) in chunk.iter().enumerate() {
+            acc |= value(*c)? << (18 - 6 * i);
+        }
+        let bytes = acc.to_be_bytes();
+        out.extend_from_slice(&bytes[1..chunk.len()]);
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// base64url without padding, for building test tokens.
+    fn encode(bytes: &[u8]) -> String {
+        const ALPHABET: &[u8; 64] =
+            b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+        let mut out = String::new();
+        for chunk in bytes.chunks(3) {
+            let mut acc = 0u32;
+            for (i, b) in chunk.iter().enumerate() {
+                acc |= u32::from(*b) << (16 - 8 * i);
+            }
+            for i in 0..=chunk.len() {
+                out.push(char::from(ALPHABET[((acc >> (18 - 6 * i)) & 63) as usize]));
+            }
+        }
+        out
+    }
+
+    fn jwt(payload: &str) -> String {
+        format!(
+            "{}.{}.c2lnbmF0dXJl",
+            encode(br#"{"alg":"RS256","typ":"JWT"}"#),
+            encode(payload.as_bytes())
+        )
+    }
+
+    #[test]
+    fn managed_identity_claims_are_read_from_the_payload() {
+        let token = jwt(
+            r#"{"aud":"https://cognitiveservices.azure.com","tid":"t","oid":"o","appid":"c",
+                "xms_mirid":"/subscriptions/s/x","exp":1763839000,"nbf":1763752300,"iat":1763752300}"#,
+        );
+        let claims = Claims::read(&token).unwrap();
+        assert_eq!(
+            claims.aud.as_deref(),
+            Some("https://cognitiveservices.azure.com")
+        );
+        assert_eq!(claims.oid.as_deref(), Some("o"));
+        assert_eq!(claims.client_id(), Some("c"));
+        assert_eq!(claims.xms_mirid.as_deref(), Some("/subscriptions/s/x"));
+        assert_eq!(
+            (claims.exp, claims.nbf),
+            (Some(1763839000), Some(1763752300))
+        );
+    }
+
+    #[test]
+    fn v2_tokens_name_the_client_in_azp() {
+        let claims = Claims::read(&jwt(r#"{"azp":"client-2"}"#)).unwrap();
+        assert_eq!(claims.client_id(), Some("client-2"));
+    }
+
+    #[test]
+    fn what_is_not_a_jwt_has_no_claims() {
+        for value in [
+            "",
+            "app-key-123",
+            "a.b",
+            "a.b.c.d",
+            "eyJ.!!!.sig",
+            &format!("x.{}.y", encode(b"[1,2]")),
+        ] {
+            assert_eq!(Claims::read(value), None, "{value}");
+        }
+    }
+
+    #[test]
+    fn base64url_round_trips_every_length() {
+        for len in 0..40 {
+            let bytes: Vec<u8> = (0..len).map(|i| (i * 37 + 11) as u8).collect();
+            assert_eq!(base64url_decode(&encode(&bytes)), Some(bytes));
+        }
+        assert_eq!(base64url_decode("a"), None);
+        assert_eq!(base64url_decode("ab+/"), None);
+    }
+}

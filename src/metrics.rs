@@ -1,0 +1,162 @@
+//! The filter's metrics: names, kinds, labels. Envoy shows them as
+//! `wasmcustom.<name>` in `/stats` and `<name>` in `/stats/prometheus`.
+//!
+//! proxy-wasm metrics have no labels of their own, so labels are written into
+//! the stat name as `;key=value` and turned into Prometheus labels by the
+//! `stats_tags` of the shipped Envoy configs ([`STATS_TAGS`]). Without them
+//! the labels stay part of the name.
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Counter,
+    Gauge,
+    Histogram,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Metric {
+    pub name: &'static str,
+    pub kind: Kind,
+    pub labels: &'static [&'static str],
+    pub help: &'static str,
+}
+
+pub const TOKEN_FETCHES: Metric = Metric {
+    name: "aoai_msi_token_fetches_total",
+    kind: Kind::Counter,
+    labels: &["source", "outcome"],
+    help: "Token calls, by source (imds) and outcome (ok, status_<code>, no_response, invalid_body, dispatch_failed).",
+};
+pub const TOKEN_FETCH_DURATION: Metric = Metric {
+    name: "aoai_msi_token_fetch_duration_milliseconds",
+    kind: Kind::Histogram,
+    labels: &[],
+    help: "Time from dispatching a token call to its answer.",
+};
+pub const TOKEN_EXPIRES_IN: Metric = Metric {
+    name: "aoai_msi_token_expires_in_seconds",
+    kind: Kind::Gauge,
+    labels: &[],
+    help: "Seconds until the current token expires (0 without one).",
+};
+pub const TOKEN_REFRESHES: Metric = Metric {
+    name: "aoai_msi_token_refreshes_total",
+    kind: Kind::Counter,
+    labels: &[],
+    help: "Background refreshes started while a usable token was serving requests.",
+};
+pub const TOKEN_INVALIDATIONS: Metric = Metric {
+    name: "aoai_msi_token_invalidations_total",
+    kind: Kind::Counter,
+    labels: &[],
+    help: "Tokens dropped because Azure OpenAI rejected them.",
+};
+pub const REQUESTS_AUTHORIZED: Metric = Metric {
+    name: "aoai_msi_requests_authorized_total",
+    kind: Kind::Counter,
+    labels: &[],
+    help: "Requests to matching hosts sent with the managed identity's token.",
+};
+pub const REQUESTS_PASSED_THROUGH: Metric = Metric {
+    name: "aoai_msi_requests_passed_through_total",
+    kind: Kind::Counter,
+    labels: &[],
+    help: "Requests to other hosts, left untouched.",
+};
+pub const REQUESTS_WAITING: Metric = Metric {
+    name: "aoai_msi_requests_waiting",
+    kind: Kind::Gauge,
+    labels: &[],
+    help: "Requests held right now until a token exists.",
+};
+pub const LOCAL_REPLIES: Metric = Metric {
+    name: "aoai_msi_local_replies_total",
+    kind: Kind::Counter,
+    labels: &["code"],
+    help: "Requests the filter answered itself, by diagnosis code.",
+};
+pub const UPSTREAM_AUTH_FAILURES: Metric = Metric {
+    name: "aoai_msi_upstream_auth_failures_total",
+    kind: Kind::Counter,
+    labels: &["diagnosis"],
+    help: "Authorization failures from Azure OpenAI that the filter explained, by diagnosis.",
+};
+
+pub const ALL: [Metric; 10] = [
+    TOKEN_FETCHES,
+    TOKEN_FETCH_DURATION,
+    TOKEN_EXPIRES_IN,
+    TOKEN_REFRESHES,
+    TOKEN_INVALIDATIONS,
+    REQUESTS_AUTHORIZED,
+    REQUESTS_PASSED_THROUGH,
+    REQUESTS_WAITING,
+    LOCAL_REPLIES,
+    UPSTREAM_AUTH_FAILURES,
+];
+
+/// Envoy `stats_config.stats_tags` entries that turn `;key=value` into labels.
+pub const STATS_TAGS: [(&str, &str); 4] = [
+    ("source", "(;source=([^;]*))"),
+    ("outcome", "(;outcome=([^;]*))"),
+    ("code", "(;code=([^;]*))"),
+    ("diagnosis", "(;diagnosis=([^;]*))"),
+];
+
+impl Metric {
+    /// The stat name for these label values, in the order of `labels`.
+    pub fn stat_name(&self, values: &[&str]) -> String {
+        let mut name = self.name.to_owned();
+        for (label, value) in self.labels.iter().zip(values) {
+            name.push(';');
+            name.push_str(label);
+            name.push('=');
+            name.extend(value.chars().map(|c| {
+                if c.is_ascii_alphanumeric() || c == '_' {
+                    c
+                } else {
+                    '_'
+                }
+            }));
+        }
+        name
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_are_written_into_the_stat_name_in_order() {
+        assert_eq!(
+            TOKEN_FETCHES.stat_name(&["imds", "status_500"]),
+            "aoai_msi_token_fetches_total;source=imds;outcome=status_500"
+        );
+        assert_eq!(
+            REQUESTS_AUTHORIZED.stat_name(&[]),
+            "aoai_msi_requests_authorized_total"
+        );
+        assert_eq!(
+            LOCAL_REPLIES.stat_name(&["a;b=c"]),
+            "aoai_msi_local_replies_total;code=a_b_c"
+        );
+    }
+
+    #[test]
+    fn every_label_has_a_stats_tag_extractor() {
+        for metric in ALL {
+            for label in metric.labels {
+                assert!(STATS_TAGS.iter().any(|(tag, _)| tag == label), "{label}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_readme_documents_every_metric() {
+        let readme = include_str!("../README.md");
+        for metric in ALL {
+            assert!(readme.contains(metric.name), "README lacks {}", metric.name);
+        }
+    }
+}

@@ -1,0 +1,130 @@
+//! A real client: the openai Python SDK (pinned, in the project venv) calls
+//! through Envoy and shows the filter's explanations in its exceptions.
+#![cfg(not(target_arch = "wasm32"))]
+// Test helpers: a failed step is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod support;
+
+use std::process::Command;
+
+use serde_json::Value;
+use support::*;
+
+/// Run the SDK once against Envoy; what it returned or raised.
+fn sdk_call(envoy: &Envoy, max_retries: u32) -> Value {
+    let python = std::env::var("SDK_PYTHON")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|_| repo().join(".venv/bin/python"));
+    let out = Command::new(&python)
+        .arg(repo().join("tests/sdk/call.py"))
+        .arg(format!("http://{}", envoy.listener))
+        .arg(max_retries.to_string())
+        .output()
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot run {}: {e}; `make test` installs the openai SDK",
+                python.display()
+            )
+        });
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "the SDK script failed (is openai installed in .venv? `make test` installs it):\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let result: Value = serde_json::from_str(stdout.trim()).unwrap();
+    println!("openai {}: {}", result["sdk"], result);
+    result
+}
+
+/// The SDK calls http://127.0.0.1:<port>, so that is the host to match.
+const LOCAL_HOSTS: &str = r#"{"hosts": ["127.0.0.1", "localhost"]}"#;
+
+#[test]
+fn a_successful_call_returns_the_completion() {
+    let emulator = Emulator::start(Settings::default()).unwrap();
+    let envoy = Envoy::start(LOCAL_HOSTS, &emulator, 2);
+    let result = sdk_call(&envoy, 0);
+    assert_eq!(result["ok"], true, "{result}");
+    assert!(result["content"]
+        .as_str()
+        .unwrap()
+        .contains("Hello from the openai SDK"));
+    let seen = emulator.upstream_requests();
+    assert_eq!(
+        seen[0].verdict,
+        Verdict::Ok,
+        "the SDK's key was replaced by a token"
+    );
+}
+
+#[test]
+fn a_missing_role_raises_an_exception_that_says_how_to_grant_it() {
+    let emulator = Emulator::start(Settings {
+        role_holders: Default::default(),
+        ..Settings::default()
+    })
+    .unwrap();
+    let envoy = Envoy::start(LOCAL_HOSTS, &emulator, 2);
+    let result = sdk_call(&envoy, 0);
+    assert_eq!(result["ok"], false);
+    assert_eq!(result["status"], 401);
+    assert_eq!(result["diagnosis_header"], "UpstreamUnauthorized");
+    // The SDK prints `Error code: 401 - <error.message>`: the explanation
+    // must be in the message; code and diagnosis are in `e.body`.
+    let printed = result["printed"].as_str().unwrap();
+    let oid = aoai_emulator::Identity::system().object_id;
+    for needle in [
+        "lacks the required data action",
+        "[aoai-msi-filter]",
+        "Cognitive Services OpenAI User",
+        &format!("az role assignment create --assignee-object-id {oid}"),
+        "minutes to hours",
+    ] {
+        assert!(printed.contains(needle), "{needle} in: {printed}");
+    }
+    assert_eq!(
+        result["body"]["code"], "PermissionDenied",
+        "the upstream code is kept"
+    );
+    assert_eq!(result["body"]["diagnosis"], "RoleMissing");
+    assert_eq!(result["body"]["principal_id"], oid);
+}
+
+#[test]
+fn a_key_sent_to_an_unlisted_host_raises_an_exception_naming_the_host_to_add() {
+    let emulator = Emulator::start(Settings::default()).unwrap();
+    let envoy = Envoy::start(r#"{"hosts": ["myres.openai.azure.com"]}"#, &emulator, 2);
+    let result = sdk_call(&envoy, 0);
+    assert_eq!(result["status"], 403);
+    assert_eq!(result["diagnosis_header"], "UpstreamForbidden");
+    let printed = result["printed"].as_str().unwrap();
+    for needle in [
+        "Key based authentication is disabled",
+        "the host \"127.0.0.1\" is not in the filter's hosts [myres.openai.azure.com]",
+        "Add \"127.0.0.1\" to hosts",
+    ] {
+        assert!(printed.contains(needle), "{needle} in: {printed}");
+    }
+    assert_eq!(result["body"]["code"], "AuthenticationTypeDisabled");
+    assert_eq!(result["body"]["diagnosis"], "KeyAuthDisabled");
+}
+
+#[test]
+fn an_unreachable_token_endpoint_raises_a_503_naming_the_cause() {
+    let emulator = Emulator::start(Settings::default()).unwrap();
+    let closed = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap().port()
+    };
+    let config = r#"{"hosts": ["127.0.0.1"], "token_wait_timeout_ms": 500}"#;
+    let envoy = Envoy::start_yaml(&envoy_yaml(config, closed, emulator.port()), 2);
+    let result = sdk_call(&envoy, 0);
+    assert_eq!(result["status"], 503);
+    assert_eq!(result["diagnosis_header"], "TokenEndpointUnreachable");
+    let printed = result["printed"].as_str().unwrap();
+    assert!(printed.contains("did not answer"), "{printed}");
+    assert!(printed.contains("169.254.169.254"), "{printed}");
+    assert_eq!(result["body"]["code"], "TokenEndpointUnreachable");
+}
