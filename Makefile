@@ -31,7 +31,7 @@ export ENVOY
 # Property-test cases per property: `make test` runs 7 x 50 000 inputs, `make fuzz` 7 x 300 000.
 FUZZ_CASES ?= 50000
 
-.PHONY: build run dist test test-unit test-wasm test-fuzz test-e2e test-demo fuzz lint fmt setup clean
+.PHONY: build run dist bench test test-unit test-wasm test-fuzz test-e2e test-demo fuzz lint fmt setup clean
 
 setup: .targets $(VENV)/bin/envoy
 
@@ -48,6 +48,10 @@ $(VENV)/.openai-$(OPENAI_VERSION): $(VENV)/bin/envoy
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check openai==$(OPENAI_VERSION)
 	touch $@
 
+$(VENV)/.matplotlib: $(VENV)/bin/envoy
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check matplotlib==3.11.2
+	touch $@
+
 $(WASM_BINDGEN_RUNNER): Cargo.lock
 	cargo install --quiet --root $(TOOLS) wasm-bindgen-cli --version $(WASM_BINDGEN_VERSION) --force
 
@@ -62,6 +66,14 @@ run:
 	@echo "==> Building the filter and the Azure emulator"
 	@$(MAKE) --no-print-directory build
 	scripts/run.sh
+
+# Side-by-side benchmarks (about 8 minutes on 2 cores): writes BENCHMARKS.md and
+# bench/throughput.png. Needs wrk (installed from the distribution when missing)
+# and CPUs 0 and 1 for pinning.
+bench: setup build $(VENV)/.matplotlib
+	@command -v wrk >/dev/null || apt-get install -y -q wrk || (apt-get update -q && apt-get install -y -q wrk)
+	cargo build --release --target wasm32-wasip1 -p bench-empty-filter
+	ENVOY_BIN=$(abspath $(VENV)/bin/envoy) $(VENV)/bin/python scripts/bench.py
 
 # The release artifact: size-optimised with wasm-opt when it is installed
 # (apt-get install binaryen), with its sha256, and plugin.wasm for the OCI image.

@@ -328,6 +328,12 @@ async fn a_client_that_hangs_up_while_waiting_leaves_nothing_behind() {
         1,
         "abandoned requests were never sent upstream"
     );
+    let metrics = prometheus(&envoy);
+    assert_eq!(
+        metric(&metrics, "aoai_msi_requests_waiting{}"),
+        0.0,
+        "no waiting request is left behind: {metrics}"
+    );
     let log = envoy.log();
     assert!(
         !log.contains("critical"),

@@ -416,6 +416,7 @@ fn router(shared: Arc<Shared>, verbose: bool) -> Router {
             post(chat),
         )
         .route("/openai/v1/chat/completions", post(chat_v1))
+        .route("/{tenant}/oauth2/v2.0/token", post(entra_token))
         .route("/_emulator/requests", get(recorded))
         .route("/_emulator/imds/script", post(script))
         .fallback(echo)
@@ -655,6 +656,46 @@ fn unverified_exp(token: &str) -> Option<u64> {
         .ok()?
         .get("exp")?
         .as_u64()
+}
+
+/// Entra's client-credentials grant (AZURE_FACTS.md §2): a form POST, a JSON
+/// answer whose `expires_in` is a number. Any client id and secret are
+/// accepted; the token is the system identity's.
+async fn entra_token(State(app): State<App>, body: String) -> Response {
+    let form: HashMap<String, String> = body
+        .split('&')
+        .filter_map(|pair| pair.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.replace("%3A", ":").replace("%2F", "/")))
+        .collect();
+    if form.get("grant_type").map(String::as_str) != Some("client_credentials") {
+        return json_response(
+            400,
+            json!({"error": "unsupported_grant_type", "error_description": "AADSTS70003: The app requested an unsupported grant type."}),
+        );
+    }
+    let audience = form
+        .get("scope")
+        .map(|s| s.trim_end_matches("/.default").to_owned())
+        .unwrap_or_else(|| RESOURCE.to_owned());
+    let mut world = app.shared.world();
+    let lifetime = world.settings.token_lifetime_s;
+    let identity = world
+        .settings
+        .system_identity
+        .clone()
+        .unwrap_or_else(Identity::system);
+    let token = mint(
+        &world.key,
+        &identity,
+        &audience,
+        lifetime,
+        world.settings.token_padding,
+    );
+    world.minted += 1;
+    json_response(
+        200,
+        json!({"token_type": "Bearer", "expires_in": lifetime, "ext_expires_in": lifetime, "access_token": token}),
+    )
 }
 
 async fn chat(

@@ -1,5 +1,5 @@
 //! `aoai-emulator [--listen 127.0.0.1:8080] [--token-lifetime SECONDS] [--imds-delay-ms MS]
-//!                [--allow-keys] [--quiet]`
+//!                [--token-padding BYTES] [--allow-keys] [--quiet]`
 //!
 //! Runs the local Azure (IMDS + Azure OpenAI) until interrupted.
 
@@ -8,7 +8,7 @@ use std::process::ExitCode;
 
 use aoai_emulator::{Emulator, Settings};
 
-const USAGE: &str = "usage: aoai-emulator [--listen ADDR] [--token-lifetime SECONDS] [--imds-delay-ms MS] [--allow-keys] [--quiet]";
+const USAGE: &str = "usage: aoai-emulator [--listen ADDR] [--token-lifetime SECONDS] [--imds-delay-ms MS] [--token-padding BYTES] [--allow-keys] [--quiet]";
 
 struct Args {
     listen: SocketAddr,
@@ -32,6 +32,7 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Option<Args>, St
             "--listen" => parsed.listen = value(&arg, args.next())?,
             "--token-lifetime" => parsed.settings.token_lifetime_s = value(&arg, args.next())?,
             "--imds-delay-ms" => parsed.settings.imds_delay_ms = value(&arg, args.next())?,
+            "--token-padding" => parsed.settings.token_padding = value(&arg, args.next())?,
             "--allow-keys" => parsed.settings.local_auth_disabled = false,
             "--quiet" => parsed.verbose = false,
             "-h" | "--help" => return Ok(None),

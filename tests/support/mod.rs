@@ -390,3 +390,23 @@ pub fn lds_listener(filter_config: &str, port: u16) -> String {
     })
     .to_string()
 }
+
+/// `name{labels} value` lines of the filter's metrics.
+pub fn prometheus(envoy: &Envoy) -> String {
+    // Request counters are flushed on the 250 ms tick.
+    std::thread::sleep(Duration::from_millis(600));
+    let (status, body) = get(envoy.admin, "/stats/prometheus").unwrap();
+    assert_eq!(status, 200);
+    body.lines()
+        .filter(|l| l.starts_with("aoai_msi_"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+pub fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|v| v.strip_prefix(' ')))
+        .unwrap_or_else(|| panic!("{series} not in:\n{text}"))
+        .parse()
+        .unwrap()
+}
