@@ -244,6 +244,15 @@ async fn identity_errors_fail_fast_and_are_not_retried_in_a_loop() {
         "20 requests over {:?}: IMDS calls {calls}",
         started.elapsed()
     );
+    let lines = envoy
+        .filter_log()
+        .iter()
+        .filter(|l| l.contains("ManagedIdentityAmbiguous"))
+        .count();
+    assert!(
+        lines <= 2,
+        "one log line per worker, not per request: {lines}"
+    );
     assert_eq!(
         calls, 1,
         "an identity error is retried slowly, not per request"

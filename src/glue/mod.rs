@@ -111,13 +111,21 @@ impl Vm {
                     if let Ok(mut metrics) = self.metrics.try_borrow_mut() {
                         metrics.add(m::LOCAL_REPLIES, &[diagnosis.code], requests.len() as i64);
                     }
-                    log::warn!(
-                        "answered {} waiting request(s) with {} {}: {}",
-                        requests.len(),
-                        diagnosis.status,
-                        diagnosis.code,
-                        diagnosis.message
-                    );
+                    // One line per diagnosis per interval, however many requests.
+                    let now = host::now_ms();
+                    if self
+                        .log_limiter
+                        .try_borrow_mut()
+                        .is_ok_and(|mut l| l.allow(diagnosis.code, now))
+                    {
+                        log::warn!(
+                            "answered {} waiting request(s) with {} {}: {}",
+                            requests.len(),
+                            diagnosis.status,
+                            diagnosis.code,
+                            diagnosis.message
+                        );
+                    }
                 }
                 Command::Log(level, line) => match level {
                     Level::Debug => log::debug!("{line}"),
