@@ -64,6 +64,14 @@ pub fn header_code(status: u16, with_token: bool) -> Option<&'static str> {
     }
 }
 
+/// May an upstream error body be rewritten? Only JSON that is not compressed:
+/// anything else keeps its bytes and gets the header and a log line only.
+pub fn body_rewritable(content_type: Option<&str>, content_encoding: Option<&str>) -> bool {
+    let json = content_type.is_some_and(|t| t.to_ascii_lowercase().contains("json"));
+    let encoded = content_encoding.is_some_and(|e| !e.trim().eq_ignore_ascii_case("identity"));
+    json && !encoded
+}
+
 /// The explanation of one upstream failure.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Annotation {
@@ -625,6 +633,18 @@ mod tests {
         for code in codes.iter().chain(local.iter()) {
             assert!(readme.contains(&format!("`{code}`")), "README lacks {code}");
         }
+    }
+
+    #[test]
+    fn only_uncompressed_json_bodies_are_rewritten() {
+        assert!(body_rewritable(Some("application/json"), None));
+        assert!(body_rewritable(
+            Some("application/json; charset=utf-8"),
+            Some("identity")
+        ));
+        assert!(!body_rewritable(Some("application/json"), Some("gzip")));
+        assert!(!body_rewritable(Some("text/plain"), None));
+        assert!(!body_rewritable(None, None));
     }
 
     #[test]

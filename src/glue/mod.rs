@@ -515,10 +515,10 @@ impl HttpContext for Request {
             return Action::Continue;
         }
         let _ = host::set_response_header(DIAGNOSIS_HEADER, Some(code));
-        let json = host::response_header("content-type").is_some_and(|t| t.contains("json"));
-        let encoded = host::response_header("content-encoding")
-            .is_some_and(|e| !e.trim().eq_ignore_ascii_case("identity"));
-        let rewrite = json && !encoded;
+        let rewrite = annotate::body_rewritable(
+            host::response_header("content-type").as_deref(),
+            host::response_header("content-encoding").as_deref(),
+        );
         if rewrite {
             // The body may change length; Envoy then sends it chunked.
             let _ = host::set_response_header("content-length", None);
