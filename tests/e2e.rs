@@ -402,3 +402,28 @@ fn every_shipped_envoy_config_passes_validation() {
     }
     assert!(checked >= 2, "local and Azure VM configs are shipped");
 }
+
+/// Every end-to-end test runs this module, so they all cover the trimmed
+/// exports; this test makes sure the module they run is the trimmed one.
+#[test]
+fn the_built_module_does_not_export_callbacks_the_filter_does_not_use() {
+    let module = std::fs::read(wasm()).unwrap();
+    let contains = |name: &str| module.windows(name.len()).any(|w| w == name.as_bytes());
+    // Release modules carry no name section, so an export is the only place
+    // these names can appear.
+    for unused in ["proxy_on_log", "proxy_on_done"] {
+        assert!(
+            !contains(unused),
+            "{unused} is still exported: build with `make build`"
+        );
+    }
+    for used in [
+        "proxy_on_request_headers",
+        "proxy_on_request_body",
+        "proxy_on_response_headers",
+        "proxy_on_response_body",
+        "proxy_on_delete",
+    ] {
+        assert!(contains(used), "{used} must stay exported");
+    }
+}

@@ -33,12 +33,18 @@ pub fn log_critical(message: &str) {
     let _ = hostcalls::log(proxy_wasm::types::LogLevel::Critical, message);
 }
 
-/// Milliseconds since the Unix epoch, by the host's clock.
+/// Milliseconds since the Unix epoch, by the host's clock. Seconds and
+/// milliseconds are combined in `u64`: `as_millis` would divide a `u128`,
+/// which wasm32 does in software on every request.
 pub fn now_ms() -> u64 {
     hostcalls::get_current_time()
         .ok()
         .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .map_or(0, |d| {
+            d.as_secs()
+                .saturating_mul(1000)
+                .saturating_add(u64::from(d.subsec_millis()))
+        })
 }
 
 pub fn plugin_configuration() -> Vec<u8> {

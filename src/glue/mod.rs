@@ -437,6 +437,9 @@ impl Request {
 
 impl Context for Request {}
 
+/// `make build` removes the module's `proxy_on_log` and `proxy_on_done`
+/// exports (`tools/trim-exports`), so Envoy does not enter the VM for them:
+/// overriding `on_log` or `on_done` here would have no effect.
 impl HttpContext for Request {
     fn on_http_request_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
         let Some(vm) = &self.vm else {
