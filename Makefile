@@ -120,7 +120,8 @@ fuzz:
 
 # Real Envoy against the emulator; the load test runs alone (60 s, 50 requests/s).
 test-e2e: setup build $(VENV)/.openai-$(OPENAI_VERSION)
-	ENVOY_BIN=$(abspath $(VENV)/bin/envoy) cargo test --test e2e --test failures --test diagnostics --test sdk \
+	cargo build --quiet --release --target wasm32-wasip1 -p bench-probe-filter
+	ENVOY_BIN=$(abspath $(VENV)/bin/envoy) cargo test --test e2e --test failures --test diagnostics --test sdk --test hardening \
 	  -- --test-threads 2 --nocapture
 	ENVOY_BIN=$(abspath $(VENV)/bin/envoy) cargo test --test load -- --nocapture
 

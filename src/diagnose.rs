@@ -22,6 +22,7 @@ pub mod code {
     pub const TOKEN_ENDPOINT_UNREACHABLE: &str = "TokenEndpointUnreachable";
     pub const TOKEN_ENDPOINT_CLUSTER_MISSING: &str = "TokenEndpointClusterMissing";
     pub const TOKEN_RESPONSE_INVALID: &str = "TokenResponseInvalid";
+    pub const TOKEN_AUDIENCE_MISMATCH: &str = "TokenAudienceMismatch";
     pub const TOKEN_WAIT_TIMEOUT: &str = "TokenWaitTimeout";
 }
 
@@ -43,7 +44,7 @@ impl Diagnosis {
         // Requests are only answered this way when no usable token exists.
         let retry_after_s = Some(
             failure
-                .next_attempt_ms(true)
+                .next_attempt_ms(now_ms, true)
                 .saturating_sub(now_ms)
                 .div_ceil(1000)
                 .max(1),
@@ -82,6 +83,21 @@ impl Diagnosis {
                     imds.cluster
                 ),
             ),
+            FetchFailure::WrongAudience { asked, got } => {
+                details.insert("requested_audience".into(), json!(asked));
+                details.insert("token_audience".into(), json!(got));
+                (
+                    502,
+                    code::TOKEN_AUDIENCE_MISMATCH,
+                    format!(
+                        "The token endpoint behind cluster \"{}\" answered with a token for \"{got}\", \
+                         but the filter asked for \"{asked}\"; such a token is never sent. Something other \
+                         than the managed identity endpoint may be answering on that cluster: check what \
+                         serves it. The filter asks again every 15-30 s.",
+                        imds.cluster
+                    ),
+                )
+            }
             FetchFailure::Status {
                 status,
                 error,
@@ -326,6 +342,26 @@ mod tests {
             (500, code::TOKEN_ENDPOINT_CLUSTER_MISSING)
         );
         assert!(d.message.contains("169.254.169.254:80"));
+    }
+
+    #[test]
+    fn a_token_for_another_audience_is_a_502_naming_both_audiences() {
+        let d = Diagnosis::for_failure(
+            &failure(FetchFailure::WrongAudience {
+                asked: "https://cognitiveservices.azure.com".into(),
+                got: "https://management.azure.com".into(),
+            }),
+            &Config::default(),
+            10_000,
+        );
+        assert_eq!((d.status, d.code), (502, code::TOKEN_AUDIENCE_MISMATCH));
+        assert!(
+            d.message.contains("\"https://management.azure.com\""),
+            "{}",
+            d.message
+        );
+        assert!(d.message.contains("never sent"), "{}", d.message);
+        assert_eq!(d.retry_after_s, None);
     }
 
     #[test]

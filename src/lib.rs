@@ -14,9 +14,11 @@ pub mod diagnose;
 pub mod lifecycle;
 pub mod metrics;
 pub mod rewrite;
+pub mod safe;
 pub mod store;
 pub mod token;
 pub mod upstream;
+pub mod wire;
 
 #[cfg(all(feature = "glue", target_arch = "wasm32"))]
 mod glue;

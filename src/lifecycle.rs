@@ -8,6 +8,9 @@
 //!   the background; until the margin the old token keeps serving requests.
 //!   The quarter of the lifetime between refresh and margin is the time the
 //!   refresh has to succeed before any request has to wait.
+//! * A time written into shared data that lies in the future was written
+//!   before the wall clock stepped back; whatever wait it implies is void
+//!   ([`stepped_back`]), so a step can cost an extra fetch but never a stall.
 
 use crate::token::{FailureClass, Token};
 
@@ -24,6 +27,14 @@ pub const URGENT_CAP_MS: u64 = 4_000;
 /// Delay between retries when the token endpoint refused the request (no
 /// identity yet, ambiguous identity): an identity may be assigned a minute later.
 pub const REFUSED_RETRY_MS: u64 = 30_000;
+/// How far in the future a recorded time may lie (threads reading the clock
+/// a moment apart) before it means the clock stepped back.
+pub const CLOCK_STEP_TOLERANCE_MS: u64 = 1_000;
+
+/// Was `recorded_ms` written under a wall clock that has since stepped back?
+pub fn stepped_back(recorded_ms: u64, now_ms: u64) -> bool {
+    recorded_ms > now_ms.saturating_add(CLOCK_STEP_TOLERANCE_MS)
+}
 
 impl Token {
     pub fn lifetime_ms(&self) -> u64 {
@@ -37,7 +48,7 @@ impl Token {
 
     /// The first instant at which this token must no longer leave the proxy.
     pub fn unusable_at_ms(&self) -> u64 {
-        self.expires_at_ms - self.margin_ms()
+        self.expires_at_ms.saturating_sub(self.margin_ms())
     }
 
     pub fn usable(&self, now_ms: u64) -> bool {
@@ -49,8 +60,10 @@ impl Token {
         self.obtained_at_ms + self.lifetime_ms() / 2
     }
 
+    /// A token obtained "in the future" was timed by a clock that has since
+    /// stepped back: refresh it, so its times are measured anew.
     pub fn refresh_due(&self, now_ms: u64) -> bool {
-        now_ms >= self.refresh_at_ms()
+        now_ms >= self.refresh_at_ms() || stepped_back(self.obtained_at_ms, now_ms)
     }
 }
 
@@ -72,8 +85,12 @@ pub fn retry_delay_ms(class: FailureClass, attempt: u32, seed: u64) -> u64 {
 impl crate::store::Failure {
     /// When the next attempt may start: the backoff as scheduled while a
     /// usable token still serves requests, capped at [`URGENT_CAP_MS`] once
-    /// none does. Refusals stay slow: requests do not wait on them.
-    pub fn next_attempt_ms(&self, urgent: bool) -> u64 {
+    /// none does. Refusals stay slow: requests do not wait on them. A failure
+    /// recorded before a backward clock step holds nothing back.
+    pub fn next_attempt_ms(&self, now_ms: u64, urgent: bool) -> u64 {
+        if stepped_back(self.at_ms, now_ms) {
+            return now_ms;
+        }
         let scheduled = self.retry_at_ms;
         if urgent && self.cause.class() == FailureClass::Transient {
             scheduled.min(self.at_ms + URGENT_CAP_MS)
@@ -176,14 +193,45 @@ mod tests {
             at_ms: 1_000,
         };
         let transient = failure(FetchFailure::NoResponse);
-        assert_eq!(transient.next_attempt_ms(false), 31_000);
-        assert_eq!(transient.next_attempt_ms(true), 1_000 + URGENT_CAP_MS);
+        assert_eq!(transient.next_attempt_ms(1_000, false), 31_000);
+        assert_eq!(
+            transient.next_attempt_ms(1_000, true),
+            1_000 + URGENT_CAP_MS
+        );
         let refused = failure(FetchFailure::Status {
             status: 400,
             error: None,
             description: None,
         });
-        assert_eq!(refused.next_attempt_ms(true), 31_000);
+        assert_eq!(refused.next_attempt_ms(1_000, true), 31_000);
+    }
+
+    #[test]
+    fn a_failure_recorded_before_a_backward_clock_step_holds_nothing_back() {
+        use crate::store::Failure;
+        use crate::token::FetchFailure;
+        let failure = Failure {
+            cause: FetchFailure::NoResponse,
+            attempts: 3,
+            retry_at_ms: 10_000_000 + 2_000,
+            at_ms: 10_000_000,
+        };
+        // The clock jumps an hour back: the backoff would otherwise last an hour.
+        let stepped = 10_000_000 - 3_600_000;
+        assert_eq!(failure.next_attempt_ms(stepped, false), stepped);
+        // A few hundred ms of disagreement between threads is not a step.
+        assert_eq!(failure.next_attempt_ms(10_000_000 - 500, false), 10_002_000);
+    }
+
+    #[test]
+    fn a_token_obtained_before_a_backward_clock_step_is_refreshed() {
+        let t = token(10_000, 86_400);
+        assert!(!t.refresh_due(10_001_000));
+        assert!(t.refresh_due(10_000_000 - 3_600_000));
+        assert!(
+            t.usable(10_000_000 - 3_600_000),
+            "and keeps serving meanwhile"
+        );
     }
 
     #[test]

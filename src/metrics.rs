@@ -49,7 +49,7 @@ pub const TOKEN_INVALIDATIONS: Metric = Metric {
     name: "aoai_msi_token_invalidations_total",
     kind: Kind::Counter,
     labels: &[],
-    help: "Tokens dropped because Azure OpenAI rejected them.",
+    help: "Replacement tokens asked for because Azure OpenAI rejected the current one.",
 };
 pub const REQUESTS_AUTHORIZED: Metric = Metric {
     name: "aoai_msi_requests_authorized_total",
@@ -82,7 +82,14 @@ pub const UPSTREAM_AUTH_FAILURES: Metric = Metric {
     help: "Authorization failures from Azure OpenAI that the filter explained, by diagnosis.",
 };
 
-pub const ALL: [Metric; 10] = [
+pub const NOTIFICATION_QUEUES: Metric = Metric {
+    name: "aoai_msi_notification_queues",
+    kind: Kind::Gauge,
+    labels: &[],
+    help: "Notification queues of live VMs (workers and main thread), renewed by heartbeat; queues of VMs that went away drop out.",
+};
+
+pub const ALL: [Metric; 11] = [
     TOKEN_FETCHES,
     TOKEN_FETCH_DURATION,
     TOKEN_EXPIRES_IN,
@@ -93,6 +100,7 @@ pub const ALL: [Metric; 10] = [
     REQUESTS_WAITING,
     LOCAL_REPLIES,
     UPSTREAM_AUTH_FAILURES,
+    NOTIFICATION_QUEUES,
 ];
 
 /// Envoy `stats_config.stats_tags` entries that turn `;key=value` into labels.

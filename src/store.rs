@@ -3,22 +3,28 @@
 //!
 //! One record per token identity (see [`Config::token_fingerprint`]) holds the
 //! current token, the lease of the worker fetching the next one (single
-//! flight), and the last failure with its retry time (shared backoff). A second
-//! key lists the notification queue of every VM.
+//! flight), the last failure with its retry time (shared backoff), and a
+//! rejected token's replacement request. A second key lists the notification
+//! queue of every live VM with its last heartbeat, so the queues of VMs that
+//! went away (configuration reloads) stop being written to.
 //!
 //! [`Config::token_fingerprint`]: crate::config::Config::token_fingerprint
 
 use serde::{Deserialize, Serialize};
 
+use crate::lifecycle::stepped_back;
 use crate::token::{FetchFailure, Token};
 
 /// Bumped whenever the record's encoding changes incompatibly.
-pub const RECORD_VERSION: u8 = 1;
+pub const RECORD_VERSION: u8 = 2;
 /// How many times a CAS update is retried before giving up for this round.
 const CAS_ATTEMPTS: usize = 32;
-/// The queue list keeps only the most recent registrations: VMs of old
-/// configurations go away, and notifying them is wasted work.
+/// The queue list keeps at most this many entries, the most recently seen.
 pub const MAX_QUEUES: usize = 256;
+/// Every VM renews its queue's entry this often.
+pub const HEARTBEAT_MS: u64 = 5_000;
+/// An entry not renewed for this long belongs to a VM that went away.
+pub const QUEUE_STALE_MS: u64 = 4 * HEARTBEAT_MS;
 
 /// The host's key-value store with CAS, as proxy-wasm offers it. A key that
 /// was never set has no CAS value, and a write without one is unconditional.
@@ -46,10 +52,11 @@ impl std::fmt::Display for StoreError {
     }
 }
 
-/// The worker that is fetching a token, and until when it may.
+/// The worker that is fetching a token, since when, and until when it may.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Lease {
     pub holder: u32,
+    pub since_ms: u64,
     pub until_ms: u64,
 }
 
@@ -70,9 +77,15 @@ pub struct Record {
     pub generation: u64,
     pub lease: Option<Lease>,
     pub failure: Option<Failure>,
-    /// When a token was last dropped because the upstream rejected it.
+    /// The generation the upstream rejected, while its replacement is wanted.
+    #[serde(default)]
+    pub replace: Option<u64>,
+    /// When a replacement was last asked for.
     #[serde(default)]
     pub invalidated_at_ms: Option<u64>,
+    /// When the endpoint answered a replacement request with the same token.
+    #[serde(default)]
+    pub same_token_at_ms: Option<u64>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -98,13 +111,23 @@ impl Record {
         (envelope.v == RECORD_VERSION).then_some(envelope.body)
     }
 
+    /// A lease taken before a backward clock step has lapsed.
     pub fn lease_active(&self, now_ms: u64) -> bool {
-        self.lease.is_some_and(|l| now_ms < l.until_ms)
+        self.lease
+            .is_some_and(|l| now_ms < l.until_ms && !stepped_back(l.since_ms, now_ms))
+    }
+
+    /// Does the current token's replacement wait to be fetched?
+    pub fn wants_replacement(&self) -> bool {
+        self.token.is_some() && self.replace == Some(self.generation)
     }
 }
 
 /// What an update decided: write this record (or leave the store alone), and
 /// hand back a result.
+// A short-lived return value, moved once per CAS attempt: boxing the record
+// would only add an allocation.
+#[allow(clippy::large_enum_variant)]
 pub enum Decision<T> {
     Write(Record, T),
     Keep(T),
@@ -148,23 +171,51 @@ pub fn ensure_record(store: &mut dyn SharedStore, key: &str) -> Result<(), Store
     Ok(())
 }
 
-/// Add a VM's notification queue to the list under `key`.
+/// Add or renew a VM's notification queue in the list under `key`, dropping
+/// entries whose VM stopped renewing them. Returns how many live entries the
+/// list holds.
 pub fn register_queue(
+    store: &mut dyn SharedStore,
+    key: &str,
+    queue: u32,
+    now_ms: u64,
+) -> Result<usize, StoreError> {
+    for _ in 0..CAS_ATTEMPTS {
+        let (bytes, cas) = store.get(key)?;
+        let mut entries = bytes.as_deref().map(decode_queues).unwrap_or_default();
+        entries.retain(|e| e.queue != queue && is_live(e, now_ms));
+        entries.push(QueueEntry {
+            queue,
+            seen_ms: now_ms,
+        });
+        if entries.len() > MAX_QUEUES {
+            entries.sort_by_key(|e| e.seen_ms);
+            entries.drain(..entries.len() - MAX_QUEUES);
+        }
+        match store.set(key, &encode_queues(&entries), cas) {
+            Ok(()) => return Ok(entries.len()),
+            Err(StoreError::CasMismatch) => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(StoreError::Contended)
+}
+
+/// Remove a VM's queue from the list (the VM is going away).
+pub fn unregister_queue(
     store: &mut dyn SharedStore,
     key: &str,
     queue: u32,
 ) -> Result<(), StoreError> {
     for _ in 0..CAS_ATTEMPTS {
         let (bytes, cas) = store.get(key)?;
-        let mut queues = bytes.as_deref().map(decode_queues).unwrap_or_default();
-        if queues.contains(&queue) {
+        let mut entries = bytes.as_deref().map(decode_queues).unwrap_or_default();
+        let before = entries.len();
+        entries.retain(|e| e.queue != queue);
+        if entries.len() == before {
             return Ok(());
         }
-        queues.push(queue);
-        if queues.len() > MAX_QUEUES {
-            queues.drain(..queues.len() - MAX_QUEUES);
-        }
-        match store.set(key, &encode_queues(&queues), cas) {
+        match store.set(key, &encode_queues(&entries), cas) {
             Ok(()) => return Ok(()),
             Err(StoreError::CasMismatch) => continue,
             Err(e) => return Err(e),
@@ -173,13 +224,31 @@ pub fn register_queue(
     Err(StoreError::Contended)
 }
 
-pub fn queues(store: &dyn SharedStore, key: &str) -> Result<Vec<u32>, StoreError> {
+/// The queues of live VMs: those renewed within [`QUEUE_STALE_MS`].
+pub fn queues(store: &dyn SharedStore, key: &str, now_ms: u64) -> Result<Vec<u32>, StoreError> {
     Ok(store
         .get(key)?
         .0
         .as_deref()
         .map(decode_queues)
-        .unwrap_or_default())
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|e| is_live(e, now_ms))
+        .map(|e| e.queue)
+        .collect())
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct QueueEntry {
+    queue: u32,
+    seen_ms: u64,
+}
+
+/// Renewed recently; an entry from "the future" was renewed before a
+/// backward clock step, and its VM will renew it again within a heartbeat.
+fn is_live(entry: &QueueEntry, now_ms: u64) -> bool {
+    now_ms.saturating_sub(entry.seen_ms) <= QUEUE_STALE_MS
+        && entry.seen_ms <= now_ms.saturating_add(QUEUE_STALE_MS)
 }
 
 /// A process-wide counter: every VM takes a distinct number from it.
@@ -200,15 +269,27 @@ pub fn next_sequence(store: &mut dyn SharedStore, key: &str) -> Result<u32, Stor
     Err(StoreError::Contended)
 }
 
-fn encode_queues(queues: &[u32]) -> Vec<u8> {
-    queues.iter().flat_map(|q| q.to_le_bytes()).collect()
+fn encode_queues(entries: &[QueueEntry]) -> Vec<u8> {
+    entries
+        .iter()
+        .flat_map(|e| {
+            let mut bytes = [0u8; 12];
+            bytes[..4].copy_from_slice(&e.queue.to_le_bytes());
+            bytes[4..].copy_from_slice(&e.seen_ms.to_le_bytes());
+            bytes
+        })
+        .collect()
 }
 
-fn decode_queues(bytes: &[u8]) -> Vec<u32> {
+fn decode_queues(bytes: &[u8]) -> Vec<QueueEntry> {
     bytes
-        .chunks_exact(4)
-        .filter_map(|c| <[u8; 4]>::try_from(c).ok())
-        .map(u32::from_le_bytes)
+        .chunks_exact(12)
+        .filter_map(|c| {
+            Some(QueueEntry {
+                queue: u32::from_le_bytes(c.get(..4)?.try_into().ok()?),
+                seen_ms: u64::from_le_bytes(c.get(4..)?.try_into().ok()?),
+            })
+        })
         .collect()
 }
 
@@ -273,6 +354,7 @@ mod tests {
             generation: 7,
             lease: Some(Lease {
                 holder: 3,
+                since_ms: 1,
                 until_ms: 9,
             }),
             failure: Some(Failure {
@@ -281,12 +363,14 @@ mod tests {
                 retry_at_ms: 5,
                 at_ms: 4,
             }),
+            replace: Some(7),
             invalidated_at_ms: Some(3),
+            same_token_at_ms: Some(4),
         };
         assert_eq!(Record::decode(&record.encode()), Some(record.clone()));
         let future = String::from_utf8(record.encode())
             .unwrap()
-            .replace("\"v\":1", "\"v\":2");
+            .replace("\"v\":2", "\"v\":3");
         assert_eq!(Record::decode(future.as_bytes()), None);
         assert_eq!(Record::decode(b"\x00garbage"), None);
     }
@@ -339,18 +423,67 @@ mod tests {
     }
 
     #[test]
-    fn queue_list_keeps_each_queue_once_and_only_the_newest() {
+    fn queue_list_keeps_each_queue_once_and_at_most_the_newest_entries() {
         let mut store = MemoryStore::default();
         for q in [5, 6, 5] {
-            register_queue(&mut store, "q", q).unwrap();
+            register_queue(&mut store, "q", q, 1_000).unwrap();
         }
-        assert_eq!(queues(&store, "q").unwrap(), vec![5, 6]);
+        assert_eq!(queues(&store, "q", 1_000).unwrap(), vec![6, 5]);
         for q in 0..(MAX_QUEUES as u32 + 10) {
-            register_queue(&mut store, "q", 1000 + q).unwrap();
+            register_queue(&mut store, "q", 1000 + q, 1_000 + u64::from(q)).unwrap();
         }
-        let list = queues(&store, "q").unwrap();
+        let list = queues(&store, "q", 2_000).unwrap();
         assert_eq!(list.len(), MAX_QUEUES);
         assert_eq!(list.last(), Some(&(1000 + MAX_QUEUES as u32 + 9)));
+    }
+
+    #[test]
+    fn queues_of_vms_that_stopped_renewing_are_not_notified_and_are_dropped() {
+        let mut store = MemoryStore::default();
+        let t0 = 1_000_000;
+        register_queue(&mut store, "q", 1, t0).unwrap();
+        register_queue(&mut store, "q", 2, t0).unwrap();
+        // VM 2 keeps renewing; VM 1 went away with an old configuration.
+        let mut t = t0;
+        while t < t0 + QUEUE_STALE_MS + HEARTBEAT_MS {
+            t += HEARTBEAT_MS;
+            register_queue(&mut store, "q", 2, t).unwrap();
+        }
+        assert_eq!(queues(&store, "q", t).unwrap(), vec![2]);
+        let (bytes, _) = store.get("q").unwrap();
+        assert_eq!(
+            bytes.unwrap().len(),
+            12,
+            "the stale entry is gone, not only skipped"
+        );
+    }
+
+    #[test]
+    fn an_unregistered_queue_is_gone_at_once() {
+        let mut store = MemoryStore::default();
+        register_queue(&mut store, "q", 1, 10).unwrap();
+        register_queue(&mut store, "q", 2, 10).unwrap();
+        unregister_queue(&mut store, "q", 1).unwrap();
+        assert_eq!(queues(&store, "q", 10).unwrap(), vec![2]);
+        unregister_queue(&mut store, "q", 9).unwrap();
+    }
+
+    #[test]
+    fn a_lease_taken_before_a_backward_clock_step_has_lapsed() {
+        let record = Record {
+            lease: Some(Lease {
+                holder: 1,
+                since_ms: 10_000_000,
+                until_ms: 10_012_000,
+            }),
+            ..Record::default()
+        };
+        assert!(record.lease_active(10_005_000));
+        assert!(!record.lease_active(10_012_000));
+        assert!(
+            !record.lease_active(10_000_000 - 3_600_000),
+            "stepped back an hour"
+        );
     }
 
     #[test]

@@ -8,7 +8,9 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+use crate::claims::Claims;
 use crate::config::Config;
+use crate::safe;
 
 pub const IMDS_PATH: &str = "/metadata/identity/oauth2/token";
 pub const IMDS_API_VERSION: &str = "2018-02-01";
@@ -127,6 +129,8 @@ pub enum FetchFailure {
     },
     /// A 200 whose body is not a usable token.
     InvalidBody { problem: String },
+    /// A token for another audience than the one asked for: never sent.
+    WrongAudience { asked: String, got: String },
 }
 
 /// How a failure is retried and what parked requests are told.
@@ -146,6 +150,7 @@ impl FetchFailure {
         match self {
             FetchFailure::Dispatch { .. } => FailureClass::Misconfigured,
             FetchFailure::NoResponse | FetchFailure::InvalidBody { .. } => FailureClass::Transient,
+            FetchFailure::WrongAudience { .. } => FailureClass::Refused,
             FetchFailure::Status { status, .. } => match status {
                 404 | 408 | 410 | 429 | 500..=599 => FailureClass::Transient,
                 _ => FailureClass::Refused,
@@ -160,6 +165,7 @@ impl FetchFailure {
             FetchFailure::NoResponse => "no_response".to_owned(),
             FetchFailure::Status { status, .. } => format!("status_{status}"),
             FetchFailure::InvalidBody { .. } => "invalid_body".to_owned(),
+            FetchFailure::WrongAudience { .. } => "wrong_audience".to_owned(),
         }
     }
 }
@@ -186,6 +192,7 @@ struct RawToken {
     token_type: Option<String>,
     expires_on: Option<StringOrNumber>,
     expires_in: Option<StringOrNumber>,
+    resource: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -194,13 +201,27 @@ struct RawError {
     error_description: Option<String>,
 }
 
+/// A token the endpoint issued, checked, with what the filter noticed on the way.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Issued {
+    pub token: Token,
+    /// Something odd but harmless about the answer, for the log.
+    pub warning: Option<String>,
+}
+
+/// `expires_on` and `now + expires_in` may differ by this much (clock skew
+/// between this host and the endpoint, or rounding) before it is worth a line.
+pub const EXPIRY_DISAGREEMENT_S: u64 = 300;
+
 /// Turn a token-endpoint answer into a token or a named failure.
-/// `status` is `None` when the call produced no HTTP answer at all.
+/// `status` is `None` when the call produced no HTTP answer at all;
+/// `resource` is what was asked for: a token for anything else is refused.
 pub fn parse_response(
     status: Option<u16>,
     body: &[u8],
     now_ms: u64,
-) -> Result<Token, FetchFailure> {
+    resource: &str,
+) -> Result<Issued, FetchFailure> {
     let status = status.ok_or(FetchFailure::NoResponse)?;
     if body.len() > MAX_RESPONSE_BYTES {
         return Err(invalid(format!(
@@ -213,9 +234,16 @@ pub fn parse_response(
     if body.iter().all(u8::is_ascii_whitespace) {
         return Err(invalid("the response body is empty".to_owned()));
     }
+    // serde's messages can quote the input; say only where it went wrong.
     let raw: RawToken = serde_json::from_slice(body).map_err(|e| {
         invalid(format!(
-            "the response body is not a JSON token object ({e})"
+            "the response body is not a JSON token object ({} at line {}, column {})",
+            match e.classify() {
+                serde_json::error::Category::Data => "a field has the wrong type",
+                _ => "malformed JSON",
+            },
+            e.line(),
+            e.column()
         ))
     })?;
     let secret = raw
@@ -237,26 +265,42 @@ pub fn parse_response(
         if !kind.eq_ignore_ascii_case("bearer") {
             return Err(invalid(format!(
                 "token_type is \"{}\", not Bearer",
-                sanitize(kind, 40)
+                safe::free_text(kind, 40)
             )));
         }
     }
+    // The answer's `resource` and the token's own `aud` must both be what was asked.
+    let claims = Claims::read(&secret);
+    let answered = [
+        raw.resource.as_deref(),
+        claims.as_ref().and_then(|c| c.aud.as_deref()),
+    ];
+    if let Some(got) = answered
+        .into_iter()
+        .flatten()
+        .find(|got| !same_audience(got, resource))
+    {
+        return Err(FetchFailure::WrongAudience {
+            asked: resource.to_owned(),
+            got: safe::or(Some(got), safe::audience, "<not an audience URI>").to_owned(),
+        });
+    }
     let now_s = now_ms / 1000;
-    let expires_on_s = match (&raw.expires_on, &raw.expires_in) {
-        (Some(on), _) => on
+    let seconds = |value: &Option<StringOrNumber>, name: &str| match value {
+        Some(v) => v
             .seconds()
-            .ok_or_else(|| invalid("expires_on is not a number of seconds".to_owned()))?,
-        (None, Some(within)) => now_s.saturating_add(
-            within
-                .seconds()
-                .ok_or_else(|| invalid("expires_in is not a number of seconds".to_owned()))?,
-        ),
-        (None, None) => {
-            return Err(invalid(
-                "the response has neither expires_on nor expires_in".to_owned(),
-            ))
-        }
+            .map(Some)
+            .ok_or_else(|| invalid(format!("{name} is not a number of seconds"))),
+        None => Ok(None),
     };
+    let on = seconds(&raw.expires_on, "expires_on")?;
+    let within = seconds(&raw.expires_in, "expires_in")?.map(|s| now_s.saturating_add(s));
+    // The earliest the token is said to expire, by the answer or by its own `exp`.
+    let expires_on_s = [on, within, claims.as_ref().and_then(|c| c.exp)]
+        .into_iter()
+        .flatten()
+        .min()
+        .ok_or_else(|| invalid("the response has neither expires_on nor expires_in".to_owned()))?;
     if expires_on_s <= now_s {
         return Err(invalid(format!(
             "the token expired {} s before it arrived (expires_on {expires_on_s}); check the clocks of this host and the token endpoint",
@@ -269,11 +313,28 @@ pub fn parse_response(
             expires_on_s - now_s
         )));
     }
-    Ok(Token {
-        secret: Secret::new(secret),
-        obtained_at_ms: now_ms,
-        expires_at_ms: expires_on_s.saturating_mul(1000),
+    let warning = match (on, within) {
+        (Some(on), Some(within)) if on.abs_diff(within) > EXPIRY_DISAGREEMENT_S => Some(format!(
+            "the token endpoint's expires_on and expires_in disagree by {} s: the clocks of this \
+             host and the endpoint differ; the token is used until the earlier of the two",
+            on.abs_diff(within)
+        )),
+        _ => None,
+    };
+    Ok(Issued {
+        token: Token {
+            secret: Secret::new(secret),
+            obtained_at_ms: now_ms,
+            expires_at_ms: expires_on_s.saturating_mul(1000),
+        },
+        warning,
     })
+}
+
+/// Audiences compare without case and without a trailing slash.
+pub fn same_audience(a: &str, b: &str) -> bool {
+    a.trim_end_matches('/')
+        .eq_ignore_ascii_case(b.trim_end_matches('/'))
 }
 
 fn invalid(problem: String) -> FetchFailure {
@@ -301,11 +362,11 @@ fn error_status(status: u16, body: &[u8]) -> FetchFailure {
     let (error, description) = match raw {
         Some(raw) => (
             raw.error.map(|e| match e {
-                serde_json::Value::String(s) => sanitize(&s, 80),
-                other => sanitize(&other.to_string(), 80),
+                serde_json::Value::String(s) => safe::free_text(&s, 80),
+                other => safe::free_text(&other.to_string(), 80),
             }),
             raw.error_description
-                .map(|d| sanitize(&d, MAX_DESCRIPTION_CHARS)),
+                .map(|d| safe::free_text(&d, MAX_DESCRIPTION_CHARS)),
         ),
         None => (None, None),
     };
@@ -316,25 +377,12 @@ fn error_status(status: u16, body: &[u8]) -> FetchFailure {
     }
 }
 
-/// Keep text from a remote party printable and bounded before it is logged
-/// or written into a response.
-pub fn sanitize(text: &str, max_chars: usize) -> String {
-    let mut out: String = text
-        .chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .take(max_chars)
-        .collect();
-    if text.chars().count() > max_chars {
-        out.push('…');
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     const NOW_MS: u64 = 1_763_752_300_000;
+    const RES: &str = "https://cognitiveservices.azure.com";
 
     fn imds_body(expires_on: &str) -> String {
         format!(
@@ -374,8 +422,14 @@ mod tests {
 
     #[test]
     fn string_times_from_imds_are_parsed() {
-        let token =
-            parse_response(Some(200), imds_body("\"1763838699\"").as_bytes(), NOW_MS).unwrap();
+        let token = parse_response(
+            Some(200),
+            imds_body("\"1763838699\"").as_bytes(),
+            NOW_MS,
+            RES,
+        )
+        .unwrap()
+        .token;
         assert_eq!(token.expires_at_ms, 1_763_838_699_000);
         assert_eq!(token.obtained_at_ms, NOW_MS);
         assert_eq!(token.secret.expose(), "eyJ0eXAi.eyJhdWQi.c2ln");
@@ -383,21 +437,29 @@ mod tests {
 
     #[test]
     fn numeric_times_are_parsed_too() {
-        let token = parse_response(Some(200), imds_body("1763838699").as_bytes(), NOW_MS).unwrap();
+        let token = parse_response(Some(200), imds_body("1763838699").as_bytes(), NOW_MS, RES)
+            .unwrap()
+            .token;
         assert_eq!(token.expires_at_ms, 1_763_838_699_000);
     }
 
     #[test]
     fn expires_in_is_used_when_expires_on_is_absent() {
         let body = br#"{"token_type":"Bearer","expires_in":3599,"access_token":"a.b.c"}"#;
-        let token = parse_response(Some(200), body, NOW_MS).unwrap();
+        let token = parse_response(Some(200), body, NOW_MS, RES).unwrap().token;
         assert_eq!(token.expires_at_ms, NOW_MS + 3_599_000);
     }
 
     #[test]
     fn debug_output_never_shows_the_token() {
-        let token =
-            parse_response(Some(200), imds_body("\"1763838699\"").as_bytes(), NOW_MS).unwrap();
+        let token = parse_response(
+            Some(200),
+            imds_body("\"1763838699\"").as_bytes(),
+            NOW_MS,
+            RES,
+        )
+        .unwrap()
+        .token;
         let shown = format!("{token:?}");
         assert!(!shown.contains("eyJ0eXAi"), "{shown}");
         assert!(shown.contains("redacted"));
@@ -447,7 +509,7 @@ mod tests {
             ),
         ];
         for (body, expected) in cases {
-            match parse_response(Some(200), body, NOW_MS) {
+            match parse_response(Some(200), body, NOW_MS, RES) {
                 Err(FetchFailure::InvalidBody { problem }) => {
                     assert!(problem.contains(expected), "{problem}")
                 }
@@ -460,7 +522,7 @@ mod tests {
     fn oversized_bodies_are_refused_unparsed() {
         let body = vec![b' '; MAX_RESPONSE_BYTES + 1];
         assert!(matches!(
-            parse_response(Some(200), &body, NOW_MS),
+            parse_response(Some(200), &body, NOW_MS, RES),
             Err(FetchFailure::InvalidBody { .. })
         ));
     }
@@ -468,7 +530,7 @@ mod tests {
     #[test]
     fn imds_errors_keep_the_error_and_its_description() {
         let body = br#"{"error":"invalid_request","error_description":"Identity not found"}"#;
-        let failure = parse_response(Some(400), body, NOW_MS).unwrap_err();
+        let failure = parse_response(Some(400), body, NOW_MS, RES).unwrap_err();
         assert_eq!(
             failure,
             FetchFailure::Status {
@@ -483,11 +545,11 @@ mod tests {
     #[test]
     fn transient_statuses_and_silence_are_classed_for_retry() {
         for status in [404, 410, 429, 500, 503] {
-            let f = parse_response(Some(status), b"", NOW_MS).unwrap_err();
+            let f = parse_response(Some(status), b"", NOW_MS, RES).unwrap_err();
             assert_eq!(f.class(), FailureClass::Transient, "{status}");
         }
         assert_eq!(
-            parse_response(None, b"", NOW_MS).unwrap_err(),
+            parse_response(None, b"", NOW_MS, RES).unwrap_err(),
             FetchFailure::NoResponse
         );
         assert_eq!(
@@ -506,16 +568,127 @@ mod tests {
             (503, b"no healthy upstream"),
             (504, b"upstream request timeout"),
         ] {
-            assert_eq!(parse_response(Some(status), body, NOW_MS).unwrap_err(), FetchFailure::NoResponse);
+            assert_eq!(parse_response(Some(status), body, NOW_MS, RES).unwrap_err(), FetchFailure::NoResponse);
         }
         let imds_503 =
-            parse_response(Some(503), br#"{"error":"unavailable"}"#, NOW_MS).unwrap_err();
+            parse_response(Some(503), br#"{"error":"unavailable"}"#, NOW_MS, RES).unwrap_err();
         assert!(matches!(imds_503, FetchFailure::Status { status: 503, .. }));
     }
 
     #[test]
-    fn remote_text_is_sanitized_and_bounded() {
-        assert_eq!(sanitize("a\r\nb", 10), "a  b");
-        assert_eq!(sanitize("abcdef", 3), "abc…");
+    fn remote_text_in_errors_is_printable_and_bounded() {
+        let body = "{\"error\":\"bad\\r\\nx-evil: 1\",\"error_description\":\"\\u001b[31mred\"}";
+        match parse_response(Some(400), body.as_bytes(), NOW_MS, RES).unwrap_err() {
+            FetchFailure::Status {
+                error, description, ..
+            } => {
+                assert_eq!(error.as_deref(), Some("bad??x-evil: 1"));
+                assert_eq!(description.as_deref(), Some("?[31mred"));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// An unsigned JWT with this payload, as claims are read from tokens.
+    fn jwt(payload: &str) -> String {
+        use base64::Engine;
+        let enc = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        format!(
+            "{}.{}.c2ln",
+            enc.encode(br#"{"alg":"RS256"}"#),
+            enc.encode(payload)
+        )
+    }
+
+    #[test]
+    fn a_token_for_another_audience_is_never_accepted() {
+        let by_field = r#"{"access_token":"a.b.c","expires_in":"3600","resource":"https://management.azure.com"}"#;
+        let by_claim = format!(
+            r#"{{"access_token":"{}","expires_in":"3600","resource":"{RES}"}}"#,
+            jwt(r#"{"aud":"https://ai.azure.com"}"#)
+        );
+        for body in [by_field.to_owned(), by_claim] {
+            match parse_response(Some(200), body.as_bytes(), NOW_MS, RES) {
+                Err(FetchFailure::WrongAudience { asked, got }) => {
+                    assert_eq!(asked, RES);
+                    assert!(
+                        got == "https://management.azure.com" || got == "https://ai.azure.com",
+                        "{got}"
+                    );
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        let f = FetchFailure::WrongAudience {
+            asked: RES.into(),
+            got: "x".into(),
+        };
+        assert_eq!(f.class(), FailureClass::Refused);
+    }
+
+    #[test]
+    fn the_same_audience_with_a_trailing_slash_or_other_case_is_accepted() {
+        let body = format!(
+            r#"{{"access_token":"{}","expires_in":"3600","resource":"https://CognitiveServices.azure.com/"}}"#,
+            jwt(r#"{"aud":"https://cognitiveservices.azure.com/"}"#)
+        );
+        assert!(parse_response(Some(200), body.as_bytes(), NOW_MS, RES).is_ok());
+    }
+
+    #[test]
+    fn a_garbled_audience_is_shown_as_a_placeholder() {
+        let body = r#"{"access_token":"a.b.c","expires_in":"3600","resource":"https://x\" && id"}"#;
+        match parse_response(Some(200), body.as_bytes(), NOW_MS, RES) {
+            Err(FetchFailure::WrongAudience { got, .. }) => {
+                assert_eq!(got, "<not an audience URI>")
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn expiry_is_the_earliest_of_expires_on_expires_in_and_the_claim() {
+        let now_s = NOW_MS / 1000;
+        // expires_on says a day, expires_in an hour: an hour, and a warning.
+        let body = format!(
+            r#"{{"access_token":"a.b.c","expires_on":"{}","expires_in":"3600"}}"#,
+            now_s + 86_400
+        );
+        let issued = parse_response(Some(200), body.as_bytes(), NOW_MS, RES).unwrap();
+        assert_eq!(issued.token.expires_at_ms, (now_s + 3600) * 1000);
+        assert!(issued.warning.unwrap().contains("disagree by 82800 s"));
+        // Agreeing to the second: no warning.
+        let body = format!(
+            r#"{{"access_token":"a.b.c","expires_on":"{}","expires_in":"3600"}}"#,
+            now_s + 3600
+        );
+        assert_eq!(
+            parse_response(Some(200), body.as_bytes(), NOW_MS, RES)
+                .unwrap()
+                .warning,
+            None
+        );
+        // The token's own exp is earlier still.
+        let body = format!(
+            r#"{{"access_token":"{}","expires_in":"3600"}}"#,
+            jwt(&format!(r#"{{"aud":"{RES}","exp":{}}}"#, now_s + 600))
+        );
+        let issued = parse_response(Some(200), body.as_bytes(), NOW_MS, RES).unwrap();
+        assert_eq!(issued.token.expires_at_ms, (now_s + 600) * 1000);
+    }
+
+    #[test]
+    fn parse_errors_never_quote_the_body() {
+        for body in [
+            r#"{"access_token":{"secret":"SECRET-VALUE"}}"#,
+            r#"{"access_token":"x","token_type":["SECRET-VALUE"]}"#,
+            r#"SECRET-VALUE"#,
+        ] {
+            let shown = format!(
+                "{:?}",
+                parse_response(Some(200), body.as_bytes(), NOW_MS, RES)
+            );
+            assert!(!shown.contains("SECRET"), "{shown}");
+        }
     }
 }

@@ -1,6 +1,7 @@
 //! The Istio manifests in envoy/istio/ say what the filter and Istio expect:
-//! every pluginConfig passes the filter's own parser, and the clusters it
-//! names are the ones Istio generates from the ServiceEntries.
+//! every pluginConfig passes the filter's own parser, the clusters it names
+//! are the ones Istio generates from the ServiceEntries, and every host it
+//! gives a token to is one the mesh routes with TLS, never PassthroughCluster.
 #![cfg(not(target_arch = "wasm32"))]
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -24,7 +25,7 @@ fn manifests() -> Vec<(PathBuf, Value)> {
             }
         }
     }
-    assert!(docs.len() >= 5, "the Istio manifests are shipped");
+    assert!(docs.len() >= 6, "the Istio manifests are shipped");
     docs
 }
 
@@ -86,43 +87,86 @@ fn the_token_cluster_is_the_one_istio_generates_for_the_imds_service_entry() {
     }
 }
 
+/// The hosts of ServiceEntries whose HTTP port the sidecar sends on to 443
+/// with TLS it originates itself (SNI = the host).
+fn tls_originated_hosts(docs: &[(PathBuf, Value)]) -> Vec<String> {
+    let rules = of_kind(docs, "DestinationRule");
+    let mut hosts = Vec::new();
+    for entry in of_kind(docs, "ServiceEntry") {
+        let Some(port) = entry["spec"]["ports"].as_sequence().and_then(|p| p.first()) else {
+            continue;
+        };
+        if port["protocol"] != "HTTP" || port["targetPort"].as_u64() != Some(443) {
+            continue;
+        }
+        for host in entry["spec"]["hosts"].as_sequence().into_iter().flatten() {
+            let host = text(host);
+            let originates_tls = rules.iter().any(|r| {
+                r["spec"]["host"] == host
+                    && r["spec"]["trafficPolicy"]["portLevelSettings"]
+                        .as_sequence()
+                        .into_iter()
+                        .flatten()
+                        .any(|p| {
+                            p["port"]["number"].as_u64() == port["number"].as_u64()
+                                && p["tls"]["mode"] == "SIMPLE"
+                                && p["tls"]["sni"] == host
+                        })
+            });
+            if originates_tls {
+                hosts.push(host.to_owned());
+            }
+        }
+    }
+    hosts
+}
+
 #[test]
-fn the_sidecar_originates_tls_for_every_azure_openai_host_the_filter_serves() {
+fn every_host_the_filter_serves_is_one_the_mesh_routes_with_tls() {
     let docs = manifests();
-    let plugin = &of_kind(&docs, "WasmPlugin")[0];
-    let json: serde_json::Value = serde_json::to_value(&plugin["spec"]["pluginConfig"]).unwrap();
-    let config = Config::from_value(&json).unwrap();
-    let rules = of_kind(&docs, "DestinationRule");
-    let entries: Vec<Value> = of_kind(&docs, "ServiceEntry")
-        .into_iter()
-        .filter(|e| config.hosts.matches(text(&e["spec"]["hosts"][0])))
-        .collect();
-    assert!(!entries.is_empty(), "an Azure OpenAI ServiceEntry");
-    for entry in entries {
-        let host = text(&entry["spec"]["hosts"][0]);
-        let port = &entry["spec"]["ports"][0];
-        assert_eq!(
-            text(&port["protocol"]),
-            "HTTP",
-            "{host}: the app speaks HTTP so the filter sees headers"
+    let safe = tls_originated_hosts(&docs);
+    assert!(
+        !safe.is_empty(),
+        "an Azure OpenAI ServiceEntry with TLS origination"
+    );
+    for plugin in of_kind(&docs, "WasmPlugin") {
+        let json: serde_json::Value =
+            serde_json::to_value(&plugin["spec"]["pluginConfig"]).unwrap();
+        let config = Config::from_value(&json).unwrap();
+        for pattern in config.hosts.patterns() {
+            // A wildcard also matches hosts no ServiceEntry covers: under the
+            // mesh's ALLOW_ANY those leave in plain HTTP through PassthroughCluster.
+            let pattern = pattern.to_string();
+            assert!(
+                safe.contains(&pattern),
+                "the filter serves {pattern}, which no TLS-originating ServiceEntry routes: \
+                 its token could leave in cleartext (safe hosts: {safe:?})"
+            );
+        }
+    }
+}
+
+#[test]
+fn the_plugins_namespace_refuses_hosts_without_a_service_entry() {
+    let docs = manifests();
+    let sidecars = of_kind(&docs, "Sidecar");
+    for plugin in of_kind(&docs, "WasmPlugin") {
+        let namespace = &plugin["metadata"]["namespace"];
+        assert!(
+            sidecars
+                .iter()
+                .any(|s| s["metadata"]["namespace"] == *namespace
+                    && s["spec"]["workloadSelector"].is_null()
+                    && s["spec"]["outboundTrafficPolicy"]["mode"] == "REGISTRY_ONLY"),
+            "a namespace-wide Sidecar with outboundTrafficPolicy REGISTRY_ONLY in {namespace:?}"
         );
-        assert_eq!(
-            port["targetPort"].as_u64(),
-            Some(443),
-            "{host}: sent on to 443"
-        );
-        let rule = rules
-            .iter()
-            .find(|r| r["spec"]["host"] == host)
-            .unwrap_or_else(|| panic!("a DestinationRule for {host}"));
-        let tls = &rule["spec"]["trafficPolicy"]["portLevelSettings"][0];
-        assert_eq!(tls["port"]["number"].as_u64(), port["number"].as_u64());
-        assert_eq!(
-            text(&tls["tls"]["mode"]),
-            "SIMPLE",
-            "{host}: TLS originated by the sidecar"
-        );
-        assert_eq!(text(&tls["tls"]["sni"]), host);
+    }
+}
+
+#[test]
+fn a_vm_that_fails_is_replaced_not_left_failing() {
+    for plugin in of_kind(&manifests(), "WasmPlugin") {
+        assert_eq!(text(&plugin["spec"]["failStrategy"]), "FAIL_RELOAD");
     }
 }
 

@@ -37,7 +37,14 @@ fn host_matching_in_wasm_refuses_lookalikes() {
 #[wasm_bindgen_test]
 fn imds_answers_with_string_times_parse_in_wasm() {
     let body = br#"{"access_token":"eyJ.a.b","expires_on":"1763838699","expires_in":"86399","token_type":"Bearer"}"#;
-    let token = parse_response(Some(200), body, NOW_MS).unwrap();
+    let token = parse_response(
+        Some(200),
+        body,
+        NOW_MS,
+        "https://cognitiveservices.azure.com",
+    )
+    .unwrap()
+    .token;
     assert_eq!(token.expires_at_ms, 1_763_838_699_000);
     assert!(!format!("{token:?}").contains("eyJ.a.b"));
     let request = TokenRequest::imds(&Config::default());
@@ -45,7 +52,7 @@ fn imds_answers_with_string_times_parse_in_wasm() {
         .path()
         .contains("resource=https%3A%2F%2Fcognitiveservices.azure.com"));
     assert_eq!(
-        parse_response(None, b"", NOW_MS).unwrap_err(),
+        parse_response(None, b"", NOW_MS, "https://cognitiveservices.azure.com").unwrap_err(),
         FetchFailure::NoResponse
     );
 }

@@ -66,6 +66,46 @@ impl Identity {
     }
 }
 
+/// An answer exactly as scripted: status, header bytes (which may be
+/// anything a server can put on the wire), body bytes.
+#[derive(Debug, Clone, Default)]
+pub struct RawReply {
+    pub status: u16,
+    pub headers: Vec<(String, Vec<u8>)>,
+    pub body: Vec<u8>,
+}
+
+impl RawReply {
+    pub fn json(status: u16, body: &str) -> RawReply {
+        RawReply {
+            status,
+            headers: vec![("content-type".into(), b"application/json".to_vec())],
+            body: body.as_bytes().to_vec(),
+        }
+    }
+
+    pub fn header(mut self, name: &str, value: &[u8]) -> RawReply {
+        self.headers.push((name.to_owned(), value.to_vec()));
+        self
+    }
+
+    fn into_response(self) -> Response {
+        let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let mut response = (status, self.body).into_response();
+        let headers = response.headers_mut();
+        headers.remove("content-type");
+        for (name, value) in self.headers {
+            if let (Ok(name), Ok(value)) = (
+                axum::http::HeaderName::from_bytes(name.as_bytes()),
+                axum::http::HeaderValue::from_bytes(&value),
+            ) {
+                headers.append(name, value);
+            }
+        }
+        response
+    }
+}
+
 /// What IMDS does with one token request.
 #[derive(Debug, Clone)]
 pub enum ImdsReply {
@@ -73,6 +113,8 @@ pub enum ImdsReply {
     Token,
     /// Answer with this status and body.
     Raw { status: u16, body: String },
+    /// Answer with exactly these bytes.
+    Exact(RawReply),
     /// Wait, then answer as `then` does: longer than the caller's timeout is a timeout.
     Slow { delay_ms: u64, then: Box<ImdsReply> },
 }
@@ -159,6 +201,13 @@ pub struct Settings {
     /// Send error bodies with `content-encoding: gzip` (as a gateway that
     /// compresses would); the bytes stay JSON, which is all the tests need.
     pub compress_errors: bool,
+    /// While set, every request that is not IMDS, Entra or the emulator's own
+    /// control gets exactly this answer (after it is recorded): a misbehaving
+    /// upstream, or a service that is not Azure at all.
+    pub upstream_reply: Option<RawReply>,
+    /// IMDS hands out the same token for the same identity and resource until
+    /// it expires, as the real one does (it caches tokens for about 24 h).
+    pub imds_caches_tokens: bool,
 }
 
 impl Default for Settings {
@@ -177,6 +226,8 @@ impl Default for Settings {
             accepted_audience: RESOURCE.to_owned(),
             network_rule_denies: false,
             compress_errors: false,
+            upstream_reply: None,
+            imds_caches_tokens: false,
         }
     }
 }
@@ -192,6 +243,8 @@ struct World {
     minted: u64,
     /// Every token IMDS issued, so tests can look for them where they must not be.
     minted_tokens: Vec<String>,
+    /// IMDS's token cache: (client id, resource) → (token, expires_on seconds).
+    imds_cache: HashMap<(String, String), (String, u64)>,
 }
 
 struct Shared {
@@ -278,6 +331,7 @@ impl Emulator {
                 imds_max_in_flight: 0,
                 minted: 0,
                 minted_tokens: Vec::new(),
+                imds_cache: HashMap::new(),
             }),
         });
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -472,6 +526,17 @@ async fn imds(
         tokio::time::sleep(Duration::from_millis(delay_ms)).await;
         reply = *then;
     }
+    if let ImdsReply::Exact(raw) = reply {
+        let status = raw.status;
+        app.shared.world().imds.push(ImdsRequest {
+            arrived_ms,
+            at_ms: now_ms(),
+            query: query.clone(),
+            headers: header_list(&headers),
+            status,
+        });
+        return raw.into_response();
+    }
     let (status, body) = imds_answer(&app.shared, &query, &headers, reply);
     let mut world = app.shared.world();
     world.imds.push(ImdsRequest {
@@ -564,24 +629,39 @@ fn imds_answer(
         },
     };
     let lifetime = settings.token_lifetime_s;
-    let token = mint(
-        &world.key,
-        &identity,
-        resource,
-        lifetime,
-        settings.token_padding,
-    );
-    world.minted += 1;
-    world.minted_tokens.push(token.clone());
     let now = now_ms() / 1000;
+    let cache_key = (identity.client_id.clone(), resource.clone());
+    let cached = world
+        .imds_cache
+        .get(&cache_key)
+        .filter(|(_, expires_on)| settings.imds_caches_tokens && *expires_on > now)
+        .cloned();
+    let (token, expires_on) = match cached {
+        Some(hit) => hit,
+        None => {
+            let token = mint(
+                &world.key,
+                &identity,
+                resource,
+                lifetime,
+                settings.token_padding,
+            );
+            world.minted += 1;
+            world.minted_tokens.push(token.clone());
+            world
+                .imds_cache
+                .insert(cache_key, (token.clone(), now + lifetime));
+            (token, now + lifetime)
+        }
+    };
     (
         200,
         json!({
             "access_token": token,
             "refresh_token": "",
-            "expires_in": lifetime.to_string(),
-            "expires_on": (now + lifetime).to_string(),
-            "ext_expires_in": lifetime.to_string(),
+            "expires_in": expires_on.saturating_sub(now).to_string(),
+            "expires_on": expires_on.to_string(),
+            "ext_expires_in": expires_on.saturating_sub(now).to_string(),
             "not_before": now.to_string(),
             "resource": resource,
             "token_type": "Bearer",
@@ -774,7 +854,7 @@ fn data_plane(
             )
         }
     } else {
-        let unauthorized = json!({"statusCode": 401, "message": format!("Unauthorized. Access token is missing, invalid, audience is incorrect ({RESOURCE}), or have expired.")});
+        let unauthorized = json!({"statusCode": 401, "message": format!("Unauthorized. Access token is missing, invalid, audience is incorrect ({}), or have expired.", settings.accepted_audience)});
         match bearer.map(|t| check_token(&public_key, &settings.accepted_audience, t)) {
             None => (Verdict::MissingToken, 401, unauthorized),
             Some(Err(verdict)) => {
@@ -800,6 +880,9 @@ fn data_plane(
     record(
         app, method, &uri, &headers, verdict, token_exp, token_oid, status,
     );
+    if let Some(raw) = settings.upstream_reply {
+        return raw.into_response();
+    }
     let mut response = json_response(status, response);
     if status != 200 && settings.compress_errors {
         response.headers_mut().insert(
@@ -841,6 +924,7 @@ fn completion(deployment: &str, caller: &str, request: &str) -> Value {
 }
 
 async fn echo(State(app): State<App>, method: Method, uri: Uri, headers: HeaderMap) -> Response {
+    let scripted = app.shared.world().settings.upstream_reply.clone();
     record(
         &app,
         method.clone(),
@@ -851,6 +935,9 @@ async fn echo(State(app): State<App>, method: Method, uri: Uri, headers: HeaderM
         None,
         200,
     );
+    if let Some(raw) = scripted {
+        return raw.into_response();
+    }
     json_response(
         200,
         json!({"echo": {"method": method.as_str(), "path": uri.path(), "headers": header_list(&headers)}}),

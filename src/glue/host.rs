@@ -1,174 +1,208 @@
 //! The host, seen through the few operations the filter needs. The only file
-//! that calls `proxy_wasm::hostcalls`; host statuses become `Result`s here.
+//! that reaches the host (through [`abi`](super::abi)); statuses become
+//! `Result`s and values stay bytes until [`crate::wire`] decodes them.
 
-use std::time::{Duration, UNIX_EPOCH};
+use std::time::Duration;
 
-use proxy_wasm::hostcalls;
-use proxy_wasm::types::{BufferType, MapType, MetricType, Status};
-
+use super::abi::{self, Buffer, Map};
 use crate::store::{SharedStore, StoreError};
+use crate::wire;
+
+/// A host status that was not OK, kept as the number the host returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Status(pub u32);
 
 /// Envoy's shared data: one key-value store per process, with CAS.
 pub struct HostStore;
 
 impl SharedStore for HostStore {
     fn get(&self, key: &str) -> Result<(Option<Vec<u8>>, Option<u32>), StoreError> {
-        hostcalls::get_shared_data(key).map_err(status_error)
+        abi::shared_data(key).map_err(status_error)
     }
 
     fn set(&mut self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), StoreError> {
-        hostcalls::set_shared_data(key, Some(value), cas).map_err(|s| match s {
-            Status::CasMismatch => StoreError::CasMismatch,
+        abi::set_shared_data(key, value, cas).map_err(|s| match s {
+            abi::CAS_MISMATCH => StoreError::CasMismatch,
             other => status_error(other),
         })
     }
 }
 
-fn status_error(status: Status) -> StoreError {
-    StoreError::Host(format!("{status:?}"))
+fn status_error(status: u32) -> StoreError {
+    StoreError::Host(format!("host status {status}"))
+}
+
+/// The filter's log lines go straight to the host; a host that refuses a
+/// line loses the line, never the VM.
+struct HostLogger;
+
+static LOGGER: HostLogger = HostLogger;
+
+impl log::Log for HostLogger {
+    fn enabled(&self, _: &log::Metadata<'_>) -> bool {
+        true
+    }
+
+    fn log(&self, record: &log::Record<'_>) {
+        let level = match record.level() {
+            log::Level::Trace => 0,
+            log::Level::Debug => 1,
+            log::Level::Info => 2,
+            log::Level::Warn => 3,
+            log::Level::Error => 4,
+        };
+        abi::log(level, &record.args().to_string());
+    }
+
+    fn flush(&self) {}
+}
+
+pub fn install_logger() {
+    let _ = log::set_logger(&LOGGER);
+    log::set_max_level(log::LevelFilter::Trace);
 }
 
 /// Last words of a panicking VM.
 pub fn log_critical(message: &str) {
-    let _ = hostcalls::log(proxy_wasm::types::LogLevel::Critical, message);
+    abi::log(5, message);
 }
 
-/// Milliseconds since the Unix epoch, by the host's clock. Seconds and
-/// milliseconds are combined in `u64`: `as_millis` would divide a `u128`,
-/// which wasm32 does in software on every request.
+/// Milliseconds since the Unix epoch, by the host's clock (0 if it has none).
 pub fn now_ms() -> u64 {
-    hostcalls::get_current_time()
-        .ok()
-        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-        .map_or(0, |d| {
-            d.as_secs()
-                .saturating_mul(1000)
-                .saturating_add(u64::from(d.subsec_millis()))
-        })
+    abi::now_nanos().map_or(0, |nanos| nanos / 1_000_000)
 }
 
 pub fn plugin_configuration() -> Vec<u8> {
-    hostcalls::get_buffer(BufferType::PluginConfiguration, 0, usize::MAX)
+    abi::buffer(Buffer::PluginConfiguration, 0, usize::MAX)
         .ok()
         .flatten()
         .unwrap_or_default()
 }
 
-pub fn request_header(name: &str) -> Option<String> {
-    hostcalls::get_map_value(MapType::HttpRequestHeaders, name)
-        .ok()
-        .flatten()
+/// A request header's bytes, `None` when absent or unreadable.
+pub fn request_header(name: &str) -> Option<Vec<u8>> {
+    abi::header(Map::RequestHeaders, name).ok().flatten()
+}
+
+/// A response header's bytes, `None` when absent or unreadable.
+pub fn response_header(name: &str) -> Option<Vec<u8>> {
+    abi::header(Map::ResponseHeaders, name).ok().flatten()
 }
 
 /// `:status` of the upstream's answer to the current request.
 pub fn response_status() -> Option<u16> {
-    hostcalls::get_map_value(MapType::HttpResponseHeaders, ":status")
-        .ok()
-        .flatten()
-        .and_then(|s| s.parse().ok())
+    response_header(":status").as_deref().and_then(wire::status)
 }
 
-/// The buffered response body of the current request.
+/// Up to `size` bytes of the current request's response body buffer.
 pub fn response_body(size: usize) -> Vec<u8> {
-    hostcalls::get_buffer(BufferType::HttpResponseBody, 0, size)
+    abi::buffer(Buffer::ResponseBody, 0, size)
         .ok()
         .flatten()
         .unwrap_or_default()
 }
 
-pub fn response_header(name: &str) -> Option<String> {
-    hostcalls::get_map_value(MapType::HttpResponseHeaders, name)
-        .ok()
-        .flatten()
-}
-
 /// Set (or with `None`, remove) a response header.
 pub fn set_response_header(name: &str, value: Option<&str>) -> Result<(), Status> {
-    hostcalls::set_map_value(MapType::HttpResponseHeaders, name, value)
+    match value {
+        Some(v) => abi::set_header(Map::ResponseHeaders, name, v.as_bytes()),
+        None => abi::remove_header(Map::ResponseHeaders, name),
+    }
+    .map_err(Status)
 }
 
 /// Replace the first `size` bytes (the whole buffered body) of the response.
 pub fn replace_response_body(size: usize, body: &[u8]) -> Result<(), Status> {
-    hostcalls::set_buffer(BufferType::HttpResponseBody, 0, size, body)
+    abi::set_buffer(Buffer::ResponseBody, 0, size, body).map_err(Status)
 }
 
 /// Remove `api-key` and set exactly one `authorization` on the current request.
 pub fn authorize_request(bearer: &str) -> Result<(), Status> {
-    hostcalls::set_map_value(
-        MapType::HttpRequestHeaders,
-        crate::rewrite::API_KEY_HEADER,
-        None,
-    )?;
-    hostcalls::set_map_value(
-        MapType::HttpRequestHeaders,
+    abi::remove_header(Map::RequestHeaders, crate::rewrite::API_KEY_HEADER).map_err(Status)?;
+    abi::set_header(
+        Map::RequestHeaders,
         crate::rewrite::AUTHORIZATION_HEADER,
-        Some(bearer),
+        bearer.as_bytes(),
     )
+    .map_err(Status)
 }
 
 /// Make `context` the one later host calls act on.
 pub fn enter(context: u32) -> Result<(), Status> {
-    hostcalls::set_effective_context(context)
+    abi::set_effective_context(context).map_err(Status)
 }
 
 pub fn resume_request() -> Result<(), Status> {
-    hostcalls::resume_http_request()
+    abi::resume_request().map_err(Status)
 }
 
 pub fn send_local_reply(status: u16, headers: &[(&str, &str)], body: &str) -> Result<(), Status> {
-    hostcalls::send_http_response(u32::from(status), headers.to_vec(), Some(body.as_bytes()))
+    let pairs: Vec<(&str, &[u8])> = headers.iter().map(|(n, v)| (*n, v.as_bytes())).collect();
+    abi::send_local_response(status, &wire::serialize_pairs(&pairs), body.as_bytes())
+        .map_err(Status)
 }
 
+/// Dispatch a token call; its answer reaches the root's `on_http_call_response`.
 pub fn dispatch(cluster: &str, headers: &[(&str, &str)], timeout: Duration) -> Result<u32, Status> {
-    hostcalls::dispatch_http_call(cluster, headers.to_vec(), None, vec![], timeout)
+    proxy_wasm::hostcalls::dispatch_http_call(cluster, headers.to_vec(), None, vec![], timeout)
+        .map_err(|s| Status(s as u32))
 }
 
 /// `:status` of a token call's answer, if it got one.
 pub fn call_status() -> Option<u16> {
-    hostcalls::get_map_value(MapType::HttpCallResponseHeaders, ":status")
+    abi::header(Map::CallResponseHeaders, ":status")
         .ok()
         .flatten()
-        .and_then(|s| s.parse().ok())
+        .as_deref()
+        .and_then(wire::status)
 }
 
 pub fn call_body(size: usize) -> Vec<u8> {
-    hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, size)
+    abi::buffer(Buffer::CallResponseBody, 0, size)
         .ok()
         .flatten()
         .unwrap_or_default()
 }
 
 pub fn register_queue(name: &str) -> Result<u32, Status> {
-    hostcalls::register_shared_queue(name)
+    abi::register_queue(name).map_err(Status)
 }
 
 pub fn enqueue(queue: u32, message: &[u8]) -> Result<(), Status> {
-    hostcalls::enqueue_shared_queue(queue, Some(message))
+    abi::enqueue(queue, message).map_err(Status)
 }
 
-/// Empty a queue; the messages only say "look at the record".
-pub fn drain(queue: u32) {
-    while let Ok(Some(_)) = hostcalls::dequeue_shared_queue(queue) {}
+/// Empty a queue, returning what it held; at most `limit` messages.
+pub fn drain(queue: u32, limit: usize) -> Vec<Vec<u8>> {
+    let mut messages = Vec::new();
+    while messages.len() < limit {
+        match abi::dequeue(queue) {
+            Ok(Some(message)) => messages.push(message),
+            _ => break,
+        }
+    }
+    messages
 }
 
 pub fn set_tick(period: Duration) -> Result<(), Status> {
-    hostcalls::set_tick_period(period)
+    let ms = u32::try_from(period.as_millis()).unwrap_or(u32::MAX);
+    abi::set_tick_period_ms(ms).map_err(Status)
 }
 
 pub fn define_metric(kind: crate::metrics::Kind, name: &str) -> Result<u32, Status> {
     use crate::metrics::Kind;
     let kind = match kind {
-        Kind::Counter => MetricType::Counter,
-        Kind::Gauge => MetricType::Gauge,
-        Kind::Histogram => MetricType::Histogram,
+        Kind::Counter => 0,
+        Kind::Gauge => 1,
+        Kind::Histogram => 2,
     };
-    hostcalls::define_metric(kind, name)
+    abi::define_metric(kind, name).map_err(Status)
 }
 
 pub fn increment_metric(id: u32, delta: i64) -> Result<(), Status> {
-    hostcalls::increment_metric(id, delta)
+    abi::increment_metric(id, delta).map_err(Status)
 }
 
 pub fn record_metric(id: u32, value: u64) -> Result<(), Status> {
-    hostcalls::record_metric(id, value)
+    abi::record_metric(id, value).map_err(Status)
 }

@@ -4,7 +4,11 @@
 //! owns the VM's [`Agent`] and a notification queue; request contexts borrow
 //! the agent only to ask whether a token is ready. Token calls are always
 //! dispatched by the root, so a client hanging up cannot cancel them.
+//!
+//! Every value read from the host is bytes, decoded by [`crate::wire`]; a
+//! value that does not decode is absent. Nothing here can panic on input.
 
+mod abi;
 mod host;
 mod metrics;
 
@@ -14,27 +18,32 @@ use std::rc::Rc;
 use std::time::Duration;
 
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{Action, ContextType, LogLevel};
+use proxy_wasm::types::{Action, ContextType};
 
-use crate::agent::{Admission, Agent, Command, Event, Level};
-use crate::annotate::{self, Facts, LogLimiter};
+use crate::agent::{Admission, Agent, Command, Event, Level, Replacement};
+use crate::annotate::{self, BodyMode, BodyStep, Facts, Inspection, LogLimiter};
 use crate::config::{Config, IdentitySelector};
 use crate::diagnose::DIAGNOSIS_HEADER;
 use crate::metrics as m;
 use crate::rewrite::HostPatterns;
 use crate::store;
-use crate::token::{parse_response, FetchFailure, TokenRequest, MAX_RESPONSE_BYTES};
+use crate::token::{FetchFailure, TokenRequest, MAX_RESPONSE_BYTES};
 use crate::upstream::{self, UpstreamFailure};
+use crate::wire;
 use host::HostStore;
 use metrics::Metrics;
 
 /// How often each VM checks for refresh, lapsed leases and waiting requests.
 const TICK: Duration = Duration::from_millis(250);
 /// Process-wide counter naming each VM's lease and queue.
-const SEQUENCE_KEY: &str = "aoai-msi-filter/v1/vm-sequence";
+const SEQUENCE_KEY: &str = "aoai-msi-filter/v2/vm-sequence";
+/// Process-wide list of live VMs' notification queues.
+const QUEUES_KEY: &str = "aoai-msi-filter/v2/queues";
+/// Messages drained from a queue per wake-up; they only say "look at the record".
+const DRAIN_LIMIT: usize = 64;
 
 proxy_wasm::main! {{
-    proxy_wasm::set_log_level(LogLevel::Trace);
+    host::install_logger();
     std::panic::set_hook(Box::new(|info| host::log_critical(&format!("aoai-msi-filter: {info}"))));
     proxy_wasm::set_root_context(|id| Box::new(Root { id, vm: None }));
 }}
@@ -43,7 +52,6 @@ proxy_wasm::main! {{
 struct Vm {
     root: u32,
     queue: u32,
-    queues_key: String,
     hosts: HostPatterns,
     request: TokenRequest,
     agent: RefCell<Agent>,
@@ -53,29 +61,36 @@ struct Vm {
     /// Per-request counts, kept here and flushed on tick: no host call per request.
     authorized: Cell<u64>,
     passed_through: Cell<u64>,
+    /// This VM's share of the waiting-requests gauge, as last reported.
+    waiting_reported: Cell<i64>,
+    /// When this VM last renewed its queue in the registry.
+    heartbeat_ms: Cell<u64>,
     log_limiter: RefCell<LogLimiter>,
 }
 
 impl Vm {
-    /// Let the agent decide, then carry out what it decided. Keeps the
-    /// waiting-requests gauge in step with the agent's parked list.
+    /// Let the agent decide, then carry out what it decided.
     fn drive(&self, decide: impl FnOnce(&mut Agent, u64) -> Vec<Command>) {
         let commands = match self.agent.try_borrow_mut() {
-            Ok(mut agent) => {
-                let before = agent.parked();
-                let commands = decide(&mut agent, host::now_ms());
-                self.count_waiting(before, agent.parked());
-                commands
-            }
+            Ok(mut agent) => decide(&mut agent, host::now_ms()),
             Err(_) => return,
         };
         self.execute(commands);
+        self.report_waiting();
     }
 
-    fn count_waiting(&self, before: usize, after: usize) {
-        if before != after {
+    /// Bring this VM's share of the waiting gauge to what the agent holds:
+    /// called after everything that can park or release a request, so the
+    /// gauge cannot drift whatever path released them.
+    fn report_waiting(&self) {
+        let Ok(agent) = self.agent.try_borrow() else {
+            return;
+        };
+        let now = i64::try_from(agent.parked()).unwrap_or(i64::MAX);
+        let delta = now - self.waiting_reported.replace(now);
+        if delta != 0 {
             if let Ok(mut metrics) = self.metrics.try_borrow_mut() {
-                metrics.add(m::REQUESTS_WAITING, &[], after as i64 - before as i64);
+                metrics.add(m::REQUESTS_WAITING, &[], delta);
             }
         }
     }
@@ -90,11 +105,14 @@ impl Vm {
                     }
                 }
                 Command::NotifyOthers => {
-                    let queues = store::queues(&HostStore, &self.queues_key).unwrap_or_default();
+                    let now = host::now_ms();
+                    let queues = store::queues(&HostStore, QUEUES_KEY, now).unwrap_or_default();
                     for queue in queues.into_iter().filter(|q| *q != self.queue) {
-                        // A queue of a VM that went away is simply not there.
                         let _ = host::enqueue(queue, b"sync");
                     }
+                }
+                Command::Kick => {
+                    let _ = host::enqueue(self.queue, b"kick");
                 }
                 Command::Resume(requests) => self.resume(requests),
                 Command::Reject(requests, diagnosis) => {
@@ -149,8 +167,9 @@ impl Vm {
             Ok(_) => Ok(()),
             Err(status) => {
                 log::warn!(
-                    "cannot dispatch the token call to cluster {} ({status:?})",
-                    self.request.cluster
+                    "cannot dispatch the token call to cluster {} (host status {})",
+                    self.request.cluster,
+                    status.0
                 );
                 let failure = FetchFailure::Dispatch {
                     cluster: self.request.cluster.clone(),
@@ -206,6 +225,25 @@ impl Vm {
         }
     }
 
+    /// Renew this VM's queue in the registry every heartbeat, so notifiers
+    /// skip (and drop) the queues of VMs that went away.
+    fn heartbeat(&self, now_ms: u64) {
+        if now_ms.saturating_sub(self.heartbeat_ms.get()) < store::HEARTBEAT_MS
+            && self.heartbeat_ms.get() <= now_ms
+        {
+            return;
+        }
+        self.heartbeat_ms.set(now_ms);
+        match store::register_queue(&mut HostStore, QUEUES_KEY, self.queue, now_ms) {
+            Ok(live) => {
+                if let Ok(mut metrics) = self.metrics.try_borrow_mut() {
+                    metrics.set(m::NOTIFICATION_QUEUES, live as u64);
+                }
+            }
+            Err(e) => log::debug!("cannot renew the notification queue: {e}"),
+        }
+    }
+
     /// Per-tick bookkeeping: flush request counters, refresh the expiry gauge.
     fn flush_metrics(&self, now_ms: u64) {
         let expires_in = self
@@ -230,6 +268,19 @@ impl Vm {
     }
 }
 
+impl Drop for Vm {
+    /// The VM's configuration went away (a reload): stop being notified.
+    fn drop(&mut self) {
+        let _ = store::unregister_queue(&mut HostStore, QUEUES_KEY, self.queue);
+        let waiting = self.waiting_reported.replace(0);
+        if waiting != 0 {
+            if let Ok(mut metrics) = self.metrics.try_borrow_mut() {
+                metrics.add(m::REQUESTS_WAITING, &[], -waiting);
+            }
+        }
+    }
+}
+
 struct Root {
     id: u32,
     vm: Option<Rc<Vm>>,
@@ -241,11 +292,12 @@ impl Root {
         let sequence = store::next_sequence(&mut store, SEQUENCE_KEY).unwrap_or(self.id);
         let agent = Agent::new(config, sequence);
         store::ensure_record(&mut store, agent.key()).map_err(|e| e.to_string())?;
-        let queue = host::register_queue(&format!("aoai-msi-filter/v1/queue/{sequence}"))
-            .map_err(|s| format!("cannot register a shared queue: {s:?}"))?;
-        let queues_key = format!("{}/queues", agent.key());
-        store::register_queue(&mut store, &queues_key, queue).map_err(|e| e.to_string())?;
-        host::set_tick(TICK).map_err(|s| format!("cannot set a tick period: {s:?}"))?;
+        let queue = host::register_queue(&format!("aoai-msi-filter/v2/queue/{sequence}"))
+            .map_err(|s| format!("cannot register a shared queue (host status {})", s.0))?;
+        let now = host::now_ms();
+        store::register_queue(&mut store, QUEUES_KEY, queue, now).map_err(|e| e.to_string())?;
+        host::set_tick(TICK)
+            .map_err(|s| format!("cannot set a tick period (host status {})", s.0))?;
         let config = agent.config();
         let imds = config.imds();
         let identity = match &imds.identity {
@@ -269,7 +321,6 @@ impl Root {
         Ok(Vm {
             root: self.id,
             queue,
-            queues_key,
             hosts: config.hosts.clone(),
             request: TokenRequest::imds(config),
             agent: RefCell::new(agent),
@@ -277,6 +328,8 @@ impl Root {
             metrics: RefCell::new(Metrics::default()),
             authorized: Cell::new(0),
             passed_through: Cell::new(0),
+            waiting_reported: Cell::new(0),
+            heartbeat_ms: Cell::new(now),
             log_limiter: RefCell::new(LogLimiter::default()),
         })
     }
@@ -294,10 +347,7 @@ impl Context for Root {
         let status = host::call_status();
         // Read one byte past the bound so an oversized body is recognised unread.
         let body = host::call_body(body_size.min(MAX_RESPONSE_BYTES + 1));
-        vm.drive(|agent, now| {
-            let result = parse_response(status, &body, now);
-            agent.fetched(now, &mut HostStore, result)
-        });
+        vm.drive(|agent, now| agent.answered(now, &mut HostStore, status, &body));
     }
 }
 
@@ -325,11 +375,13 @@ impl RootContext for Root {
     fn on_tick(&mut self) {
         let Some(vm) = &self.vm else { return };
         vm.drive(|agent, now| agent.tick(now, &mut HostStore));
-        vm.flush_metrics(host::now_ms());
+        let now = host::now_ms();
+        vm.heartbeat(now);
+        vm.flush_metrics(now);
     }
 
     fn on_queue_ready(&mut self, queue: u32) {
-        host::drain(queue);
+        host::drain(queue, DRAIN_LIMIT);
         if let Some(vm) = &self.vm {
             vm.drive(|agent, now| agent.sync(now, &mut HostStore));
         }
@@ -343,7 +395,7 @@ impl RootContext for Root {
             matched: false,
             parked: false,
             authorized: None,
-            inspect: None,
+            inspection: None,
         }))
     }
 
@@ -352,69 +404,55 @@ impl RootContext for Root {
     }
 }
 
-/// An upstream error answer being read to explain it.
-#[derive(Debug, Clone, Copy)]
-struct Inspect {
-    status: u16,
-    /// JSON and not compressed: the body may be annotated.
-    rewrite: bool,
-}
-
 struct Request {
     id: u32,
     vm: Option<Rc<Vm>>,
-    /// `:authority` as the application sent it.
+    /// `:authority` as the application sent it (only kept for matched requests).
     host: String,
     matched: bool,
     parked: bool,
     /// Generation of the token this request left with, if it got one.
     authorized: Option<u64>,
-    inspect: Option<Inspect>,
+    inspection: Option<Inspection>,
 }
 
 impl Request {
-    /// The upstream rejected the token this request carried. Returns whether
-    /// the token was dropped.
-    fn token_rejected(&self, vm: &Vm, generation: u64) -> bool {
-        let commands = match vm.agent.try_borrow_mut() {
+    /// The upstream rejected the token this request carried: ask for a
+    /// replacement (the root fetches it), and learn what became of it.
+    fn token_rejected(&self, vm: &Vm, generation: u64) -> Option<Replacement> {
+        let (replacement, commands) = match vm.agent.try_borrow_mut() {
             Ok(mut agent) => agent.invalidate(host::now_ms(), &mut HostStore, generation),
-            Err(_) => return false,
+            Err(_) => return None,
         };
-        let dropped = commands.contains(&Command::Record(Event::Invalidated));
-        // Only notifications, metrics and log lines: safe from a request.
+        // Only a kick, metrics and log lines: safe from a request.
         vm.execute(commands);
-        if dropped {
-            // The root, not this request, dispatches the new token call.
-            let _ = host::enqueue(vm.queue, b"kick");
-        }
-        dropped
+        Some(replacement)
     }
 
     /// Explain an upstream authorization failure: metric, log line, and, when
-    /// the body is JSON, the annotated body.
-    fn explain(&self, vm: &Vm, inspect: Inspect, size: usize) {
-        let body = host::response_body(size.min(upstream::MAX_ERROR_BODY + 1));
-        let Some(failure) = upstream::classify(inspect.status, &body) else {
+    /// the body is held for it, the annotated body.
+    fn explain(&self, vm: &Vm, inspection: &Inspection, rewrite: bool, size: usize) {
+        let body = inspection.collected();
+        let Some(failure) = upstream::classify(inspection.status, body) else {
             return;
         };
-        // Read the token's claims before a rejection drops the token.
+        // Read the token's claims before a rejection changes the record.
         let (claims, config) = match vm.agent.try_borrow() {
             Ok(agent) => (agent.claims().cloned(), agent.config().clone()),
             Err(_) => return,
         };
-        let dropped = match (&failure, self.authorized) {
+        let replacement = match (&failure, self.authorized) {
             (UpstreamFailure::TokenRejected { .. }, Some(generation)) => {
                 self.token_rejected(vm, generation)
             }
-            _ => false,
+            _ => None,
         };
         let facts = Facts {
             host: &self.host,
-            matched: self.matched,
             token: self.authorized.and(claims.as_ref()),
         };
         let now = host::now_ms();
-        let annotation = annotate::explain(&failure, &facts, &config, now, dropped);
+        let annotation = annotate::explain(&failure, &facts, &config, now, replacement);
         if let Ok(mut metrics) = vm.metrics.try_borrow_mut() {
             metrics.add(m::UPSTREAM_AUTH_FAILURES, &[annotation.diagnosis], 1);
         }
@@ -423,12 +461,15 @@ impl Request {
             .try_borrow_mut()
             .is_ok_and(|mut l| l.allow(annotation.diagnosis, now))
         {
-            log::warn!("{}", annotation.log_line(inspect.status, &self.host));
+            log::warn!("{}", annotation.log_line(inspection.status, &self.host));
         }
-        if inspect.rewrite {
-            if let Some(annotated) = annotate::annotated_body(&body, &annotation) {
+        if rewrite {
+            if let Some(annotated) = annotate::annotated_body(body, &annotation) {
                 if let Err(status) = host::replace_response_body(size, annotated.as_bytes()) {
-                    log::warn!("cannot annotate the response body ({status:?})");
+                    log::warn!(
+                        "cannot annotate the response body (host status {})",
+                        status.0
+                    );
                 }
             }
         }
@@ -445,12 +486,18 @@ impl HttpContext for Request {
         let Some(vm) = &self.vm else {
             return Action::Continue;
         };
-        self.host = host::request_header(":authority").unwrap_or_default();
-        self.matched = vm.hosts.matches(&self.host);
+        let authority = host::request_header(":authority");
+        // An authority that is not plain text matches nothing.
+        let host = authority
+            .as_deref()
+            .and_then(wire::text)
+            .unwrap_or_default();
+        self.matched = vm.hosts.matches(host);
         if !self.matched {
             vm.passed_through.set(vm.passed_through.get() + 1);
             return Action::Continue;
         }
+        self.host = host.to_owned();
         let Ok(mut agent) = vm.agent.try_borrow_mut() else {
             return Action::Continue;
         };
@@ -461,14 +508,16 @@ impl HttpContext for Request {
                         self.authorized = Some(generation);
                         vm.authorized.set(vm.authorized.get() + 1);
                     }
-                    Err(status) => log::warn!("cannot rewrite request headers ({status:?})"),
+                    Err(status) => {
+                        log::warn!("cannot rewrite request headers (host status {})", status.0)
+                    }
                 }
                 Action::Continue
             }
             Admission::Park { kick } => {
                 drop(agent);
                 self.parked = true;
-                vm.count_waiting(0, 1);
+                vm.report_waiting();
                 if kick {
                     let _ = host::enqueue(vm.queue, b"kick");
                 }
@@ -493,6 +542,10 @@ impl HttpContext for Request {
     }
 
     fn on_http_response_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
+        // Answers to requests the filter did not match are not ours: untouched.
+        if !self.matched {
+            return Action::Continue;
+        }
         let Some(vm) = &self.vm else {
             return Action::Continue;
         };
@@ -518,45 +571,49 @@ impl HttpContext for Request {
             return Action::Continue;
         }
         let _ = host::set_response_header(DIAGNOSIS_HEADER, Some(code));
-        let rewrite = annotate::body_rewritable(
+        let mode = BodyMode::choose(
             host::response_header("content-type").as_deref(),
             host::response_header("content-encoding").as_deref(),
+            host::response_header("content-length").as_deref(),
         );
-        if rewrite {
+        if mode == BodyMode::Rewrite {
             // The body may change length; Envoy then sends it chunked.
             let _ = host::set_response_header("content-length", None);
         }
-        self.inspect = Some(Inspect { status, rewrite });
+        self.inspection = Some(Inspection::new(status, mode));
         Action::Continue
     }
 
     fn on_http_response_body(&mut self, size: usize, end_of_stream: bool) -> Action {
-        let Some(inspect) = self.inspect else {
+        let Some(inspection) = self.inspection.as_mut() else {
             return Action::Continue;
         };
-        if !end_of_stream {
-            // Hold the (small) error body until it is complete.
-            return Action::Pause;
+        let wanted = inspection.wants(size, end_of_stream);
+        let chunk = if wanted > 0 {
+            host::response_body(wanted)
+        } else {
+            Vec::new()
+        };
+        match inspection.body(&chunk, size, end_of_stream) {
+            BodyStep::Hold => Action::Pause,
+            BodyStep::Pass => Action::Continue,
+            BodyStep::Explain { rewrite } => {
+                if let (Some(inspection), Some(vm)) = (self.inspection.take(), self.vm.clone()) {
+                    self.explain(&vm, &inspection, rewrite, size);
+                }
+                Action::Continue
+            }
         }
-        self.inspect = None;
-        if let Some(vm) = self.vm.clone() {
-            self.explain(&vm, inspect, size);
-        }
-        Action::Continue
     }
 }
 
 impl Drop for Request {
     fn drop(&mut self) {
         if let (true, Some(vm)) = (self.parked, &self.vm) {
-            let forgotten = vm.agent.try_borrow_mut().ok().map(|mut agent| {
-                let before = agent.parked();
+            if let Ok(mut agent) = vm.agent.try_borrow_mut() {
                 agent.forget(self.id);
-                (before, agent.parked())
-            });
-            if let Some((before, after)) = forgotten {
-                vm.count_waiting(before, after);
             }
+            vm.report_waiting();
             if let Ok(mut resumed) = vm.resumed.try_borrow_mut() {
                 resumed.remove(&self.id);
             }

@@ -63,8 +63,35 @@ pub fn wasm() -> PathBuf {
 /// An Envoy config with one listener, the filter, and both clusters pointing
 /// at the emulator. `filter_config` is the plugin's JSON configuration.
 pub fn envoy_yaml(filter_config: &str, imds_port: u16, upstream_port: u16) -> String {
+    envoy_yaml_for(&wasm(), "", filter_config, imds_port, upstream_port)
+}
+
+/// The bench probe filter (`bench/probe-filter`), built by `make test-e2e`.
+pub fn probe_wasm() -> PathBuf {
+    let path = repo().join("target/wasm32-wasip1/release/bench_probe_filter.wasm");
+    assert!(
+        path.exists(),
+        "{} is missing: run `make test-e2e`",
+        path.display()
+    );
+    path
+}
+
+/// As [`envoy_yaml`], for any module, with `plugin_extra` (YAML fields such
+/// as `failure_policy: FAIL_RELOAD`) added to the wasm plugin's config.
+pub fn envoy_yaml_for(
+    wasm: &Path,
+    plugin_extra: &str,
+    filter_config: &str,
+    imds_port: u16,
+    upstream_port: u16,
+) -> String {
     let config = serde_json::to_string(filter_config).unwrap();
-    let wasm = wasm();
+    let extra = if plugin_extra.is_empty() {
+        String::new()
+    } else {
+        format!("                {plugin_extra}\n")
+    };
     format!(
         r#"{STATS_TAGS}admin:
   address: {{ socket_address: {{ address: 127.0.0.1, port_value: 0 }} }}
@@ -92,7 +119,7 @@ static_resources:
               config:
                 name: aoai-msi-filter
                 root_id: aoai-msi-filter
-                configuration:
+{extra}                configuration:
                   "@type": type.googleapis.com/google.protobuf.StringValue
                   value: {config}
                 vm_config:
@@ -152,6 +179,11 @@ impl Envoy {
     }
 
     pub fn start_yaml(yaml: &str, concurrency: u32) -> Envoy {
+        Envoy::start_yaml_with(yaml, concurrency, &[])
+    }
+
+    /// As [`Envoy::start_yaml`], with more command-line arguments.
+    pub fn start_yaml_with(yaml: &str, concurrency: u32, extra: &[&str]) -> Envoy {
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("envoy.yaml");
         std::fs::write(&config, yaml).unwrap();
@@ -165,6 +197,7 @@ impl Envoy {
             .arg("--admin-address-path")
             .arg(&admin_file)
             .args(["-l", "info", "--component-log-level", "wasm:trace"])
+            .args(extra)
             .current_dir(repo())
             .stdin(Stdio::null())
             .stdout(Stdio::null())

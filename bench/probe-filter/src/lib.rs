@@ -10,7 +10,11 @@
 //! - `clock`: read the host's clock;
 //! - `remove`: remove `api-key`;
 //! - `set`: set `authorization`;
-//! - `status`: read `:status` of the response.
+//! - `status`: read `:status` of the response;
+//! - `content_type_as_string`: read the response's `content-type` through the
+//!   SDK's `String` getter, as aoai-msi-filter once did. The getter unwraps
+//!   UTF-8, so a non-UTF-8 value aborts the VM: `make test` uses this to show
+//!   what Envoy's wasm `failure_policy` does with a crashed VM.
 
 use std::rc::Rc;
 
@@ -29,6 +33,7 @@ struct Ops {
     remove: bool,
     set: Option<String>,
     status: bool,
+    content_type_as_string: bool,
 }
 
 impl Ops {
@@ -44,6 +49,7 @@ impl Ops {
                 "remove" => ops.remove = true,
                 "set" => ops.set = Some(value.to_owned()),
                 "status" => ops.status = true,
+                "content_type_as_string" => ops.content_type_as_string = true,
                 other => return Err(format!("unknown probe operation `{other}`")),
             }
         }
@@ -115,6 +121,9 @@ impl HttpContext for Probe {
         if self.ops.status {
             let status = hostcalls::get_map_value(MapType::HttpResponseHeaders, ":status");
             std::hint::black_box(status.ok());
+        }
+        if self.ops.content_type_as_string {
+            std::hint::black_box(self.get_http_response_header("content-type"));
         }
         Action::Continue
     }
