@@ -1,7 +1,8 @@
 //! `aoai-emulator [--listen 127.0.0.1:8080] [--token-lifetime SECONDS] [--imds-delay-ms MS]
 //!                [--token-padding BYTES] [--allow-keys] [--quiet]`
 //!
-//! Runs the local Azure (IMDS + Azure OpenAI) until interrupted.
+//! Runs the local Azure (IMDS, Entra, and the Azure OpenAI, Foundry project and
+//! Azure ML scoring data planes; see the library's rooms) until interrupted.
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
