@@ -75,14 +75,19 @@ run:
 
 # Side-by-side benchmarks (about 10 minutes on 2 cores): writes BENCHMARKS.md and
 # bench/throughput.png. Needs wrk and valgrind (installed from the distribution
-# when missing) and CPUs 0 and 1 for pinning.
+# when missing) and CPUs 0 and 1 for pinning. BASELINE=<git ref> also measures
+# the filter as built at that ref, side by side (scripts/build-baseline.sh).
+BASELINE ?=
 bench: setup build $(VENV)/.matplotlib
 	@command -v wrk >/dev/null || apt-get install -y -q wrk || (apt-get update -q && apt-get install -y -q wrk)
 	@command -v valgrind >/dev/null || apt-get install -y -q valgrind || (apt-get update -q && apt-get install -y -q valgrind)
 	cargo build --release --target wasm32-wasip1 -p bench-empty-filter -p bench-probe-filter
 	cp target/wasm32-wasip1/release/bench_probe_filter.wasm target/wasm32-wasip1/release/bench_probe_filter_trimmed.wasm
 	cargo run --quiet -p trim-exports -- target/wasm32-wasip1/release/bench_probe_filter_trimmed.wasm $(UNUSED_CALLBACKS)
-	ENVOY_BIN=$(abspath $(VENV)/bin/envoy) $(VENV)/bin/python scripts/bench.py
+	@if [ -n "$(BASELINE)" ]; then scripts/build-baseline.sh $(BASELINE); fi
+	ENVOY_BIN=$(abspath $(VENV)/bin/envoy) BENCH_BASELINE_REF=$(BASELINE) \
+	  BENCH_BASELINE_WASM=$(if $(BASELINE),$(abspath target/bench-baseline/aoai_msi_filter.wasm)) \
+	  $(VENV)/bin/python scripts/bench.py
 
 # The release artifact: size-optimised with wasm-opt when it is installed
 # (apt-get install binaryen), with its sha256, and plugin.wasm for the OCI image.
@@ -104,6 +109,7 @@ test: lint test-unit test-wasm test-fuzz test-e2e test-demo
 
 test-unit: .targets
 	cargo test --workspace --lib --bins
+	cargo test -p aoai-emulator --tests
 	cargo test --test istio
 
 test-wasm: .targets $(WASM_BINDGEN_RUNNER)
@@ -121,7 +127,7 @@ fuzz:
 # Real Envoy against the emulator; the load test runs alone (60 s, 50 requests/s).
 test-e2e: setup build $(VENV)/.openai-$(OPENAI_VERSION)
 	cargo build --quiet --release --target wasm32-wasip1 -p bench-probe-filter
-	ENVOY_BIN=$(abspath $(VENV)/bin/envoy) cargo test --test e2e --test failures --test diagnostics --test sdk --test hardening \
+	ENVOY_BIN=$(abspath $(VENV)/bin/envoy) cargo test --test e2e --test failures --test diagnostics --test sdk --test hardening --test targets \
 	  -- --test-threads 2 --nocapture
 	ENVOY_BIN=$(abspath $(VENV)/bin/envoy) cargo test --test load -- --nocapture
 

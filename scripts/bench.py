@@ -44,6 +44,9 @@ COUNT_REQUESTS = int(os.environ.get("BENCH_COUNT_REQUESTS", "1000"))
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "5"))
 SECONDS = int(os.environ.get("BENCH_SECONDS", "10"))
 HOST = "myres.openai.azure.com"
+# `make bench BASELINE=<ref>`: the filter as built at that git ref, measured alongside.
+BASELINE_WASM = os.environ.get("BENCH_BASELINE_WASM", "")
+BASELINE_REF = os.environ.get("BENCH_BASELINE_REF", "")
 PATH = "/openai/deployments/gpt-4o-mini/chat/completions?api-version=2024-10-21"
 FRONT_CPU, LOAD_CPU = "0", "1"
 TOKEN_PADDING = 760  # makes the minted token ~2 KB, like a real Entra token
@@ -253,6 +256,32 @@ def configurations(token):
     ]
 
 
+ONE_TARGET = "aoai-msi-filter"
+THREE_TARGETS = "aoai-msi-filter, 3 targets, the request matching the third"
+BOUND = "aoai-msi-filter, one target bound to its cluster"
+
+
+def variant_configurations():
+    """The filter in other configurations (and at the baseline ref), by instructions only."""
+    three = {"targets": [
+        {"name": "gov", "hosts": ["*.openai.azure.us"]},
+        {"name": "scoring", "hosts": ["*.inference.ml.azure.com"]},
+        {"name": "chat", "hosts": [HOST]},
+    ]}
+    bound = {"targets": [{"name": "chat", "hosts": [HOST], "clusters": ["upstream"]}]}
+    variants = [
+        (THREE_TARGETS, wasm_filter(FILTER_WASM, three), ""),
+        (BOUND, wasm_filter(FILTER_WASM, bound), ""),
+    ]
+    if BASELINE_WASM and Path(BASELINE_WASM).exists():
+        variants.append((baseline_name(), wasm_filter(BASELINE_WASM, {"hosts": [HOST]}), ""))
+    return variants
+
+
+def baseline_name():
+    return f"aoai-msi-filter at {BASELINE_REF or 'baseline'} (baseline)"
+
+
 # What each host call costs from wasm, measured by the probe filter: the same
 # calls aoai-msi-filter makes on a matching request, with no logic around them.
 PROBES = [
@@ -422,7 +451,8 @@ def instructions_only():
     up_port = free_port()
     envoy(upstream_yaml(up_port, free_port()), work, "upstream", cpu=LOAD_CPU)
     only = [a for a in sys.argv[2:]]
-    configs = [c for c in configurations(token) + probe_configurations(token) if not only or any(o in c[0] for o in only)]
+    everything = configurations(token) + probe_configurations(token) + variant_configurations()
+    configs = [c for c in everything if not only or any(o in c[0] for o in only)]
     instructions(configs, up_port, emu_port, work)
     shutil.rmtree(work, ignore_errors=True)
 
@@ -459,7 +489,7 @@ def main():
     table = summarize(samples)
 
     # Instructions per request: the deterministic measure of CPU.
-    counts = instructions(configs + probe_configurations(token), up_port, emu_port, work)
+    counts = instructions(configs + probe_configurations(token) + variant_configurations(), up_port, emu_port, work)
 
     # Resident memory with 4 workers, with and without the filter, after load.
     memory = {}
@@ -563,7 +593,7 @@ def write_report(table, counts, memory, cold, refresh, token_len):
         return instr * ns_per_instr / 1000
     count_rows = [
         f"| {name} | {n:,.0f} | {n - i_limit:+,.0f} | {n - i_empty:+,.0f} | {i_floor / n:.2f}× |"
-        for name, n in counts.items() if not name.startswith("probe:")]
+        for name, n in counts.items() if name in table]
     probe_rows = [f"| {label} | {counts['probe: ' + label] - i_empty:+,.0f} | ≈ {us(counts['probe: ' + label] - i_empty):.2f} µs |"
                   for label, _ in PROBES]
     probe_sum = sum(counts["probe: " + label] - i_empty for label, _ in PROBES)
@@ -589,6 +619,17 @@ def write_report(table, counts, memory, cold, refresh, token_len):
         ("cold burst: p99 added latency ≤ IMDS latency + 10 ms", cold["added_p99_ms"] <= 310, f"{cold['added_p99_ms']:.0f} ms"),
         ("refresh under load: zero failed requests", refresh["failed"] == 0, f"{refresh['failed']} failed"),
     ]
+    i_three, i_bound = counts.get(THREE_TARGETS), counts.get(BOUND)
+    i_base = counts.get(baseline_name())
+    variant_rows = [f"| {ONE_TARGET} (`{{\"hosts\": [\"{HOST}\"]}}`) | {i_ours:,.0f} | 1.000× | "
+                     + (f"{i_ours / i_base:.3f}× |" if i_base else "— |")]
+    for name, n in ((THREE_TARGETS, i_three), (BOUND, i_bound)):
+        if n:
+            variant_rows.append(f"| {name} | {n:,.0f} | {n / i_ours:.3f}× | " + (f"{n / i_base:.3f}× |" if i_base else "— |"))
+    if i_base:
+        variant_rows.append(f"| {baseline_name()} | {i_base:,.0f} | {i_base / i_ours:.3f}× | 1.000× |")
+        targets.insert(0, ("single-target hot path within 2 % of the baseline (instructions)",
+                           i_ours <= 1.02 * i_base, f"{i_ours / i_base:.3f}× {BASELINE_REF or 'the baseline'}"))
     date = datetime.date.today().isoformat()
     text = f"""# Benchmarks
 
@@ -623,6 +664,18 @@ throughput ratio one CPU-bound worker would reach.
 | configuration | instructions/request | vs no filter | vs empty wasm | throughput bound vs native floor |
 |---|---:|---:|---:|---:|
 {chr(10).join(count_rows)}
+
+### Targets, clusters, and the baseline
+
+The same request through the filter configured with one target (the row
+above), with three targets where the request matches the last (two host
+patterns tried and refused first), and with one target bound to its Envoy
+cluster (the routed cluster read from the host: one property read more).
+{f"The baseline is the filter as built at `{BASELINE_REF}` (`make bench BASELINE={BASELINE_REF}`)." if i_base else "`make bench BASELINE=<git ref>` adds the filter as built at that ref, side by side."}
+
+| configuration | instructions/request | vs one target | vs baseline |
+|---|---:|---:|---:|
+{chr(10).join(variant_rows)}
 
 ### Where aoai-msi-filter's instructions go
 
@@ -677,8 +730,9 @@ body callback stays: it holds a request whose headers wait for a token.
 
 IMDS calls: **{cold['imds_calls']}**; failed: {cold['failed']}; latency p50 {cold['p50_ms']:.0f} ms, p99 {cold['p99_ms']:.0f} ms;
 added over the same burst without the filter: p50 {cold['added_p50_ms']:.0f} ms, p99 {cold['added_p99_ms']:.0f} ms.
-The filter fetches a token at start-up (on the first tick), so a burst that
-arrives after Envoy is ready waits at most the rest of that IMDS call.
+The filter fetches a configured target's token at start-up (on the first
+tick), so a burst that arrives after Envoy is ready waits at most the rest of
+that IMDS call.
 
 ## Refresh under load: 10-second tokens, 60 s
 

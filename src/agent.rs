@@ -1,5 +1,7 @@
-//! The token agent: one per Wasm VM (one per Envoy worker), deciding from the
-//! time, the shared record and its own state what the glue must do.
+//! The token agent: one per token (a distinct source, identity and resource)
+//! per Wasm VM (one VM per Envoy worker), deciding from the time, the shared
+//! record and its own state what the glue must do. Requests carry the target
+//! they belong to, so what the glue does for them is labelled by target.
 //!
 //! ```text
 //!            request, token usable ──────────────► authorize (VM-local copy)
@@ -30,7 +32,7 @@
 //! wait it implies is void ([`crate::lifecycle::stepped_back`]).
 
 use crate::claims::Claims;
-use crate::config::Config;
+use crate::config::TokenSpec;
 use crate::diagnose::Diagnosis;
 use crate::lifecycle::{retry_delay_ms, stepped_back};
 use crate::rewrite::bearer_header;
@@ -69,9 +71,9 @@ pub enum Command {
     /// Wake this VM's root: it has something to sync (a replacement to fetch).
     Kick,
     /// Rewrite these requests with [`Agent::bearer`] and resume them.
-    Resume(Vec<u32>),
+    Resume(Vec<Waiter>),
     /// Answer these requests locally with the diagnosis.
-    Reject(Vec<u32>, Diagnosis),
+    Reject(Vec<Waiter>, Diagnosis),
     /// A line for the log; never contains a secret.
     Log(Level, String),
     /// Something to count.
@@ -141,22 +143,32 @@ struct Local {
     claims: Option<Claims>,
 }
 
+/// A request held until a token exists, and the target it belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Waiter {
+    pub request: u32,
+    pub target: u32,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Parked {
-    id: u32,
+    waiter: Waiter,
     /// Monotonic.
     since_ms: u64,
 }
 
 #[derive(Debug)]
 pub struct Agent {
-    config: Config,
+    spec: TokenSpec,
     key: String,
     vm: u32,
     local: Option<Local>,
     failure: Option<Failure>,
     /// The shared record wants a replacement of its current token.
     replacement_wanted: bool,
+    /// Kept fresh: from start-up for a prefetched token, else from the first
+    /// request that needs it (or the first time another VM has fetched it).
+    active: bool,
     parked: Vec<Parked>,
     kicked: bool,
     /// Monotonic time this VM dispatched the call in flight.
@@ -166,10 +178,11 @@ pub struct Agent {
 
 impl Agent {
     /// `vm` must be distinct per VM: it is the lease holder's name.
-    pub fn new(config: Config, vm: u32) -> Agent {
-        let key = Agent::record_key(&config);
+    pub fn new(spec: TokenSpec, vm: u32) -> Agent {
+        let key = Agent::record_key(&spec);
         Agent {
-            config,
+            active: spec.prefetch,
+            spec,
             key,
             vm,
             local: None,
@@ -182,17 +195,17 @@ impl Agent {
         }
     }
 
-    /// Shared-data key of the record for this configuration's token.
-    pub fn record_key(config: &Config) -> String {
-        format!("aoai-msi-filter/v2/{}/token", config.token_fingerprint())
+    /// Shared-data key of the record for this token.
+    pub fn record_key(spec: &TokenSpec) -> String {
+        format!("aoai-msi-filter/v2/{}/token", spec.fingerprint())
     }
 
     pub fn key(&self) -> &str {
         &self.key
     }
 
-    pub fn config(&self) -> &Config {
-        &self.config
+    pub fn spec(&self) -> &TokenSpec {
+        &self.spec
     }
 
     /// The `authorization` value of the VM-local token, if any.
@@ -202,6 +215,14 @@ impl Agent {
 
     pub fn parked(&self) -> usize {
         self.parked.len()
+    }
+
+    /// Requests of `target` held right now.
+    pub fn parked_for(&self, target: u32) -> usize {
+        self.parked
+            .iter()
+            .filter(|p| p.waiter.target == target)
+            .count()
     }
 
     /// Unverified claims of the VM-local token, to explain failures.
@@ -221,16 +242,18 @@ impl Agent {
 
     /// How long a lease protects a token call.
     pub fn lease_ms(&self) -> u64 {
-        self.config.imds().timeout_ms + LEASE_GRACE_MS
+        self.spec.source.timeout_ms() + LEASE_GRACE_MS
     }
 
     pub fn is_parked(&self, request: u32) -> bool {
-        self.parked.iter().any(|p| p.id == request)
+        self.parked.iter().any(|p| p.waiter.request == request)
     }
 
     /// The hot path: no shared data, no allocation when a token is usable.
-    pub fn admit(&mut self, now_ms: u64, request: u32) -> Admission<'_> {
+    /// `target` labels the request should it have to wait.
+    pub fn admit(&mut self, now_ms: u64, request: u32, target: u32) -> Admission<'_> {
         let mono = self.clock.observe(now_ms);
+        self.active = true;
         let usable = self.local.as_ref().is_some_and(|l| l.token.usable(now_ms));
         if usable {
             if let Some(local) = &self.local {
@@ -241,7 +264,7 @@ impl Agent {
             }
         }
         self.parked.push(Parked {
-            id: request,
+            waiter: Waiter { request, target },
             since_ms: mono,
         });
         let kick = !self.kicked;
@@ -251,7 +274,7 @@ impl Agent {
 
     /// A parked request went away (client disconnect): forget it.
     pub fn forget(&mut self, request: u32) {
-        self.parked.retain(|p| p.id != request);
+        self.parked.retain(|p| p.waiter.request != request);
     }
 
     /// Look at the shared record: adopt a newer token, lead a fetch if one is
@@ -304,8 +327,9 @@ impl Agent {
         commands
     }
 
-    /// The periodic check: time out parked requests, and sync when this VM's
-    /// copy is missing, due for refresh, wanted replaced, or requests wait.
+    /// The periodic check: time out parked requests, and sync when requests
+    /// wait, a replacement is wanted, or (once the token is in use) this VM's
+    /// copy is missing or due for refresh.
     pub fn tick(&mut self, now_ms: u64, store: &mut dyn SharedStore) -> Vec<Command> {
         let mono = self.clock.observe(now_ms);
         let lease_ms = self.lease_ms();
@@ -318,10 +342,11 @@ impl Agent {
         }
         let needs_sync = !self.parked.is_empty()
             || self.replacement_wanted
-            || self
-                .local
-                .as_ref()
-                .is_none_or(|l| l.token.refresh_due(now_ms));
+            || (self.active
+                && self
+                    .local
+                    .as_ref()
+                    .is_none_or(|l| l.token.refresh_due(now_ms)));
         let mut commands = if needs_sync && self.fetch_started_ms.is_none() {
             self.sync(now_ms, store)
         } else {
@@ -340,7 +365,7 @@ impl Agent {
         status: Option<u16>,
         body: &[u8],
     ) -> Vec<Command> {
-        match parse_response(status, body, now_ms, &self.config.resource) {
+        match parse_response(status, body, now_ms, &self.spec.resource) {
             Ok(issued) => {
                 let mut commands = self.fetched(now_ms, store, Ok(issued.token));
                 if let Some(warning) = issued.warning {
@@ -380,7 +405,7 @@ impl Agent {
         };
         match result {
             Ok(token) => {
-                let interval_s = self.config.invalidation_interval_ms / 1000;
+                let interval_s = self.spec.invalidation_interval_ms / 1000;
                 let written = store::update(store, &self.key, |record| {
                     let mut record = record.unwrap_or_default();
                     let same = record.wants_replacement()
@@ -461,7 +486,7 @@ impl Agent {
                             f.cause.label(),
                             f.attempts,
                             f.next_attempt_ms(now_ms, urgent).saturating_sub(now_ms),
-                            Diagnosis::for_failure(f, &self.config, now_ms).message
+                            Diagnosis::for_failure(f, &self.spec, now_ms).message
                         ),
                     ));
                 }
@@ -484,7 +509,7 @@ impl Agent {
         generation: u64,
     ) -> (Replacement, Vec<Command>) {
         self.clock.observe(now_ms);
-        let interval = self.config.invalidation_interval_ms;
+        let interval = self.spec.invalidation_interval_ms;
         let outcome = store::update(store, &self.key, |record| {
             let mut record = record.unwrap_or_default();
             if record.generation != generation || record.token.is_none() {
@@ -543,6 +568,7 @@ impl Agent {
     }
 
     fn adopt(&mut self, record: Record) {
+        self.active |= record.token.is_some();
         self.failure = record.failure.clone();
         self.replacement_wanted = record.wants_replacement();
         let current = self.local.as_ref().map(|l| l.generation);
@@ -579,7 +605,7 @@ impl Agent {
         }
         if let Some(failure) = &self.failure {
             if failure.cause.class() != FailureClass::Transient {
-                let diagnosis = Diagnosis::for_failure(failure, &self.config, now_ms);
+                let diagnosis = Diagnosis::for_failure(failure, &self.spec, now_ms);
                 commands.push(Command::Reject(self.take_parked(|_| true), diagnosis));
             }
         }
@@ -587,23 +613,23 @@ impl Agent {
 
     /// Answer requests that have waited `token_wait_timeout_ms` (monotonic).
     fn expire_parked(&mut self, mono_ms: u64, now_ms: u64, commands: &mut Vec<Command>) {
-        let limit = self.config.token_wait_timeout_ms;
+        let limit = self.spec.token_wait_timeout_ms;
         let expired = self.take_parked(|p| mono_ms.saturating_sub(p.since_ms) >= limit);
         if expired.is_empty() {
             return;
         }
         let diagnosis = match &self.failure {
-            Some(f) => Diagnosis::for_failure(f, &self.config, now_ms),
-            None => Diagnosis::waited(&self.config),
+            Some(f) => Diagnosis::for_failure(f, &self.spec, now_ms),
+            None => Diagnosis::waited(&self.spec),
         };
         commands.push(Command::Reject(expired, diagnosis));
     }
 
-    fn take_parked(&mut self, pick: impl Fn(&Parked) -> bool) -> Vec<u32> {
+    fn take_parked(&mut self, pick: impl Fn(&Parked) -> bool) -> Vec<Waiter> {
         let mut taken = Vec::new();
         self.parked.retain(|p| {
             if pick(p) {
-                taken.push(p.id);
+                taken.push(p.waiter);
                 false
             } else {
                 true
@@ -629,13 +655,19 @@ mod tests {
         }
     }
 
+    /// The token of the default configuration's Azure OpenAI target.
+    fn spec() -> TokenSpec {
+        let config = crate::config::Config::default();
+        config.tokens[config.targets[1].token].clone()
+    }
+
     /// `n` VMs sharing one store, as Envoy's workers do.
     fn vms(n: u32) -> (Vec<Agent>, MemoryStore) {
         let mut store = MemoryStore::default();
-        let config = Config::default();
-        store::ensure_record(&mut store, &Agent::record_key(&config)).unwrap();
+        let spec = spec();
+        store::ensure_record(&mut store, &Agent::record_key(&spec)).unwrap();
         (
-            (0..n).map(|vm| Agent::new(config.clone(), vm)).collect(),
+            (0..n).map(|vm| Agent::new(spec.clone(), vm)).collect(),
             store,
         )
     }
@@ -667,7 +699,9 @@ mod tests {
         commands
             .iter()
             .filter_map(|c| match c {
-                Command::Resume(ids) => Some(ids.clone()),
+                Command::Resume(waiters) => {
+                    Some(waiters.iter().map(|w| w.request).collect::<Vec<_>>())
+                }
                 _ => None,
             })
             .flatten()
@@ -676,7 +710,9 @@ mod tests {
 
     fn rejected(commands: &[Command]) -> Option<(Vec<u32>, Diagnosis)> {
         commands.iter().find_map(|c| match c {
-            Command::Reject(ids, d) => Some((ids.clone(), d.clone())),
+            Command::Reject(waiters, d) => {
+                Some((waiters.iter().map(|w| w.request).collect(), d.clone()))
+            }
             _ => None,
         })
     }
@@ -688,7 +724,7 @@ mod tests {
         let mut kicks = 0;
         for (i, agent) in agents.iter_mut().enumerate() {
             for r in 0..25 {
-                match agent.admit(T0, (i * 100 + r) as u32) {
+                match agent.admit(T0, (i * 100 + r) as u32, 0) {
                     Admission::Park { kick } => kicks += usize::from(kick),
                     other => panic!("{other:?}"),
                 }
@@ -714,15 +750,44 @@ mod tests {
     }
 
     #[test]
+    fn a_configured_token_is_fetched_at_start_up_before_any_request() {
+        let (mut agents, mut store) = vms(1);
+        assert_eq!(fetches(&agents[0].tick(T0, &mut store)), 1);
+    }
+
+    #[test]
+    fn a_token_nobody_asked_for_is_not_fetched_until_a_request_needs_it() {
+        let mut store = MemoryStore::default();
+        let spec = TokenSpec {
+            prefetch: false,
+            ..spec()
+        };
+        store::ensure_record(&mut store, &Agent::record_key(&spec)).unwrap();
+        let mut agents: Vec<Agent> = (0..2).map(|vm| Agent::new(spec.clone(), vm)).collect();
+        assert_eq!(fetches(&agents[0].tick(T0, &mut store)), 0);
+        assert_eq!(fetches(&agents[0].tick(T0 + 60_000, &mut store)), 0);
+        agents[1].admit(T0 + 60_001, 1, 0);
+        assert_eq!(fetches(&agents[1].sync(T0 + 60_002, &mut store)), 1);
+        agents[1].fetched(T0 + 60_010, &mut store, Ok(token(T0 + 60_010, 60, "t")));
+        // The other VM learns of it by notification and keeps it fresh from then on.
+        agents[0].sync(T0 + 60_011, &mut store);
+        assert_eq!(agents[0].bearer(), Some("Bearer t"));
+        assert_eq!(
+            fetches(&agents[0].tick(T0 + 60_010 + 30_000, &mut store)),
+            1
+        );
+    }
+
+    #[test]
     fn usable_token_is_served_from_the_local_copy_without_touching_shared_data() {
         let (mut agents, mut store) = vms(1);
-        agents[0].admit(T0, 1);
+        agents[0].admit(T0, 1, 0);
         agents[0].sync(T0, &mut store);
         agents[0].fetched(T0, &mut store, Ok(token(T0, 3600, "tok")));
         let writes = store.writes;
         for i in 0..1000 {
             assert_eq!(
-                agents[0].admit(T0 + i, 10 + i as u32),
+                agents[0].admit(T0 + i, 10 + i as u32, 0),
                 authorized("Bearer tok")
             );
         }
@@ -735,9 +800,12 @@ mod tests {
         agents[0].sync(T0, &mut store);
         agents[0].fetched(T0, &mut store, Ok(token(T0, 8, "short")));
         // 8 s token: margin 2 s, so usable until T0 + 6 s exactly.
-        assert_eq!(agents[0].admit(T0 + 5_999, 1), authorized("Bearer short"));
+        assert_eq!(
+            agents[0].admit(T0 + 5_999, 1, 0),
+            authorized("Bearer short")
+        );
         assert!(matches!(
-            agents[0].admit(T0 + 6_000, 2),
+            agents[0].admit(T0 + 6_000, 2, 0),
             Admission::Park { .. }
         ));
     }
@@ -764,7 +832,10 @@ mod tests {
             .sum();
         assert_eq!(started, 1, "single flight across workers");
         for (i, agent) in agents.iter_mut().enumerate() {
-            assert_eq!(agent.admit(half + 10, i as u32), authorized("Bearer old"));
+            assert_eq!(
+                agent.admit(half + 10, i as u32, 0),
+                authorized("Bearer old")
+            );
         }
         let leader = agents
             .iter()
@@ -786,7 +857,7 @@ mod tests {
         assert_eq!(fetches(&agents[0].tick(half, &mut store)), 1);
         let failed = agents[0].fetched(half + 10, &mut store, Err(FetchFailure::NoResponse));
         assert!(rejected(&failed).is_none());
-        assert_eq!(agents[0].admit(half + 20, 1), authorized("Bearer old"));
+        assert_eq!(agents[0].admit(half + 20, 1, 0), authorized("Bearer old"));
         // Backoff is respected, then the refresh is tried again.
         assert_eq!(fetches(&agents[0].tick(half + 11, &mut store)), 0);
         assert_eq!(fetches(&agents[0].tick(half + 10 + 501, &mut store)), 1);
@@ -814,7 +885,7 @@ mod tests {
         // While the token is usable, the schedule stands.
         assert_eq!(fetches(&a.sync(T0 + 5_900, &mut store)), 0);
         // Past its margin (6 s), requests wait: the retry comes within the urgent cap.
-        assert!(matches!(a.admit(T0 + 6_500, 1), Admission::Park { .. }));
+        assert!(matches!(a.admit(T0 + 6_500, 1, 0), Admission::Park { .. }));
         let urgent = failed_at + crate::lifecycle::URGENT_CAP_MS;
         assert_eq!(fetches(&a.sync(urgent - 1, &mut store)), 0);
         assert_eq!(fetches(&a.sync(urgent, &mut store)), 1);
@@ -823,8 +894,8 @@ mod tests {
     #[test]
     fn identity_not_found_rejects_parked_requests_on_every_worker_at_once() {
         let (mut agents, mut store) = vms(2);
-        agents[0].admit(T0, 1);
-        agents[1].admit(T0, 2);
+        agents[0].admit(T0, 1, 0);
+        agents[1].admit(T0, 2, 0);
         assert_eq!(fetches(&agents[0].sync(T0, &mut store)), 1);
         assert_eq!(fetches(&agents[1].sync(T0, &mut store)), 0);
         let failure = FetchFailure::Status {
@@ -841,7 +912,7 @@ mod tests {
         let (ids, d) = rejected(&agents[1].sync(T0 + 6, &mut store)).unwrap();
         assert_eq!((ids, d.code), (vec![2], code::MANAGED_IDENTITY_NOT_FOUND));
         // A request arriving later fails at once too, without a new fetch.
-        agents[1].admit(T0 + 10, 3);
+        agents[1].admit(T0 + 10, 3, 0);
         let commands = agents[1].sync(T0 + 10, &mut store);
         assert_eq!(fetches(&commands), 0);
         assert_eq!(rejected(&commands).unwrap().0, vec![3]);
@@ -850,7 +921,7 @@ mod tests {
     #[test]
     fn parked_request_gets_a_diagnosis_exactly_at_the_wait_bound() {
         let (mut agents, mut store) = vms(1);
-        agents[0].admit(T0, 7);
+        agents[0].admit(T0, 7, 0);
         agents[0].sync(T0, &mut store);
         assert!(rejected(&agents[0].tick(T0 + 4_999, &mut store)).is_none());
         let (ids, d) = rejected(&agents[0].tick(T0 + 5_000, &mut store)).unwrap();
@@ -863,7 +934,7 @@ mod tests {
     #[test]
     fn parked_request_that_timed_out_after_a_transient_failure_is_told_the_cause() {
         let (mut agents, mut store) = vms(1);
-        agents[0].admit(T0, 7);
+        agents[0].admit(T0, 7, 0);
         agents[0].sync(T0, &mut store);
         let f = FetchFailure::Status {
             status: 503,
@@ -890,8 +961,8 @@ mod tests {
     #[test]
     fn a_disconnected_parked_request_is_forgotten() {
         let (mut agents, mut store) = vms(1);
-        agents[0].admit(T0, 1);
-        agents[0].admit(T0, 2);
+        agents[0].admit(T0, 1, 0);
+        agents[0].admit(T0, 2, 0);
         agents[0].forget(1);
         agents[0].sync(T0, &mut store);
         let commands = agents[0].fetched(T0 + 5, &mut store, Ok(token(T0 + 5, 3600, "t")));
@@ -901,10 +972,10 @@ mod tests {
     #[test]
     fn only_the_first_parked_request_kicks_until_the_root_has_synced() {
         let (mut agents, mut store) = vms(1);
-        assert_eq!(agents[0].admit(T0, 1), Admission::Park { kick: true });
-        assert_eq!(agents[0].admit(T0, 2), Admission::Park { kick: false });
+        assert_eq!(agents[0].admit(T0, 1, 0), Admission::Park { kick: true });
+        assert_eq!(agents[0].admit(T0, 2, 0), Admission::Park { kick: false });
         agents[0].sync(T0, &mut store);
-        assert_eq!(agents[0].admit(T0, 3), Admission::Park { kick: true });
+        assert_eq!(agents[0].admit(T0, 3, 0), Admission::Park { kick: true });
     }
 
     fn generation(admission: Admission<'_>) -> u64 {
@@ -920,7 +991,7 @@ mod tests {
         agents[0].sync(T0, &mut store);
         agents[0].fetched(T0, &mut store, Ok(token(T0, 3600, "bad")));
         agents[1].sync(T0, &mut store);
-        let rejected = generation(agents[1].admit(T0 + 10, 1));
+        let rejected = generation(agents[1].admit(T0 + 10, 1, 0));
         let (replacement, commands) = agents[1].invalidate(T0 + 20, &mut store, rejected);
         assert_eq!(replacement, Replacement::Requested);
         assert!(
@@ -929,8 +1000,8 @@ mod tests {
         );
         assert!(commands.contains(&Command::Record(Event::Invalidated)));
         // Nobody parks: the token still serves on both workers.
-        assert_eq!(agents[1].admit(T0 + 21, 2), authorized("Bearer bad"));
-        assert_eq!(agents[0].admit(T0 + 21, 3), authorized("Bearer bad"));
+        assert_eq!(agents[1].admit(T0 + 21, 2, 0), authorized("Bearer bad"));
+        assert_eq!(agents[0].admit(T0 + 21, 3, 0), authorized("Bearer bad"));
         // A second rejection of the same token asks for nothing more.
         assert_eq!(
             agents[0].invalidate(T0 + 22, &mut store, rejected).0,
@@ -944,7 +1015,7 @@ mod tests {
         agents[1].fetched(T0 + 30, &mut store, Ok(token(T0 + 30, 3600, "good")));
         agents[0].sync(T0 + 31, &mut store);
         for agent in agents.iter_mut() {
-            assert_eq!(agent.admit(T0 + 32, 9), authorized("Bearer good"));
+            assert_eq!(agent.admit(T0 + 32, 9, 0), authorized("Bearer good"));
         }
     }
 
@@ -954,14 +1025,14 @@ mod tests {
         let a = &mut agents[0];
         a.sync(T0, &mut store);
         a.fetched(T0, &mut store, Ok(token(T0, 3600, "t1")));
-        let first = generation(a.admit(T0, 1));
+        let first = generation(a.admit(T0, 1, 0));
         assert_eq!(
             a.invalidate(T0 + 1, &mut store, first).0,
             Replacement::Requested
         );
         assert_eq!(fetches(&a.sync(T0 + 2, &mut store)), 1);
         a.fetched(T0 + 3, &mut store, Ok(token(T0 + 3, 3600, "t2")));
-        let second = generation(a.admit(T0 + 4, 2));
+        let second = generation(a.admit(T0 + 4, 2, 0));
         // Still rejected (say, a wrong audience): no new fetch until the interval has passed.
         assert_eq!(
             a.invalidate(T0 + 5, &mut store, second).0,
@@ -970,12 +1041,12 @@ mod tests {
             }
         );
         assert_eq!(fetches(&a.tick(T0 + 6, &mut store)), 0);
-        assert_eq!(a.admit(T0 + 6, 3), authorized("Bearer t2"));
+        assert_eq!(a.admit(T0 + 6, 3, 0), authorized("Bearer t2"));
         assert_eq!(
             a.invalidate(T0 + 1 + 60_000, &mut store, second).0,
             Replacement::Requested
         );
-        assert_eq!(a.admit(T0 + 1 + 60_000, 4), authorized("Bearer t2"));
+        assert_eq!(a.admit(T0 + 1 + 60_000, 4, 0), authorized("Bearer t2"));
     }
 
     #[test]
@@ -984,7 +1055,7 @@ mod tests {
         let a = &mut agents[0];
         a.sync(T0, &mut store);
         a.fetched(T0, &mut store, Ok(token(T0, 3600, "cached")));
-        let g = generation(a.admit(T0, 1));
+        let g = generation(a.admit(T0, 1, 0));
         a.invalidate(T0 + 1, &mut store, g);
         assert_eq!(fetches(&a.sync(T0 + 2, &mut store)), 1);
         // IMDS caches tokens: it answers with the same one.
@@ -1004,7 +1075,7 @@ mod tests {
             }
         );
         assert_eq!(fetches(&a.tick(T0 + 11, &mut store)), 0, "no new fetch");
-        assert_eq!(a.admit(T0 + 12, 2), authorized("Bearer cached"));
+        assert_eq!(a.admit(T0 + 12, 2, 0), authorized("Bearer cached"));
     }
 
     #[test]
@@ -1013,13 +1084,13 @@ mod tests {
         let a = &mut agents[0];
         a.sync(T0, &mut store);
         a.fetched(T0, &mut store, Ok(token(T0, 60, "old")));
-        let old = generation(a.admit(T0, 1));
+        let old = generation(a.admit(T0, 1, 0));
         a.tick(T0 + 30_000, &mut store);
         a.fetched(T0 + 30_001, &mut store, Ok(token(T0 + 30_001, 60, "new")));
         let (replacement, commands) = a.invalidate(T0 + 30_002, &mut store, old);
         assert_eq!(replacement, Replacement::AlreadyReplaced);
         assert!(commands.is_empty());
-        assert_eq!(a.admit(T0 + 30_003, 2), authorized("Bearer new"));
+        assert_eq!(a.admit(T0 + 30_003, 2, 0), authorized("Bearer new"));
     }
 
     const HOUR_MS: u64 = 3_600_000;
@@ -1027,10 +1098,10 @@ mod tests {
     #[test]
     fn a_backward_clock_step_cannot_keep_a_lease_alive() {
         let (mut agents, mut store) = vms(2);
-        agents[0].admit(T0, 1);
+        agents[0].admit(T0, 1, 0);
         assert_eq!(fetches(&agents[0].sync(T0, &mut store)), 1);
         // VM 0 went away with its call; then the clock steps back an hour.
-        agents[1].admit(T0 + 100, 2);
+        agents[1].admit(T0 + 100, 2, 0);
         assert_eq!(fetches(&agents[1].sync(T0 - HOUR_MS, &mut store)), 1);
     }
 
@@ -1038,7 +1109,7 @@ mod tests {
     fn parked_requests_get_their_answer_at_the_bound_across_a_backward_clock_step() {
         let (mut agents, mut store) = vms(1);
         let a = &mut agents[0];
-        a.admit(T0, 7);
+        a.admit(T0, 7, 0);
         a.sync(T0, &mut store);
         // One second later the wall clock jumps an hour back (the next tick sees
         // it); four more seconds pass.
@@ -1054,12 +1125,12 @@ mod tests {
     fn a_call_in_flight_across_a_backward_clock_step_lapses_on_time() {
         let (mut agents, mut store) = vms(1);
         let a = &mut agents[0];
-        a.admit(T0, 1);
+        a.admit(T0, 1, 0);
         assert_eq!(fetches(&a.sync(T0, &mut store)), 1);
         // The host never answers; the clock steps back an hour meanwhile.
         let back = T0 - HOUR_MS;
         a.tick(back, &mut store);
-        a.admit(back + 12_000, 2);
+        a.admit(back + 12_000, 2, 0);
         assert_eq!(
             fetches(&a.tick(back + 12_000, &mut store)),
             1,
@@ -1071,7 +1142,7 @@ mod tests {
     fn backoff_written_before_a_backward_clock_step_does_not_hold_the_next_fetch() {
         let (mut agents, mut store) = vms(1);
         let a = &mut agents[0];
-        a.admit(T0, 1);
+        a.admit(T0, 1, 0);
         a.sync(T0, &mut store);
         a.fetched(T0 + 5, &mut store, Err(FetchFailure::NoResponse));
         assert_eq!(fetches(&a.sync(T0 + 6, &mut store)), 0, "backing off");
@@ -1082,7 +1153,7 @@ mod tests {
     fn an_answer_for_another_audience_is_never_installed() {
         let (mut agents, mut store) = vms(1);
         let a = &mut agents[0];
-        a.admit(T0, 1);
+        a.admit(T0, 1, 0);
         a.sync(T0, &mut store);
         let body = br#"{"access_token":"a.b.c","expires_in":"3600","resource":"https://management.azure.com"}"#;
         let commands = a.answered(T0 + 5, &mut store, Some(200), body);

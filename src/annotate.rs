@@ -19,7 +19,6 @@ use serde_json::{json, Map, Value};
 
 use crate::agent::Replacement;
 use crate::claims::Claims;
-use crate::config::Config;
 use crate::rewrite::host_without_port as strip_port;
 use crate::safe;
 use crate::upstream::{UpstreamFailure, MAX_ERROR_BODY};
@@ -246,12 +245,13 @@ fn identity_fields(claims: &Claims, fields: &mut Map<String, Value>) {
     }
 }
 
-/// Explain `failure`. `replacement` says what became of the token when this
-/// answer rejected it (see `Agent::invalidate`).
+/// Explain `failure`. `resource` is the audience the filter asks for;
+/// `replacement` says what became of the token when this answer rejected it
+/// (see `Agent::invalidate`).
 pub fn explain(
     failure: &UpstreamFailure,
     facts: &Facts<'_>,
-    config: &Config,
+    resource: &str,
     now_ms: u64,
     replacement: Option<Replacement>,
 ) -> Annotation {
@@ -299,15 +299,14 @@ pub fn explain(
             let expected = expected_audience
                 .as_deref()
                 .and_then(safe::audience)
-                .unwrap_or(&config.resource);
+                .unwrap_or(resource);
             fields.insert("expected_audience".into(), json!(expected));
             if let Some(aud) = claims.aud.as_deref().and_then(safe::audience) {
                 fields.insert("token_audience".into(), json!(aud));
                 if !crate::token::same_audience(aud, expected) {
                     wrong.push(format!(
                         "the token's audience is \"{aud}\" but this resource accepts \"{expected}\": \
-                         set resource to \"{expected}\" (it is \"{}\")",
-                        config.resource
+                         set resource to \"{expected}\" (it is \"{resource}\")"
                     ));
                 }
             }
@@ -455,8 +454,8 @@ fn resource_name(host: &str) -> &str {
 }
 
 /// Rewrite an upstream JSON error body: keep its code, extend its message,
-/// add the diagnosis and fields. `None` when the body is not JSON.
-pub fn annotated_body(original: &[u8], annotation: &Annotation) -> Option<String> {
+/// add the diagnosis, the target and fields. `None` when the body is not JSON.
+pub fn annotated_body(original: &[u8], annotation: &Annotation, target: &str) -> Option<String> {
     let mut body: Value = serde_json::from_slice(original).ok()?;
     let top = body.as_object_mut()?;
     let mut error = match top.remove("error") {
@@ -489,6 +488,7 @@ pub fn annotated_body(original: &[u8], annotation: &Annotation) -> Option<String
     );
     error.insert("diagnosis".into(), json!(annotation.diagnosis));
     error.insert("source_annotation".into(), json!("aoai-msi-filter"));
+    error.insert("target".into(), json!(target));
     for (key, value) in &annotation.fields {
         error.insert(key.clone(), value.clone());
     }
@@ -522,6 +522,7 @@ mod tests {
     use super::*;
 
     const NOW_MS: u64 = 1_763_752_300_000;
+    const RES: &str = "https://cognitiveservices.azure.com";
     const OID: &str = "0b5e7c4a-0000-4000-8000-0000000000a1";
     const CLIENT: &str = "a1b2c3d4-0000-4000-8000-000000000001";
     const TENANT: &str = "72f988bf-0000-4000-8000-00000000e1a0";
@@ -559,7 +560,7 @@ mod tests {
                 host,
                 token: Some(&c),
             },
-            &Config::default(),
+            RES,
             NOW_MS,
             None,
         )
@@ -648,7 +649,7 @@ mod tests {
                 host: "myres.openai.azure.com",
                 token: Some(&c),
             },
-            &Config::default(),
+            RES,
             NOW_MS,
             None,
         );
@@ -670,7 +671,7 @@ mod tests {
                 expected_audience: Some("https://x\" || id".into()),
             },
             &matched(&c),
-            &Config::default(),
+            RES,
             NOW_MS,
             Some(Replacement::Requested),
         );
@@ -696,14 +697,14 @@ mod tests {
         let mut c = claims();
         c.aud = Some("https://management.azure.com".into());
         c.exp = Some(NOW_MS / 1000 - 30);
-        let config = Config::parse(br#"{"resource":"https://management.azure.com"}"#).unwrap();
+        let config = "https://management.azure.com";
         let rejected = UpstreamFailure::TokenRejected {
             expected_audience: Some("https://cognitiveservices.azure.com".into()),
         };
         let a = explain(
             &rejected,
             &matched(&c),
-            &config,
+            config,
             NOW_MS,
             Some(Replacement::Requested),
         );
@@ -732,7 +733,7 @@ mod tests {
                 expected_audience: None,
             },
             &matched(&c),
-            &Config::default(),
+            RES,
             NOW_MS,
             Some(Replacement::SameTokenReturned {
                 again_in_ms: 41_500,
@@ -759,7 +760,7 @@ mod tests {
                 expected_audience: None,
             },
             &matched(&c),
-            &Config::default(),
+            RES,
             NOW_MS,
             Some(Replacement::RateLimited { again_in_ms: 1_000 }),
         );
@@ -782,7 +783,7 @@ mod tests {
                 host: "myres.openai.azure.com",
                 token: None,
             },
-            &Config::default(),
+            RES,
             NOW_MS,
             None,
         );
@@ -814,7 +815,7 @@ mod tests {
             UpstreamFailure::NetworkRule,
             UpstreamFailure::SubdomainRequired,
         ] {
-            let a = explain(&failure, &matched(&c), &Config::default(), NOW_MS, None);
+            let a = explain(&failure, &matched(&c), RES, NOW_MS, None);
             assert!(
                 a.explanation.starts_with("this is not an identity problem"),
                 "{}",
@@ -829,18 +830,20 @@ mod tests {
         let a = explain(
             &UpstreamFailure::NetworkRule,
             &matched(&c),
-            &Config::default(),
+            RES,
             NOW_MS,
             None,
         );
         let original = br#"{"error":{"code":"403","message":"Access denied due to Virtual Network/Firewall rules."}}"#;
-        let body: Value = serde_json::from_str(&annotated_body(original, &a).unwrap()).unwrap();
+        let body: Value =
+            serde_json::from_str(&annotated_body(original, &a, "default").unwrap()).unwrap();
         assert_eq!(body["error"]["code"], "403");
         let message = body["error"]["message"].as_str().unwrap();
         assert!(message.starts_with(
             "Access denied due to Virtual Network/Firewall rules. [aoai-msi-filter] this is not"
         ));
         assert_eq!(body["error"]["diagnosis"], "NetworkRule");
+        assert_eq!(body["error"]["target"], "default");
 
         let gateway = br#"{"statusCode": 401, "message": "Unauthorized. Access token is missing, invalid, audience is incorrect (https://cognitiveservices.azure.com), or have expired."}"#;
         let a = explain(
@@ -848,18 +851,19 @@ mod tests {
                 expected_audience: None,
             },
             &matched(&c),
-            &Config::default(),
+            RES,
             NOW_MS,
             None,
         );
-        let body: Value = serde_json::from_str(&annotated_body(gateway, &a).unwrap()).unwrap();
+        let body: Value =
+            serde_json::from_str(&annotated_body(gateway, &a, "default").unwrap()).unwrap();
         assert_eq!(body["statusCode"], 401, "the original shape stays");
         assert_eq!(body["error"]["code"], "401");
         assert!(body["error"]["message"]
             .as_str()
             .unwrap()
             .starts_with("Unauthorized. Access token is missing"));
-        assert_eq!(annotated_body(b"<html>", &a), None);
+        assert_eq!(annotated_body(b"<html>", &a, "default"), None);
     }
 
     #[test]

@@ -7,7 +7,7 @@
 
 use serde_json::{json, Map, Value};
 
-use crate::config::{Config, IdentitySelector};
+use crate::config::{IdentitySelector, TokenSpec};
 use crate::store::Failure;
 use crate::token::{FailureClass, FetchFailure};
 
@@ -39,8 +39,8 @@ pub struct Diagnosis {
 
 impl Diagnosis {
     /// Why a request that waited for a token gets none: the last failure.
-    pub fn for_failure(failure: &Failure, config: &Config, now_ms: u64) -> Diagnosis {
-        let imds = config.imds();
+    pub fn for_failure(failure: &Failure, spec: &TokenSpec, now_ms: u64) -> Diagnosis {
+        let imds = spec.imds();
         // Requests are only answered this way when no usable token exists.
         let retry_after_s = Some(
             failure
@@ -115,7 +115,7 @@ impl Diagnosis {
                     .or(error.as_deref())
                     .map(|d| format!(" (IMDS {status}: \"{d}\")"))
                     .unwrap_or_else(|| format!(" (IMDS {status})"));
-                status_diagnosis(*status, &said, failure.cause.class(), config)
+                status_diagnosis(*status, &said, failure.cause.class(), spec)
             }
         };
         let transient = failure.cause.class() == FailureClass::Transient;
@@ -129,8 +129,8 @@ impl Diagnosis {
     }
 
     /// A request waited as long as allowed while a token call was still under way.
-    pub fn waited(config: &Config) -> Diagnosis {
-        let imds = config.imds();
+    pub fn waited(spec: &TokenSpec) -> Diagnosis {
+        let imds = spec.imds();
         let mut details = Map::new();
         details.insert("token_endpoint_cluster".into(), json!(imds.cluster));
         Diagnosis {
@@ -140,19 +140,21 @@ impl Diagnosis {
                 "No managed identity token arrived within {} ms; the token endpoint behind \
                  cluster \"{}\" is slow. Retry the request; raise token_wait_timeout_ms if the \
                  endpoint is known to be slow.",
-                config.token_wait_timeout_ms, imds.cluster
+                spec.token_wait_timeout_ms, imds.cluster
             ),
             retry_after_s: Some(1),
             details,
         }
     }
 
-    /// The JSON body, in the error shape OpenAI SDKs print.
-    pub fn body(&self) -> String {
+    /// The JSON body for a request of `target`, in the error shape OpenAI
+    /// SDKs print.
+    pub fn body_for(&self, target: &str) -> String {
         let mut error = Map::new();
         error.insert("code".into(), json!(self.code));
         error.insert("message".into(), json!(self.message));
         error.insert("source".into(), json!("aoai-msi-filter"));
+        error.insert("target".into(), json!(target));
         for (k, v) in &self.details {
             error.insert(k.clone(), v.clone());
         }
@@ -176,9 +178,9 @@ fn status_diagnosis(
     status: u16,
     said: &str,
     class: FailureClass,
-    config: &Config,
+    spec: &TokenSpec,
 ) -> (u16, &'static str, String) {
-    let selector = match &config.imds().identity {
+    let selector = match &spec.imds().identity {
         IdentitySelector::Default => "no identity selector is configured".to_owned(),
         IdentitySelector::ClientId(v) => format!("token_source.client_id is \"{v}\""),
         IdentitySelector::ObjectId(v) => format!("token_source.object_id is \"{v}\""),
@@ -238,7 +240,7 @@ fn status_diagnosis(
         format!(
             "The managed identity endpoint refused the token request{said}; {selector} and \
              resource is \"{}\". Check both against the identity assigned to this machine.",
-            config.resource
+            spec.resource
         ),
     )
 }
@@ -246,6 +248,12 @@ fn status_diagnosis(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The default configuration's Azure OpenAI token.
+    fn spec() -> TokenSpec {
+        let config = crate::config::Config::default();
+        config.tokens[config.targets[1].token].clone()
+    }
 
     fn failure(cause: FetchFailure) -> Failure {
         Failure {
@@ -268,7 +276,7 @@ mod tests {
     fn missing_identity_is_a_401_that_says_to_assign_one() {
         let d = Diagnosis::for_failure(
             &failure(imds_status(400, "Identity not found")),
-            &Config::default(),
+            &spec(),
             10_000,
         );
         assert_eq!((d.status, d.code), (401, code::MANAGED_IDENTITY_NOT_FOUND));
@@ -279,7 +287,7 @@ mod tests {
         );
         assert!(d.message.contains("Identity not found"));
         assert_eq!(d.retry_after_s, None);
-        let body: Value = serde_json::from_str(&d.body()).unwrap();
+        let body: Value = serde_json::from_str(&d.body_for("default")).unwrap();
         assert_eq!(body["error"]["code"], "ManagedIdentityNotFound");
         assert_eq!(body["error"]["token_endpoint_status"], 400);
         assert_eq!(
@@ -295,7 +303,7 @@ mod tests {
                 400,
                 "Multiple user assigned identities exist, please specify the clientId / resourceId of the identity in the token request",
             )),
-            &Config::default(),
+            &spec(),
             10_000,
         );
         assert_eq!((d.status, d.code), (401, code::MANAGED_IDENTITY_AMBIGUOUS));
@@ -305,11 +313,7 @@ mod tests {
     #[test]
     fn transient_causes_are_503_with_retry_after() {
         for (status, words) in [(410, "upgraded"), (429, "throttled"), (500, "failed")] {
-            let d = Diagnosis::for_failure(
-                &failure(imds_status(status, "x")),
-                &Config::default(),
-                10_000,
-            );
+            let d = Diagnosis::for_failure(&failure(imds_status(status, "x")), &spec(), 10_000);
             assert_eq!((d.status, d.code), (503, code::TOKEN_ENDPOINT_UNAVAILABLE));
             assert!(d.message.contains(words), "{}", d.message);
             assert_eq!(d.retry_after_s, Some(3));
@@ -319,11 +323,7 @@ mod tests {
 
     #[test]
     fn unreachable_endpoint_names_the_cluster() {
-        let d = Diagnosis::for_failure(
-            &failure(FetchFailure::NoResponse),
-            &Config::default(),
-            10_000,
-        );
+        let d = Diagnosis::for_failure(&failure(FetchFailure::NoResponse), &spec(), 10_000);
         assert_eq!((d.status, d.code), (503, code::TOKEN_ENDPOINT_UNREACHABLE));
         assert!(d.message.contains("\"azure_imds\""));
     }
@@ -334,7 +334,7 @@ mod tests {
             &failure(FetchFailure::Dispatch {
                 cluster: "azure_imds".into(),
             }),
-            &Config::default(),
+            &spec(),
             10_000,
         );
         assert_eq!(
@@ -351,7 +351,7 @@ mod tests {
                 asked: "https://cognitiveservices.azure.com".into(),
                 got: "https://management.azure.com".into(),
             }),
-            &Config::default(),
+            &spec(),
             10_000,
         );
         assert_eq!((d.status, d.code), (502, code::TOKEN_AUDIENCE_MISMATCH));
@@ -366,12 +366,13 @@ mod tests {
 
     #[test]
     fn every_reply_carries_the_diagnosis_header_and_a_json_content_type() {
-        let d = Diagnosis::waited(&Config::default());
+        let d = Diagnosis::waited(&spec());
         let headers = d.headers();
         assert!(headers.contains(&(DIAGNOSIS_HEADER, "TokenWaitTimeout".to_owned())));
         assert!(headers.contains(&("content-type", "application/json".to_owned())));
-        let body: Value = serde_json::from_str(&d.body()).unwrap();
+        let body: Value = serde_json::from_str(&d.body_for("default")).unwrap();
         assert_eq!(body["error"]["source"], "aoai-msi-filter");
+        assert_eq!(body["error"]["target"], "default");
         assert!(body["error"]["message"]
             .as_str()
             .unwrap()

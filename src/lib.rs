@@ -14,6 +14,7 @@ pub mod diagnose;
 pub mod lifecycle;
 pub mod metrics;
 pub mod rewrite;
+pub mod route;
 pub mod safe;
 pub mod store;
 pub mod token;

@@ -4,7 +4,8 @@
 //! proxy-wasm metrics have no labels of their own, so labels are written into
 //! the stat name as `;key=value` and turned into Prometheus labels by the
 //! `stats_tags` of the shipped Envoy configs ([`STATS_TAGS`]). Without them
-//! the labels stay part of the name.
+//! the labels stay part of the name. `target` is the target a request
+//! matched; a token's own metrics carry the first target that uses it.
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -24,61 +25,61 @@ pub struct Metric {
 pub const TOKEN_FETCHES: Metric = Metric {
     name: "aoai_msi_token_fetches_total",
     kind: Kind::Counter,
-    labels: &["source", "outcome"],
-    help: "Token calls, by source (imds) and outcome (ok, status_<code>, no_response, invalid_body, dispatch_failed).",
+    labels: &["target", "source", "outcome"],
+    help: "Token calls, by source (imds) and outcome (ok, status_<code>, no_response, invalid_body, wrong_audience, dispatch_failed).",
 };
 pub const TOKEN_FETCH_DURATION: Metric = Metric {
     name: "aoai_msi_token_fetch_duration_milliseconds",
     kind: Kind::Histogram,
-    labels: &[],
+    labels: &["target"],
     help: "Time from dispatching a token call to its answer.",
 };
 pub const TOKEN_EXPIRES_IN: Metric = Metric {
     name: "aoai_msi_token_expires_in_seconds",
     kind: Kind::Gauge,
-    labels: &[],
+    labels: &["target"],
     help: "Seconds until the current token expires (0 without one).",
 };
 pub const TOKEN_REFRESHES: Metric = Metric {
     name: "aoai_msi_token_refreshes_total",
     kind: Kind::Counter,
-    labels: &[],
+    labels: &["target"],
     help: "Background refreshes started while a usable token was serving requests.",
 };
 pub const TOKEN_INVALIDATIONS: Metric = Metric {
     name: "aoai_msi_token_invalidations_total",
     kind: Kind::Counter,
-    labels: &[],
+    labels: &["target"],
     help: "Replacement tokens asked for because Azure OpenAI rejected the current one.",
 };
 pub const REQUESTS_AUTHORIZED: Metric = Metric {
     name: "aoai_msi_requests_authorized_total",
     kind: Kind::Counter,
-    labels: &[],
-    help: "Requests to matching hosts sent with the managed identity's token.",
+    labels: &["target"],
+    help: "Requests a target matched, sent with its credential.",
 };
 pub const REQUESTS_PASSED_THROUGH: Metric = Metric {
     name: "aoai_msi_requests_passed_through_total",
     kind: Kind::Counter,
     labels: &[],
-    help: "Requests to other hosts, left untouched.",
+    help: "Requests no target matched, left untouched.",
 };
 pub const REQUESTS_WAITING: Metric = Metric {
     name: "aoai_msi_requests_waiting",
     kind: Kind::Gauge,
-    labels: &[],
+    labels: &["target"],
     help: "Requests held right now until a token exists.",
 };
 pub const LOCAL_REPLIES: Metric = Metric {
     name: "aoai_msi_local_replies_total",
     kind: Kind::Counter,
-    labels: &["code"],
+    labels: &["target", "code"],
     help: "Requests the filter answered itself, by diagnosis code.",
 };
 pub const UPSTREAM_AUTH_FAILURES: Metric = Metric {
     name: "aoai_msi_upstream_auth_failures_total",
     kind: Kind::Counter,
-    labels: &["diagnosis"],
+    labels: &["target", "diagnosis"],
     help: "Authorization failures from Azure OpenAI that the filter explained, by diagnosis.",
 };
 
@@ -104,7 +105,8 @@ pub const ALL: [Metric; 11] = [
 ];
 
 /// Envoy `stats_config.stats_tags` entries that turn `;key=value` into labels.
-pub const STATS_TAGS: [(&str, &str); 4] = [
+pub const STATS_TAGS: [(&str, &str); 5] = [
+    ("target", "(;target=([^;]*))"),
     ("source", "(;source=([^;]*))"),
     ("outcome", "(;outcome=([^;]*))"),
     ("code", "(;code=([^;]*))"),
@@ -119,8 +121,10 @@ impl Metric {
             name.push(';');
             name.push_str(label);
             name.push('=');
+            // `.` separates Envoy's stat name segments and `;` labels: neither
+            // may appear in a value.
             name.extend(value.chars().map(|c| {
-                if c.is_ascii_alphanumeric() || c == '_' {
+                if c.is_ascii_alphanumeric() || c == '_' || c == '-' {
                     c
                 } else {
                     '_'
@@ -138,16 +142,16 @@ mod tests {
     #[test]
     fn labels_are_written_into_the_stat_name_in_order() {
         assert_eq!(
-            TOKEN_FETCHES.stat_name(&["imds", "status_500"]),
-            "aoai_msi_token_fetches_total;source=imds;outcome=status_500"
+            TOKEN_FETCHES.stat_name(&["chat", "imds", "status_500"]),
+            "aoai_msi_token_fetches_total;target=chat;source=imds;outcome=status_500"
         );
         assert_eq!(
-            REQUESTS_AUTHORIZED.stat_name(&[]),
-            "aoai_msi_requests_authorized_total"
+            REQUESTS_PASSED_THROUGH.stat_name(&[]),
+            "aoai_msi_requests_passed_through_total"
         );
         assert_eq!(
-            LOCAL_REPLIES.stat_name(&["a;b=c"]),
-            "aoai_msi_local_replies_total;code=a_b_c"
+            LOCAL_REPLIES.stat_name(&["t-1.x", "a;b=c"]),
+            "aoai_msi_local_replies_total;target=t-1_x;code=a_b_c"
         );
     }
 

@@ -2,7 +2,15 @@
 //!
 //! Matching runs on every request, so it allocates nothing: patterns are
 //! lower-cased once at configuration time and compared byte-wise, ignoring
-//! ASCII case, against the request's `:authority` with its port removed.
+//! ASCII case (as Envoy matches virtual hosts).
+//!
+//! Envoy routes on the full `Host`: with its default virtual-host matching,
+//! `myres.openai.azure.com:443` and `myres.openai.azure.com.` are other
+//! hosts, which a catch-all virtual host may send to another cluster. So a
+//! target that does not name `clusters` matches only a bare host name
+//! ([`HostPatterns::matches_bare`]); a target bound to clusters knows where
+//! the request really goes, and may ignore the port and a trailing dot
+//! ([`HostPatterns::matches_spelled`]).
 
 /// Header the application's key arrives in; always removed on matching hosts.
 pub const API_KEY_HEADER: &str = "api-key";
@@ -17,18 +25,23 @@ pub enum HostPattern {
     /// `*.openai.azure.com`, stored as `.openai.azure.com`: a host matches when
     /// it ends with this and has at least one character before it.
     Suffix(String),
+    /// `*`: every host. Only in targets bound to clusters.
+    Any,
 }
 
 impl HostPattern {
     /// Parse one pattern. The error says what is wrong with it.
     pub fn parse(text: &str) -> Result<HostPattern, String> {
         let lower = text.trim().to_ascii_lowercase();
+        if lower == "*" {
+            return Ok(HostPattern::Any);
+        }
         let (suffix, name) = match lower.strip_prefix("*.") {
             Some(rest) => (true, rest),
             None => (false, lower.as_str()),
         };
         if name.is_empty() {
-            return Err("it matches every host".to_owned());
+            return Err("it has no name after `*.`".to_owned());
         }
         if name.contains('*') {
             return Err(
@@ -53,6 +66,14 @@ impl HostPattern {
         })
     }
 
+    /// The name part (`myres.openai.azure.com`, `.openai.azure.com`), if any.
+    pub fn name(&self) -> Option<&str> {
+        match self {
+            HostPattern::Exact(name) | HostPattern::Suffix(name) => Some(name),
+            HostPattern::Any => None,
+        }
+    }
+
     fn matches(&self, host: &[u8]) -> bool {
         match self {
             HostPattern::Exact(name) => host.eq_ignore_ascii_case(name.as_bytes()),
@@ -61,6 +82,19 @@ impl HostPattern {
                 host.len() > suffix.len()
                     && host[host.len() - suffix.len()..].eq_ignore_ascii_case(suffix)
             }
+            HostPattern::Any => true,
+        }
+    }
+
+    /// Does every host `other` matches also match `self`?
+    pub fn covers(&self, other: &HostPattern) -> bool {
+        match (self, other) {
+            (HostPattern::Any, _) => true,
+            (_, HostPattern::Any) => false,
+            (HostPattern::Exact(a), HostPattern::Exact(b)) => a == b,
+            (HostPattern::Exact(_), HostPattern::Suffix(_)) => false,
+            (HostPattern::Suffix(_), HostPattern::Exact(b)) => self.matches(b.as_bytes()),
+            (HostPattern::Suffix(a), HostPattern::Suffix(b)) => b.ends_with(a.as_str()),
         }
     }
 }
@@ -70,6 +104,7 @@ impl std::fmt::Display for HostPattern {
         match self {
             HostPattern::Exact(name) => f.write_str(name),
             HostPattern::Suffix(suffix) => write!(f, "*{suffix}"),
+            HostPattern::Any => f.write_str("*"),
         }
     }
 }
@@ -87,12 +122,32 @@ impl HostPatterns {
         &self.0
     }
 
-    /// Does a request with this `:authority` get the token?
-    pub fn matches(&self, authority: &str) -> bool {
+    /// For a target not bound to clusters: `:authority` must be a bare host
+    /// name (no port, no trailing dot) that a pattern matches, because that
+    /// is the only spelling Envoy's default virtual-host matching sends where
+    /// the pattern says. Other spellings are refused, never guessed.
+    pub fn matches_bare(&self, authority: &str) -> bool {
+        let host = authority.as_bytes();
+        !host.is_empty()
+            && !host.contains(&b':')
+            && !host.ends_with(b".")
+            && self.0.iter().any(|p| p.matches(host))
+    }
+
+    /// For a target bound to clusters, where Envoy's routing is checked
+    /// separately: the port and one trailing dot do not matter.
+    pub fn matches_spelled(&self, authority: &str) -> bool {
         let host = host_without_port(authority).as_bytes();
-        // A fully qualified name may end in a dot; it names the same host.
         let host = host.strip_suffix(b".").unwrap_or(host);
         !host.is_empty() && self.0.iter().any(|p| p.matches(host))
+    }
+
+    /// Does every host `other` matches also match one of these?
+    pub fn covers(&self, other: &HostPatterns) -> bool {
+        other
+            .0
+            .iter()
+            .all(|theirs| self.0.iter().any(|mine| mine.covers(theirs)))
     }
 }
 
@@ -132,16 +187,31 @@ mod tests {
     }
 
     #[test]
-    fn suffix_pattern_matches_subdomains_case_insensitively_and_ignores_the_port() {
+    fn suffix_pattern_matches_subdomains_case_insensitively() {
         let p = patterns(&["*.openai.azure.com"]);
         for host in [
             "myres.openai.azure.com",
             "MyRes.OpenAI.Azure.COM",
-            "myres.openai.azure.com:443",
             "a.b.openai.azure.com",
-            "myres.openai.azure.com.",
         ] {
-            assert!(p.matches(host), "{host}");
+            assert!(p.matches_bare(host), "{host}");
+            assert!(p.matches_spelled(host), "{host}");
+        }
+    }
+
+    #[test]
+    fn without_clusters_a_port_or_trailing_dot_spelling_never_matches() {
+        // Envoy's default virtual-host matching routes these elsewhere.
+        let p = patterns(&["*.openai.azure.com", "myres.example"]);
+        for host in [
+            "myres.openai.azure.com:443",
+            "myres.openai.azure.com.",
+            "myres.openai.azure.com.:443",
+            "myres.example:80",
+            "myres.example.",
+        ] {
+            assert!(!p.matches_bare(host), "{host}");
+            assert!(p.matches_spelled(host), "with clusters: {host}");
         }
     }
 
@@ -158,24 +228,25 @@ mod tests {
             "",
             ":443",
             "[::1]:443",
+            ".",
         ] {
-            assert!(!p.matches(host), "{host}");
+            assert!(!p.matches_bare(host), "{host}");
+            assert!(!p.matches_spelled(host), "{host}");
         }
     }
 
     #[test]
     fn exact_pattern_matches_only_that_host() {
         let p = patterns(&["MyRes.openai.azure.com"]);
-        assert!(p.matches("myres.openai.azure.com"));
-        assert!(p.matches("myres.openai.azure.com:8443"));
-        assert!(!p.matches("other.openai.azure.com"));
-        assert!(!p.matches("x.myres.openai.azure.com"));
+        assert!(p.matches_bare("myres.openai.azure.com"));
+        assert!(p.matches_spelled("myres.openai.azure.com:8443"));
+        assert!(!p.matches_bare("other.openai.azure.com"));
+        assert!(!p.matches_bare("x.myres.openai.azure.com"));
     }
 
     #[test]
     fn malformed_patterns_are_refused_with_a_reason() {
         for bad in [
-            "*",
             "*.",
             "*openai.azure.com",
             "a.*.azure.com",
@@ -187,20 +258,35 @@ mod tests {
         ] {
             assert!(HostPattern::parse(bad).is_err(), "{bad}");
         }
+        assert_eq!(HostPattern::parse("*"), Ok(HostPattern::Any));
     }
 
     #[test]
     fn patterns_display_as_written() {
+        for text in ["*.openai.azure.com", "a.example", "*"] {
+            assert_eq!(HostPattern::parse(text).unwrap().to_string(), text);
+        }
         assert_eq!(
             HostPattern::parse("*.Openai.azure.com")
                 .unwrap()
                 .to_string(),
             "*.openai.azure.com"
         );
-        assert_eq!(
-            HostPattern::parse("a.example").unwrap().to_string(),
-            "a.example"
-        );
+    }
+
+    #[test]
+    fn coverage_follows_what_each_pattern_matches() {
+        let p = |t| HostPattern::parse(t).unwrap();
+        assert!(p("*.azure.com").covers(&p("*.openai.azure.com")));
+        assert!(p("*.openai.azure.com").covers(&p("myres.openai.azure.com")));
+        assert!(!p("*.openai.azure.com").covers(&p("*.azure.com")));
+        assert!(!p("*.openai.azure.com").covers(&p("openai.azure.com")));
+        assert!(!p("myres.openai.azure.com").covers(&p("*.openai.azure.com")));
+        assert!(p("*").covers(&p("*.openai.azure.com")));
+        assert!(!p("*.openai.azure.com").covers(&p("*")));
+        assert!(patterns(&["*.openai.azure.com", "a.example"])
+            .covers(&patterns(&["a.example", "x.openai.azure.com"])));
+        assert!(!patterns(&["*.openai.azure.com"]).covers(&patterns(&["a.example"])));
     }
 
     #[test]

@@ -9,7 +9,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 use crate::claims::Claims;
-use crate::config::Config;
+use crate::config::TokenSpec;
 use crate::safe;
 
 pub const IMDS_PATH: &str = "/metadata/identity/oauth2/token";
@@ -66,12 +66,12 @@ pub struct TokenRequest {
 }
 
 impl TokenRequest {
-    /// The IMDS request for this configuration (built once, at configure time).
-    pub fn imds(config: &Config) -> TokenRequest {
-        let imds = config.imds();
+    /// The IMDS request for this token (built once, at configure time).
+    pub fn imds(spec: &TokenSpec) -> TokenRequest {
+        let imds = spec.imds();
         let mut path = format!(
             "{IMDS_PATH}?api-version={IMDS_API_VERSION}&resource={}",
-            percent_encode(&config.resource)
+            percent_encode(&spec.resource)
         );
         if let Some((name, value)) = imds.identity.query_param() {
             path.push('&');
@@ -394,8 +394,11 @@ mod tests {
 
     #[test]
     fn imds_request_carries_the_bare_resource_the_selector_and_the_metadata_header() {
-        let config = Config::parse(br#"{"token_source":{"client_id":"11111111-2222"}}"#).unwrap();
-        let request = TokenRequest::imds(&config);
+        let config = crate::config::Config::parse(
+            br#"{"hosts":["a.example"],"token_source":{"client_id":"11111111-2222"}}"#,
+        )
+        .unwrap();
+        let request = TokenRequest::imds(&config.tokens[0]);
         assert_eq!(request.cluster, "azure_imds");
         assert_eq!(
             request.path(),
@@ -414,7 +417,7 @@ mod tests {
 
     #[test]
     fn imds_request_without_selector_names_no_identity() {
-        let request = TokenRequest::imds(&Config::default());
+        let request = TokenRequest::imds(&crate::config::Config::default().tokens[1]);
         assert!(!request.path().contains("client_id"));
         assert!(!request.path().contains("object_id"));
         assert!(!request.path().contains("msi_res_id"));

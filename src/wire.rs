@@ -81,6 +81,17 @@ pub fn serialize_pairs(pairs: &[(&str, &[u8])]) -> Vec<u8> {
     bytes
 }
 
+/// A property path (`["xds", "cluster_name"]`) as the host expects it: the
+/// segments, each NUL-ended.
+pub fn serialize_path(segments: &[&str]) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    for segment in segments {
+        bytes.extend_from_slice(segment.as_bytes());
+        bytes.push(0);
+    }
+    bytes
+}
+
 fn len32(n: usize) -> u32 {
     u32::try_from(n).unwrap_or(u32::MAX)
 }
@@ -172,5 +183,9 @@ mod tests {
         let mut expected = vec![2, 0, 0, 0, 1, 0, 0, 0, 2, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0];
         expected.extend_from_slice(b"a\0xy\0bc\0\0");
         assert_eq!(bytes, expected);
+        assert_eq!(
+            serialize_path(&["xds", "cluster_name"]),
+            b"xds\0cluster_name\0"
+        );
     }
 }

@@ -227,7 +227,7 @@ async fn a_storm_of_failures_logs_one_line_per_diagnosis() {
     assert_eq!(
         metric(
             &metrics,
-            "aoai_msi_upstream_auth_failures_total{diagnosis=\"RoleMissing\"}"
+            "aoai_msi_upstream_auth_failures_total{target=\"default\",diagnosis=\"RoleMissing\"}"
         ),
         25.0
     );
@@ -266,12 +266,15 @@ async fn metrics_count_fetches_requests_replies_and_rejections() {
     assert_eq!(
         metric(
             &metrics,
-            "aoai_msi_token_fetches_total{source=\"imds\",outcome=\"ok\"}"
+            "aoai_msi_token_fetches_total{target=\"default\",source=\"imds\",outcome=\"ok\"}"
         ),
         2.0
     );
     assert_eq!(
-        metric(&metrics, "aoai_msi_requests_authorized_total{}"),
+        metric(
+            &metrics,
+            "aoai_msi_requests_authorized_total{target=\"default\"}"
+        ),
         f64::from(5 + rejected + 1)
     );
     assert_eq!(
@@ -279,17 +282,25 @@ async fn metrics_count_fetches_requests_replies_and_rejections() {
         3.0
     );
     assert_eq!(
-        metric(&metrics, "aoai_msi_token_invalidations_total{}"),
+        metric(
+            &metrics,
+            "aoai_msi_token_invalidations_total{target=\"default\"}"
+        ),
         1.0
     );
     assert_eq!(
         metric(
             &metrics,
-            "aoai_msi_upstream_auth_failures_total{diagnosis=\"TokenRejected\"}"
+            "aoai_msi_upstream_auth_failures_total{target=\"default\",diagnosis=\"TokenRejected\"}"
         ),
         f64::from(rejected)
     );
-    assert!(metric(&metrics, "aoai_msi_token_expires_in_seconds{}") > 86_000.0);
+    assert!(
+        metric(
+            &metrics,
+            "aoai_msi_token_expires_in_seconds{target=\"default\"}"
+        ) > 86_000.0
+    );
 
     // Local replies and the waiting gauge: a machine without identity.
     let emulator = Emulator::start(Settings {
@@ -305,19 +316,19 @@ async fn metrics_count_fetches_requests_replies_and_rejections() {
     assert_eq!(
         metric(
             &metrics,
-            "aoai_msi_local_replies_total{code=\"ManagedIdentityNotFound\"}"
+            "aoai_msi_local_replies_total{target=\"default\",code=\"ManagedIdentityNotFound\"}"
         ),
         4.0
     );
     assert_eq!(
         metric(
             &metrics,
-            "aoai_msi_token_fetches_total{source=\"imds\",outcome=\"status_400\"}"
+            "aoai_msi_token_fetches_total{target=\"default\",source=\"imds\",outcome=\"status_400\"}"
         ),
         1.0
     );
     assert_eq!(
-        metric(&metrics, "aoai_msi_requests_waiting{}"),
+        metric(&metrics, "aoai_msi_requests_waiting{target=\"default\"}"),
         0.0,
         "nobody is left waiting"
     );

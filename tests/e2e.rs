@@ -377,6 +377,22 @@ fn invalid_plugin_configurations_fail_envoy_validation_naming_the_field() {
             "token_source.client_id / token_source.msi_res_id",
         ),
         ("{not json", "not valid JSON"),
+        (
+            r#"{"targets":[{"name":"all","hosts":["*.openai.azure.com"]},{"name":"east","hosts":["east.openai.azure.com"]}]}"#,
+            "`targets[1]` (\"east\") can never match",
+        ),
+        (
+            r#"{"targets":[{"hosts":["east.openai.azure.com","*.openai.azure.us"]}]}"#,
+            "`targets[0].hosts` mix hosts that take different audiences",
+        ),
+        (
+            r#"{"targets":[{"hosts":["a.example"]},{"hosts":["b.example"],"paths":["x"]}]}"#,
+            "`targets[1].paths[0]`",
+        ),
+        (
+            r#"{"targets":[{"hosts":["*"]}]}"#,
+            "`targets[0].hosts[0]` is \"*\"",
+        ),
     ];
     for (i, (config, field)) in cases.iter().enumerate() {
         let (ok, out) = validate(&write_envoy_config(&dir, &format!("bad{i}.yaml"), config));
@@ -426,4 +442,80 @@ fn the_built_module_does_not_export_callbacks_the_filter_does_not_use() {
     ] {
         assert!(contains(used), "{used} must stay exported");
     }
+}
+
+/// Every wasm plugin configuration in a parsed Envoy YAML document.
+fn plugin_configs(doc: &serde_yaml::Value, found: &mut Vec<String>) {
+    match doc {
+        serde_yaml::Value::Mapping(map) => {
+            let is_wasm = map
+                .get("@type")
+                .and_then(|t| t.as_str())
+                .is_some_and(|t| t.ends_with("filters.http.wasm.v3.Wasm"));
+            if is_wasm {
+                if let Some(value) = doc["config"]["configuration"]["value"].as_str() {
+                    found.push(value.to_owned());
+                }
+            }
+            for value in map.values() {
+                plugin_configs(value, found);
+            }
+        }
+        serde_yaml::Value::Sequence(items) => {
+            for item in items {
+                plugin_configs(item, found);
+            }
+        }
+        _ => {}
+    }
+}
+
+#[test]
+fn every_shipped_envoy_config_binds_its_targets_to_clusters_it_defines() {
+    let mut checked = 0;
+    for entry in std::fs::read_dir(repo().join("envoy")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_none_or(|e| e != "yaml") {
+            continue;
+        }
+        let doc: serde_yaml::Value =
+            serde_yaml::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        let clusters: Vec<&str> = doc["static_resources"]["clusters"]
+            .as_sequence()
+            .into_iter()
+            .flatten()
+            .filter_map(|c| c["name"].as_str())
+            .collect();
+        let mut configs = Vec::new();
+        plugin_configs(&doc, &mut configs);
+        for json in configs {
+            let config = aoai_msi_filter::config::Config::parse(json.as_bytes())
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            for target in &config.targets {
+                assert!(
+                    !target.clusters.is_empty(),
+                    "{}: target {} is not bound to clusters",
+                    path.display(),
+                    target.name
+                );
+                for cluster in &target.clusters {
+                    assert!(
+                        clusters.contains(&cluster.as_str()),
+                        "{}: target {} names cluster {cluster}, which the config does not define",
+                        path.display(),
+                        target.name
+                    );
+                }
+                for token in &config.tokens {
+                    assert!(
+                        clusters.contains(&token.source.cluster()),
+                        "{}",
+                        path.display()
+                    );
+                }
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked >= 8, "targets checked: {checked}");
 }

@@ -342,7 +342,7 @@ async fn a_client_that_hangs_up_while_waiting_leaves_nothing_behind() {
     );
     let metrics = prometheus(&envoy);
     assert_eq!(
-        metric(&metrics, "aoai_msi_requests_waiting{}"),
+        metric(&metrics, "aoai_msi_requests_waiting{target=\"default\"}"),
         0.0,
         "no waiting request is left behind: {metrics}"
     );

@@ -310,13 +310,19 @@ async fn a_rejected_token_never_parks_a_request_and_is_replaced_once() {
     );
     assert_eq!(calls, 2, "exactly one replacement for the whole process");
     assert_eq!(statuses.last(), Some(&200));
-    assert_eq!(metric(&metrics, "aoai_msi_requests_waiting{}"), 0.0);
+    assert_eq!(
+        metric(&metrics, "aoai_msi_requests_waiting{target=\"default\"}"),
+        0.0
+    );
     assert!(
         !metrics.contains("aoai_msi_local_replies_total"),
         "no request was answered by the filter: {metrics}"
     );
     assert_eq!(
-        metric(&metrics, "aoai_msi_token_invalidations_total{}"),
+        metric(
+            &metrics,
+            "aoai_msi_token_invalidations_total{target=\"default\"}"
+        ),
         1.0
     );
 }
@@ -513,7 +519,10 @@ async fn configuration_reloads_under_traffic_leave_queues_and_memory_bounded() {
         queues <= f64::from(CONCURRENCY + 2),
         "queues of VMs that went away are no longer notified: {queues}"
     );
-    assert_eq!(metric(&metrics, "aoai_msi_requests_waiting{}"), 0.0);
+    assert_eq!(
+        metric(&metrics, "aoai_msi_requests_waiting{target=\"default\"}"),
+        0.0
+    );
     assert!(
         settled < after_half + (16 << 20),
         "memory stays bounded: {after_half} after half the reloads, {settled} settled"

@@ -61,7 +61,7 @@ fn every_plugin_config_is_accepted_by_the_filters_parser() {
             "CLIENT",
             "outbound side"
         );
-        assert!(!config.hosts.patterns().is_empty());
+        assert!(!config.targets.is_empty());
     }
 }
 
@@ -83,7 +83,9 @@ fn the_token_cluster_is_the_one_istio_generates_for_the_imds_service_entry() {
         let json: serde_json::Value =
             serde_json::to_value(&plugin["spec"]["pluginConfig"]).unwrap();
         let config = Config::from_value(&json).unwrap();
-        assert_eq!(config.imds().cluster, istio_cluster(&imds, port));
+        for token in &config.tokens {
+            assert_eq!(token.imds().cluster, istio_cluster(&imds, port));
+        }
     }
 }
 
@@ -133,7 +135,7 @@ fn every_host_the_filter_serves_is_one_the_mesh_routes_with_tls() {
         let json: serde_json::Value =
             serde_json::to_value(&plugin["spec"]["pluginConfig"]).unwrap();
         let config = Config::from_value(&json).unwrap();
-        for pattern in config.hosts.patterns() {
+        for pattern in config.targets.iter().flat_map(|t| t.hosts.patterns()) {
             // A wildcard also matches hosts no ServiceEntry covers: under the
             // mesh's ALLOW_ANY those leave in plain HTTP through PassthroughCluster.
             let pattern = pattern.to_string();
@@ -142,6 +144,41 @@ fn every_host_the_filter_serves_is_one_the_mesh_routes_with_tls() {
                 "the filter serves {pattern}, which no TLS-originating ServiceEntry routes: \
                  its token could leave in cleartext (safe hosts: {safe:?})"
             );
+        }
+    }
+}
+
+#[test]
+fn every_target_is_bound_to_the_cluster_istio_generates_for_its_tls_host() {
+    let docs = manifests();
+    let entries = of_kind(&docs, "ServiceEntry");
+    let safe = tls_originated_hosts(&docs);
+    for plugin in of_kind(&docs, "WasmPlugin") {
+        let json: serde_json::Value =
+            serde_json::to_value(&plugin["spec"]["pluginConfig"]).unwrap();
+        let config = Config::from_value(&json).unwrap();
+        for target in &config.targets {
+            assert!(
+                !target.clusters.is_empty(),
+                "{}: the token follows Istio's routing, never the Host header alone",
+                target.name
+            );
+            for cluster in &target.clusters {
+                // outbound|<port>||<host>
+                let (port, host) = cluster
+                    .strip_prefix("outbound|")
+                    .and_then(|rest| rest.split_once("||"))
+                    .unwrap_or_else(|| panic!("{cluster} is not an Istio outbound cluster"));
+                assert!(
+                    safe.iter().any(|h| h == host),
+                    "{cluster}: {host} is not routed with TLS"
+                );
+                let entry = entries
+                    .iter()
+                    .find(|e| e["spec"]["hosts"][0] == host)
+                    .unwrap_or_else(|| panic!("no ServiceEntry for {host}"));
+                assert_eq!(istio_cluster(entry, port.parse().unwrap()), *cluster);
+            }
         }
     }
 }

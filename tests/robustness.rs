@@ -10,6 +10,7 @@ use aoai_msi_filter::annotate::{self, BodyMode, BodyStep, Facts, Inspection};
 use aoai_msi_filter::claims::Claims;
 use aoai_msi_filter::config::Config;
 use aoai_msi_filter::rewrite::HostPatterns;
+use aoai_msi_filter::route::Routed;
 use aoai_msi_filter::store::{self, memory::MemoryStore, Record, SharedStore};
 use aoai_msi_filter::token::{parse_response, same_audience, FetchFailure, MAX_TOKEN_BYTES};
 use aoai_msi_filter::upstream::{self, MAX_ERROR_BODY};
@@ -58,8 +59,8 @@ fn token_like() -> impl Strategy<Value = Value> {
 }
 
 /// Configurations close to real ones: the contract's keys, any values.
-fn config_like() -> impl Strategy<Value = Value> {
-    let source = prop::collection::btree_map(
+fn source_like() -> impl Strategy<Value = Value> {
+    prop::collection::btree_map(
         prop_oneof![
             Just("type"),
             Just("cluster"),
@@ -70,34 +71,108 @@ fn config_like() -> impl Strategy<Value = Value> {
             Just("timeout_ms"),
         ]
         .prop_map(str::to_owned),
-        any_json(),
-        0..5,
+        prop_oneof![any_json(), "[a-z0-9-]{1,12}".prop_map(Value::String)],
+        0..4,
     )
-    .prop_map(|m| Value::Object(m.into_iter().collect()));
-    let hosts = prop::collection::vec("[*.a-zA-Z0-9:/-]{0,24}".prop_map(Value::String), 0..4)
-        .prop_map(Value::Array);
-    (
-        proptest::option::of(source),
-        proptest::option::of(prop_oneof![hosts, any_json()]),
-        proptest::option::of(any_json()),
-        proptest::option::of(any_json()),
+    .prop_map(|m| Value::Object(m.into_iter().collect()))
+}
+
+/// Host patterns, mostly well formed, Azure and not, with odd ones among them.
+fn host_list() -> impl Strategy<Value = Value> {
+    let host = prop_oneof![
+        Just("*.openai.azure.com".to_owned()),
+        Just("*.openai.azure.us".to_owned()),
+        Just("*.services.ai.azure.com".to_owned()),
+        Just("*.inference.ml.azure.com".to_owned()),
+        Just("*".to_owned()),
+        "[a-z]{1,6}\\.openai\\.azure\\.(com|us|cn)",
+        "[a-z]{1,6}\\.example",
+        "[*.a-zA-Z0-9:/-]{0,24}",
+    ];
+    prop::collection::vec(host.prop_map(Value::String), 1..4).prop_map(Value::Array)
+}
+
+/// Configurations close to real ones: the contract's keys, any values.
+fn config_like() -> impl Strategy<Value = Value> {
+    let list = |strategy: BoxedStrategy<String>| {
+        prop::collection::vec(strategy.prop_map(Value::String), 1..3).prop_map(Value::Array)
+    };
+    // Mostly valid values, so that the properties below see accepted configs.
+    let target = (
+        prop_oneof![3 => Just(None), 1 => "[a-z0-9 -]{0,8}".prop_map(Some)],
+        prop_oneof![6 => host_list().prop_map(Some), 1 => Just(None), 1 => any_json().prop_map(Some)],
+        prop_oneof![2 => Just(None), 1 => list(prop_oneof![Just("/api/projects/".to_owned()), "/?[a-z/]{0,8}"].boxed()).prop_map(Some)],
+        prop_oneof![1 => Just(None), 1 => list(prop_oneof![3 => Just("aoai".to_owned()), 1 => "[a-z|0-9]{0,6}"].boxed()).prop_map(Some)],
+        prop_oneof![4 => Just(None), 1 => source_like().prop_map(Some)],
+    )
+        .prop_map(|(name, hosts, paths, clusters, source)| {
+            let mut m = serde_json::Map::new();
+            for (key, value) in [
+                ("name", name.map(Value::String)),
+                ("hosts", hosts),
+                ("paths", paths),
+                ("clusters", clusters),
+                ("token_source", source),
+            ] {
+                if let Some(v) = value {
+                    m.insert(key.into(), v);
+                }
+            }
+            Value::Object(m)
+        });
+    let shorthand = (
+        prop_oneof![3 => Just(None), 1 => source_like().prop_map(Some)],
+        prop_oneof![4 => host_list().prop_map(Some), 1 => Just(None), 1 => any_json().prop_map(Some)],
+        prop_oneof![
+            2 => Just(None),
+            1 => Just(Some(json!("https://cognitiveservices.azure.us"))),
+            1 => any_json().prop_map(Some)
+        ],
+        prop_oneof![3 => Just(None), 1 => any_json().prop_map(Some)],
     )
         .prop_map(|(source, hosts, resource, wait)| {
             let mut m = serde_json::Map::new();
-            if let Some(v) = source {
-                m.insert("token_source".into(), v);
-            }
-            if let Some(v) = hosts {
-                m.insert("hosts".into(), v);
-            }
-            if let Some(v) = resource {
-                m.insert("resource".into(), v);
-            }
-            if let Some(v) = wait {
-                m.insert("token_wait_timeout_ms".into(), v);
+            for (key, value) in [
+                ("token_source", source),
+                ("hosts", hosts),
+                ("resource", resource),
+                ("token_wait_timeout_ms", wait),
+            ] {
+                if let Some(v) = value {
+                    m.insert(key.into(), v);
+                }
             }
             Value::Object(m)
-        })
+        });
+    prop_oneof![
+        shorthand,
+        prop::collection::vec(target, 1..4).prop_map(|targets| json!({ "targets": targets })),
+    ]
+}
+
+/// An authority spelled with a port, a trailing dot, or both.
+fn respelled() -> impl Strategy<Value = String> {
+    (
+        prop_oneof![
+            "[a-z]{1,6}\\.openai\\.azure\\.(com|us)",
+            "[a-z]{1,6}\\.services\\.ai\\.azure\\.com",
+            "[a-z]{1,6}\\.example",
+        ],
+        prop_oneof![Just(":443"), Just("."), Just(".:443"), Just(":8080")],
+    )
+        .prop_map(|(host, tail)| format!("{host}{tail}"))
+}
+
+/// A request whose path and routed cluster are given.
+struct Given(String, String);
+
+impl Routed for Given {
+    fn path(&mut self) -> Option<&str> {
+        Some(&self.0)
+    }
+    fn cluster(&mut self) -> Option<&str> {
+        Some(&self.1)
+    }
 }
 
 fn check_token_result(result: Result<aoai_msi_filter::token::Issued, FetchFailure>) {
@@ -172,26 +247,62 @@ proptest! {
     fn config_parser_never_panics_and_accepted_configs_are_sound(value in config_like()) {
         match Config::parse(value.to_string().as_bytes()) {
             Ok(config) => {
-                prop_assert!(!config.hosts.patterns().is_empty());
-                prop_assert!(!config.resource.ends_with("/.default"));
-                // The record key depends on what decides the token, and only on that.
-                let mut other_hosts = value.clone();
-                other_hosts["hosts"] = json!(["other.example"]);
-                let same = Config::from_value(&other_hosts).unwrap();
-                prop_assert_eq!(same.token_fingerprint(), config.token_fingerprint());
-                let mut other_resource = value.clone();
-                other_resource["resource"] = json!(format!("{}x", config.resource.trim_end_matches('/')));
-                let different = Config::from_value(&other_resource).unwrap();
-                prop_assert_ne!(different.token_fingerprint(), config.token_fingerprint());
+                prop_assert!(!config.targets.is_empty());
+                for target in &config.targets {
+                    prop_assert!(!target.hosts.patterns().is_empty());
+                    prop_assert!(target.token < config.tokens.len());
+                }
+                let keys: std::collections::HashSet<String> =
+                    config.tokens.iter().map(|t| t.fingerprint()).collect();
+                prop_assert_eq!(keys.len(), config.tokens.len(), "tokens are distinct");
+                for token in &config.tokens {
+                    prop_assert!(!token.resource.ends_with("/.default"));
+                }
+                // For the shorthand: the record key depends on the source and
+                // the resource, and on nothing else.
+                if value.get("targets").is_none() {
+                    let source = value.get("token_source").cloned().unwrap_or(json!({}));
+                    for token in &config.tokens {
+                        let alone = |resource: &str| {
+                            Config::from_value(&json!({"hosts": ["other.example"], "resource": resource, "token_source": source}))
+                                .unwrap()
+                                .tokens[0]
+                                .fingerprint()
+                        };
+                        prop_assert_eq!(alone(&token.resource), token.fingerprint());
+                        prop_assert_ne!(alone(&format!("{}x", token.resource.trim_end_matches('/'))), token.fingerprint());
+                    }
+                }
             }
             Err(e) => prop_assert!(!e.to_string().is_empty()),
         }
     }
 
     #[test]
+    fn a_respelled_host_never_reaches_a_target_that_does_not_follow_envoys_routing(
+        value in config_like(),
+        authority in respelled(),
+        path in prop_oneof![Just("/api/projects/p/x".to_owned()), Just("/openai/x".to_owned())],
+        cluster in prop_oneof![Just("aoai".to_owned()), Just("other".to_owned())],
+    ) {
+        if let Ok(config) = Config::parse(value.to_string().as_bytes()) {
+            if let Some(target) = config.route(&authority, &mut Given(path, cluster.clone())) {
+                let target = &config.targets[target];
+                prop_assert!(
+                    target.clusters.contains(&cluster),
+                    "{authority} went to {} without a cluster check", target.name
+                );
+            }
+        }
+    }
+
+    #[test]
     fn host_matching_never_panics(authority in ".{0,64}") {
-        let _ = Config::default().hosts.matches(&authority);
-        let _ = HostPatterns::new(vec![]).matches(&authority);
+        let config = Config::default();
+        let _ = config.route(&authority, &mut Given(authority.clone(), authority.clone()));
+        let _ = config.near_miss(&authority);
+        let _ = HostPatterns::new(vec![]).matches_bare(&authority);
+        let _ = HostPatterns::new(vec![]).matches_spelled(&authority);
     }
 
     #[test]
@@ -220,7 +331,7 @@ proptest! {
             prop_assert_eq!(n.to_string().into_bytes().len() <= value.len(), true);
         }
         let _ = (wire::is_json(Some(&value)), wire::is_identity(Some(&value)));
-        let _ = HostPatterns::new(vec![]).matches(&String::from_utf8_lossy(&value));
+        let _ = HostPatterns::new(vec![]).matches_bare(&String::from_utf8_lossy(&value));
     }
 
     #[test]
@@ -267,7 +378,7 @@ proptest! {
         };
         let claims = Claims { oid: Some(oid), ..Claims::default() };
         let facts = Facts { host: &host, token: Some(&claims) };
-        let a = annotate::explain(&failure, &facts, &Config::default(), NOW_MS, None);
+        let a = annotate::explain(&failure, &facts, RESOURCE, NOW_MS, None);
         let command = a.fields["fix_command"].as_str().unwrap();
         let assignee = after(command, "--assignee-object-id");
         prop_assert!(assignee == "<principal" || safe::guid(assignee).is_some(), "{command}");

@@ -38,8 +38,9 @@ fn sdk_call(envoy: &Envoy, max_retries: u32) -> Value {
     result
 }
 
-/// The SDK calls http://127.0.0.1:<port>, so that is the host to match.
-const LOCAL_HOSTS: &str = r#"{"hosts": ["127.0.0.1", "localhost"]}"#;
+/// The SDK calls http://127.0.0.1:<port>: a host with a port, so the target
+/// binds to the cluster Envoy routes it to (the harness's `upstream`).
+const LOCAL_HOSTS: &str = r#"{"targets": [{"name": "local", "hosts": ["127.0.0.1", "localhost"], "clusters": ["upstream"]}]}"#;
 
 #[test]
 fn a_successful_call_returns_the_completion() {
@@ -119,7 +120,7 @@ fn an_unreachable_token_endpoint_raises_a_503_naming_the_cause() {
         let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         probe.local_addr().unwrap().port()
     };
-    let config = r#"{"hosts": ["127.0.0.1"], "token_wait_timeout_ms": 500}"#;
+    let config = r#"{"targets": [{"hosts": ["127.0.0.1"], "clusters": ["upstream"]}], "token_wait_timeout_ms": 500}"#;
     let envoy = Envoy::start_yaml(&envoy_yaml(config, closed, emulator.port()), 2);
     let result = sdk_call(&envoy, 0);
     assert_eq!(result["status"], 503);

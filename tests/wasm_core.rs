@@ -4,6 +4,7 @@
 
 use aoai_msi_filter::agent::{Admission, Agent, Command};
 use aoai_msi_filter::config::Config;
+use aoai_msi_filter::route::Routed;
 use aoai_msi_filter::store::{self, memory::MemoryStore};
 use aoai_msi_filter::token::{parse_response, FetchFailure, Secret, Token, TokenRequest};
 use wasm_bindgen_test::wasm_bindgen_test;
@@ -24,14 +25,45 @@ fn configuration_errors_name_the_field_in_wasm() {
         "{e}"
     );
     assert_eq!(Config::parse(b"{}").unwrap(), Config::default());
+    let e = Config::parse(br#"{"targets":[{},{"paths":["x"]}]}"#)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("`targets[1].paths[0]`"), "{e}");
+}
+
+/// A request whose path and routed cluster are given.
+struct Given(&'static str, &'static str);
+
+impl Routed for Given {
+    fn path(&mut self) -> Option<&str> {
+        Some(self.0)
+    }
+    fn cluster(&mut self) -> Option<&str> {
+        Some(self.1)
+    }
 }
 
 #[wasm_bindgen_test]
-fn host_matching_in_wasm_refuses_lookalikes() {
-    let hosts = Config::default().hosts;
-    assert!(hosts.matches("MyRes.openai.azure.com:443"));
-    assert!(!hosts.matches("openai.azure.com.evil.example"));
-    assert!(!hosts.matches("xopenai.azure.com"));
+fn routing_in_wasm_refuses_lookalikes_and_respellings() {
+    let config = Config::default();
+    let mut request = Given("/openai/x", "any");
+    assert_eq!(
+        config.route("MyRes.openai.azure.com", &mut request),
+        Some(1)
+    );
+    for host in [
+        "myres.openai.azure.com:443",
+        "myres.openai.azure.com.",
+        "openai.azure.com.evil.example",
+        "xopenai.azure.com",
+    ] {
+        assert_eq!(config.route(host, &mut request), None, "{host}");
+    }
+    let mut project = Given("/api/projects/p/threads", "any");
+    assert_eq!(
+        config.route("acct.services.ai.azure.com", &mut project),
+        Some(0)
+    );
 }
 
 #[wasm_bindgen_test]
@@ -47,7 +79,7 @@ fn imds_answers_with_string_times_parse_in_wasm() {
     .token;
     assert_eq!(token.expires_at_ms, 1_763_838_699_000);
     assert!(!format!("{token:?}").contains("eyJ.a.b"));
-    let request = TokenRequest::imds(&Config::default());
+    let request = TokenRequest::imds(&Config::default().tokens[1]);
     assert!(request
         .path()
         .contains("resource=https%3A%2F%2Fcognitiveservices.azure.com"));
@@ -71,13 +103,16 @@ fn skew_margin_boundary_holds_to_the_millisecond_in_wasm() {
 
 #[wasm_bindgen_test]
 fn one_fetch_for_many_vms_in_wasm() {
-    let config = Config::default();
+    let spec = Config::default().tokens[1].clone();
     let mut shared = MemoryStore::default();
-    store::ensure_record(&mut shared, &Agent::record_key(&config)).unwrap();
-    let mut vms: Vec<Agent> = (0..4).map(|vm| Agent::new(config.clone(), vm)).collect();
+    store::ensure_record(&mut shared, &Agent::record_key(&spec)).unwrap();
+    let mut vms: Vec<Agent> = (0..4).map(|vm| Agent::new(spec.clone(), vm)).collect();
     let mut leaders = Vec::new();
     for (i, vm) in vms.iter_mut().enumerate() {
-        assert!(matches!(vm.admit(NOW_MS, i as u32), Admission::Park { .. }));
+        assert!(matches!(
+            vm.admit(NOW_MS, i as u32, 0),
+            Admission::Park { .. }
+        ));
         if vm.sync(NOW_MS, &mut shared).contains(&Command::Fetch) {
             leaders.push(i);
         }
@@ -92,7 +127,7 @@ fn one_fetch_for_many_vms_in_wasm() {
     for vm in vms.iter_mut() {
         vm.sync(NOW_MS + 6, &mut shared);
         assert!(matches!(
-            vm.admit(NOW_MS + 7, 99),
+            vm.admit(NOW_MS + 7, 99, 0),
             Admission::Authorize {
                 bearer: "Bearer tok",
                 ..

@@ -54,6 +54,12 @@ extern "C" {
         value_size: usize,
     ) -> u32;
     fn proxy_remove_header_map_value(kind: u32, key: *const u8, key_size: usize) -> u32;
+    fn proxy_get_property(
+        path: *const u8,
+        path_size: usize,
+        value: *mut *mut u8,
+        value_size: *mut usize,
+    ) -> u32;
     fn proxy_get_shared_data(
         key: *const u8,
         key_size: usize,
@@ -197,6 +203,14 @@ pub fn set_header(map: Map, name: &str, value: &[u8]) -> Result<(), u32> {
 pub fn remove_header(map: Map, name: &str) -> Result<(), u32> {
     // SAFETY: the pointer and length describe `name`.
     status(unsafe { proxy_remove_header_map_value(map as u32, name.as_ptr(), name.len()) })
+}
+
+/// A property, by its path serialised with [`crate::wire::serialize_path`].
+pub fn property(path: &[u8]) -> Result<Option<Vec<u8>>, u32> {
+    let (mut data, mut size) = (null_mut(), 0usize);
+    // SAFETY: the host reads `path` and writes a pointer and a length.
+    let code = unsafe { proxy_get_property(path.as_ptr(), path.len(), &mut data, &mut size) };
+    read(code, data, size)
 }
 
 /// `(value, cas)`; a key that was never set is `(None, None)`.

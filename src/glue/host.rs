@@ -84,6 +84,15 @@ pub fn request_header(name: &str) -> Option<Vec<u8>> {
     abi::header(Map::RequestHeaders, name).ok().flatten()
 }
 
+/// The cluster Envoy's route sends the current request to: Envoy 1.33+
+/// exposes it as `xds.cluster_name` (the bare `cluster_name` is gone). It is
+/// resolved before the first decoder filter runs.
+pub fn routed_cluster() -> Option<Vec<u8>> {
+    abi::property(&wire::serialize_path(&["xds", "cluster_name"]))
+        .ok()
+        .flatten()
+}
+
 /// A response header's bytes, `None` when absent or unreadable.
 pub fn response_header(name: &str) -> Option<Vec<u8>> {
     abi::header(Map::ResponseHeaders, name).ok().flatten()

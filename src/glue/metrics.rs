@@ -30,13 +30,9 @@ impl Metrics {
     }
 
     /// Set a gauge, or record a histogram value.
-    pub fn set(&mut self, metric: Metric, value: u64) {
-        if let Some(id) = self.id(metric, &[]) {
+    pub fn set(&mut self, metric: Metric, labels: &[&str], value: u64) {
+        if let Some(id) = self.id(metric, labels) {
             let _ = host::record_metric(id, value);
         }
-    }
-
-    pub fn record(&mut self, metric: Metric, value: u64) {
-        self.set(metric, value);
     }
 }

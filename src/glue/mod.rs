@@ -1,9 +1,12 @@
 //! proxy-wasm glue: callbacks in, decisions of the pure modules, host calls out.
 //!
 //! One root context per VM (per Envoy worker, plus two on the main thread)
-//! owns the VM's [`Agent`] and a notification queue; request contexts borrow
-//! the agent only to ask whether a token is ready. Token calls are always
-//! dispatched by the root, so a client hanging up cannot cancel them.
+//! owns the compiled configuration, one [`Agent`] per distinct token, and a
+//! notification queue; request contexts find their target, then borrow that
+//! target's agent only to ask whether a token is ready. Token calls are always
+//! dispatched by the root, so a client hanging up cannot cancel them; each
+//! call's answer is routed to the agent that made it (an unknown call id is
+//! dropped), and each notification names the record it is about.
 //!
 //! Every value read from the host is bytes, decoded by [`crate::wire`]; a
 //! value that does not decode is absent. Nothing here can panic on input.
@@ -20,12 +23,13 @@ use std::time::Duration;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType};
 
-use crate::agent::{Admission, Agent, Command, Event, Level, Replacement};
+use crate::agent::{Admission, Agent, Command, Event, Level, Replacement, Waiter};
 use crate::annotate::{self, BodyMode, BodyStep, Facts, Inspection, LogLimiter};
-use crate::config::{Config, IdentitySelector};
+use crate::config::Config;
 use crate::diagnose::DIAGNOSIS_HEADER;
 use crate::metrics as m;
-use crate::rewrite::HostPatterns;
+use crate::route::Routed;
+use crate::safe;
 use crate::store;
 use crate::token::{FetchFailure, TokenRequest, MAX_RESPONSE_BYTES};
 use crate::upstream::{self, UpstreamFailure};
@@ -39,8 +43,10 @@ const TICK: Duration = Duration::from_millis(250);
 const SEQUENCE_KEY: &str = "aoai-msi-filter/v2/vm-sequence";
 /// Process-wide list of live VMs' notification queues.
 const QUEUES_KEY: &str = "aoai-msi-filter/v2/queues";
-/// Messages drained from a queue per wake-up; they only say "look at the record".
+/// Messages drained from a queue per wake-up; each names a token record.
 const DRAIN_LIMIT: usize = 64;
+/// The log limiter's key for requests no target took.
+const NEAR_MISS: &str = "near-miss";
 
 proxy_wasm::main! {{
     host::install_logger();
@@ -52,83 +58,121 @@ proxy_wasm::main! {{
 struct Vm {
     root: u32,
     queue: u32,
-    hosts: HostPatterns,
-    request: TokenRequest,
-    agent: RefCell<Agent>,
+    config: Config,
+    /// One per token, in the order of `config.tokens`.
+    agents: RefCell<Vec<Agent>>,
+    /// The token call of each token, built once.
+    requests: Vec<TokenRequest>,
+    /// Token calls in flight: call id → token.
+    calls: RefCell<HashMap<u32, usize>>,
     /// Token generation each resumed request left with, until it takes it.
     resumed: RefCell<HashMap<u32, u64>>,
     metrics: RefCell<Metrics>,
-    /// Per-request counts, kept here and flushed on tick: no host call per request.
-    authorized: Cell<u64>,
+    /// Per-request counts by target, kept here and flushed on tick: no host
+    /// call per request.
+    authorized: Vec<Cell<u64>>,
     passed_through: Cell<u64>,
-    /// This VM's share of the waiting-requests gauge, as last reported.
-    waiting_reported: Cell<i64>,
+    /// This VM's share of the waiting-requests gauge, by target, as last reported.
+    waiting_reported: Vec<Cell<i64>>,
     /// When this VM last renewed its queue in the registry.
     heartbeat_ms: Cell<u64>,
     log_limiter: RefCell<LogLimiter>,
 }
 
 impl Vm {
-    /// Let the agent decide, then carry out what it decided.
-    fn drive(&self, decide: impl FnOnce(&mut Agent, u64) -> Vec<Command>) {
-        let commands = match self.agent.try_borrow_mut() {
-            Ok(mut agent) => decide(&mut agent, host::now_ms()),
+    fn target_name(&self, target: u32) -> &str {
+        self.config
+            .targets
+            .get(target as usize)
+            .map_or("", |t| t.name.as_str())
+    }
+
+    fn token_label(&self, token: usize) -> &str {
+        self.config
+            .tokens
+            .get(token)
+            .map_or("", |t| t.label.as_str())
+    }
+
+    /// Let token `token`'s agent decide, then carry out what it decided.
+    fn drive(&self, token: usize, decide: impl FnOnce(&mut Agent, u64) -> Vec<Command>) {
+        let commands = match self.agents.try_borrow_mut() {
+            Ok(mut agents) => match agents.get_mut(token) {
+                Some(agent) => decide(agent, host::now_ms()),
+                None => return,
+            },
             Err(_) => return,
         };
-        self.execute(commands);
+        self.execute(token, commands);
         self.report_waiting();
     }
 
-    /// Bring this VM's share of the waiting gauge to what the agent holds:
-    /// called after everything that can park or release a request, so the
-    /// gauge cannot drift whatever path released them.
+    /// Bring this VM's share of each target's waiting gauge to what the
+    /// agents hold: called after everything that can park or release a
+    /// request, so the gauge cannot drift whatever path released them.
     fn report_waiting(&self) {
-        let Ok(agent) = self.agent.try_borrow() else {
+        let Ok(agents) = self.agents.try_borrow() else {
             return;
         };
-        let now = i64::try_from(agent.parked()).unwrap_or(i64::MAX);
-        let delta = now - self.waiting_reported.replace(now);
-        if delta != 0 {
-            if let Ok(mut metrics) = self.metrics.try_borrow_mut() {
-                metrics.add(m::REQUESTS_WAITING, &[], delta);
+        for (target, reported) in self.waiting_reported.iter().enumerate() {
+            let Some(agent) = self
+                .config
+                .targets
+                .get(target)
+                .and_then(|t| agents.get(t.token))
+            else {
+                continue;
+            };
+            let now = i64::try_from(agent.parked_for(target as u32)).unwrap_or(i64::MAX);
+            let delta = now - reported.replace(now);
+            if delta != 0 {
+                if let Ok(mut metrics) = self.metrics.try_borrow_mut() {
+                    metrics.add(
+                        m::REQUESTS_WAITING,
+                        &[self.target_name(target as u32)],
+                        delta,
+                    );
+                }
             }
         }
     }
 
-    fn execute(&self, commands: Vec<Command>) {
+    fn execute(&self, token: usize, commands: Vec<Command>) {
         let mut pending = VecDeque::from(commands);
         while let Some(command) = pending.pop_front() {
             match command {
                 Command::Fetch => {
-                    if let Err(more) = self.dispatch_token_call() {
+                    if let Err(more) = self.dispatch_token_call(token) {
                         pending.extend(more);
                     }
                 }
                 Command::NotifyOthers => {
                     let now = host::now_ms();
                     let queues = store::queues(&HostStore, QUEUES_KEY, now).unwrap_or_default();
+                    let key = self.record_key(token);
                     for queue in queues.into_iter().filter(|q| *q != self.queue) {
-                        let _ = host::enqueue(queue, b"sync");
+                        let _ = host::enqueue(queue, key.as_bytes());
                     }
                 }
                 Command::Kick => {
-                    let _ = host::enqueue(self.queue, b"kick");
+                    let _ = host::enqueue(self.queue, self.record_key(token).as_bytes());
                 }
-                Command::Resume(requests) => self.resume(requests),
-                Command::Reject(requests, diagnosis) => {
-                    let body = diagnosis.body();
+                Command::Resume(waiters) => self.resume(token, waiters),
+                Command::Reject(waiters, diagnosis) => {
                     let owned = diagnosis.headers();
                     let headers: Vec<(&str, &str)> =
                         owned.iter().map(|(n, v)| (*n, v.as_str())).collect();
-                    for request in &requests {
-                        if host::enter(*request).is_ok() {
+                    for waiter in &waiters {
+                        let target = self.target_name(waiter.target);
+                        if host::enter(waiter.request).is_ok() {
+                            let body = diagnosis.body_for(target);
                             let _ = host::send_local_reply(diagnosis.status, &headers, &body);
+                        }
+                        if let Ok(mut metrics) = self.metrics.try_borrow_mut() {
+                            metrics.add(m::LOCAL_REPLIES, &[target, diagnosis.code], 1);
                         }
                     }
                     let _ = host::enter(self.root);
-                    if let Ok(mut metrics) = self.metrics.try_borrow_mut() {
-                        metrics.add(m::LOCAL_REPLIES, &[diagnosis.code], requests.len() as i64);
-                    }
                     // One line per diagnosis per interval, however many requests.
                     let now = host::now_ms();
                     if self
@@ -137,91 +181,120 @@ impl Vm {
                         .is_ok_and(|mut l| l.allow(diagnosis.code, now))
                     {
                         log::warn!(
-                            "answered {} waiting request(s) with {} {}: {}",
-                            requests.len(),
+                            "target {}: answered {} waiting request(s) with {} {}: {}",
+                            self.token_label(token),
+                            waiters.len(),
                             diagnosis.status,
                             diagnosis.code,
                             diagnosis.message
                         );
                     }
                 }
-                Command::Log(level, line) => match level {
-                    Level::Debug => log::debug!("{line}"),
-                    Level::Info => log::info!("{line}"),
-                    Level::Warn => log::warn!("{line}"),
-                },
-                Command::Record(event) => self.record(event),
+                Command::Log(level, line) => {
+                    let label = self.token_label(token);
+                    match level {
+                        Level::Debug => log::debug!("target {label}: {line}"),
+                        Level::Info => log::info!("target {label}: {line}"),
+                        Level::Warn => log::warn!("target {label}: {line}"),
+                    }
+                }
+                Command::Record(event) => self.record(token, event),
             }
         }
     }
 
-    fn dispatch_token_call(&self) -> Result<(), Vec<Command>> {
-        let headers: Vec<(&str, &str)> = self
-            .request
+    fn record_key(&self, token: usize) -> String {
+        self.agents
+            .try_borrow()
+            .ok()
+            .and_then(|agents| agents.get(token).map(|a| a.key().to_owned()))
+            .unwrap_or_default()
+    }
+
+    fn dispatch_token_call(&self, token: usize) -> Result<(), Vec<Command>> {
+        let Some(request) = self.requests.get(token) else {
+            return Ok(());
+        };
+        let headers: Vec<(&str, &str)> = request
             .headers
             .iter()
             .map(|(name, value)| (*name, value.as_str()))
             .collect();
-        let timeout = Duration::from_millis(self.request.timeout_ms);
-        match host::dispatch(&self.request.cluster, &headers, timeout) {
-            Ok(_) => Ok(()),
+        let timeout = Duration::from_millis(request.timeout_ms);
+        match host::dispatch(&request.cluster, &headers, timeout) {
+            Ok(call) => {
+                if let Ok(mut calls) = self.calls.try_borrow_mut() {
+                    calls.insert(call, token);
+                }
+                Ok(())
+            }
             Err(status) => {
                 log::warn!(
-                    "cannot dispatch the token call to cluster {} (host status {})",
-                    self.request.cluster,
+                    "target {}: cannot dispatch the token call to cluster {} (host status {})",
+                    self.token_label(token),
+                    request.cluster,
                     status.0
                 );
                 let failure = FetchFailure::Dispatch {
-                    cluster: self.request.cluster.clone(),
+                    cluster: request.cluster.clone(),
                 };
-                match self.agent.try_borrow_mut() {
-                    Ok(mut agent) => {
-                        Err(agent.fetched(host::now_ms(), &mut HostStore, Err(failure)))
-                    }
+                match self.agents.try_borrow_mut() {
+                    Ok(mut agents) => match agents.get_mut(token) {
+                        Some(agent) => {
+                            Err(agent.fetched(host::now_ms(), &mut HostStore, Err(failure)))
+                        }
+                        None => Ok(()),
+                    },
                     Err(_) => Ok(()),
                 }
             }
         }
     }
 
-    fn resume(&self, requests: Vec<u32>) {
-        let token = self
-            .agent
-            .try_borrow()
-            .ok()
-            .and_then(|a| Some((a.bearer()?.to_owned(), a.generation()?)));
-        let Some((bearer, generation)) = token else {
+    fn resume(&self, token: usize, waiters: Vec<Waiter>) {
+        let credential = self.agents.try_borrow().ok().and_then(|agents| {
+            let agent = agents.get(token)?;
+            Some((agent.bearer()?.to_owned(), agent.generation()?))
+        });
+        let Some((bearer, generation)) = credential else {
             return;
         };
-        for request in &requests {
-            if host::enter(*request).is_ok() && host::authorize_request(&bearer).is_ok() {
+        for waiter in &waiters {
+            if host::enter(waiter.request).is_ok() && host::authorize_request(&bearer).is_ok() {
                 if let Ok(mut resumed) = self.resumed.try_borrow_mut() {
-                    resumed.insert(*request, generation);
+                    resumed.insert(waiter.request, generation);
                 }
                 let _ = host::resume_request();
+                if let Some(count) = self.authorized.get(waiter.target as usize) {
+                    count.set(count.get() + 1);
+                }
             }
         }
         let _ = host::enter(self.root);
-        self.authorized
-            .set(self.authorized.get() + requests.len() as u64);
     }
 
-    fn record(&self, event: Event) {
+    fn record(&self, token: usize, event: Event) {
         let Ok(mut metrics) = self.metrics.try_borrow_mut() else {
             return;
         };
+        let label = self.token_label(token);
+        let kind = self
+            .config
+            .tokens
+            .get(token)
+            .map_or("", |t| t.source.kind());
         match event {
             Event::Fetched {
                 outcome,
                 duration_ms,
             } => {
-                metrics.add(m::TOKEN_FETCHES, &["imds", &outcome], 1);
+                metrics.add(m::TOKEN_FETCHES, &[label, kind, &outcome], 1);
                 if let Some(ms) = duration_ms {
-                    metrics.record(m::TOKEN_FETCH_DURATION, ms);
+                    metrics.set(m::TOKEN_FETCH_DURATION, &[label], ms);
                 }
             }
-            Event::RefreshStarted => metrics.add(m::TOKEN_REFRESHES, &[], 1),
-            Event::Invalidated => metrics.add(m::TOKEN_INVALIDATIONS, &[], 1),
+            Event::RefreshStarted => metrics.add(m::TOKEN_REFRESHES, &[label], 1),
+            Event::Invalidated => metrics.add(m::TOKEN_INVALIDATIONS, &[label], 1),
         }
     }
 
@@ -237,45 +310,79 @@ impl Vm {
         match store::register_queue(&mut HostStore, QUEUES_KEY, self.queue, now_ms) {
             Ok(live) => {
                 if let Ok(mut metrics) = self.metrics.try_borrow_mut() {
-                    metrics.set(m::NOTIFICATION_QUEUES, live as u64);
+                    metrics.set(m::NOTIFICATION_QUEUES, &[], live as u64);
                 }
             }
             Err(e) => log::debug!("cannot renew the notification queue: {e}"),
         }
     }
 
-    /// Per-tick bookkeeping: flush request counters, refresh the expiry gauge.
+    /// Per-tick bookkeeping: flush request counters, refresh the expiry gauges.
     fn flush_metrics(&self, now_ms: u64) {
-        let expires_in = self
-            .agent
-            .try_borrow()
-            .ok()
-            .and_then(|a| a.expires_at_ms())
-            .map_or(0, |at| at.saturating_sub(now_ms) / 1000);
+        let expiries: Vec<u64> = match self.agents.try_borrow() {
+            Ok(agents) => agents
+                .iter()
+                .map(|a| {
+                    a.expires_at_ms()
+                        .map_or(0, |at| at.saturating_sub(now_ms) / 1000)
+                })
+                .collect(),
+            Err(_) => return,
+        };
         let Ok(mut metrics) = self.metrics.try_borrow_mut() else {
             return;
         };
-        for (counter, metric) in [
-            (&self.authorized, m::REQUESTS_AUTHORIZED),
-            (&self.passed_through, m::REQUESTS_PASSED_THROUGH),
-        ] {
-            let n = counter.replace(0);
+        for (target, count) in self.authorized.iter().enumerate() {
+            let n = count.replace(0);
             if n > 0 {
-                metrics.add(metric, &[], n as i64);
+                metrics.add(
+                    m::REQUESTS_AUTHORIZED,
+                    &[self.target_name(target as u32)],
+                    n as i64,
+                );
             }
         }
-        metrics.set(m::TOKEN_EXPIRES_IN, expires_in);
+        let passed = self.passed_through.replace(0);
+        if passed > 0 {
+            metrics.add(m::REQUESTS_PASSED_THROUGH, &[], passed as i64);
+        }
+        for (token, seconds) in expiries.into_iter().enumerate() {
+            metrics.set(m::TOKEN_EXPIRES_IN, &[self.token_label(token)], seconds);
+        }
+    }
+
+    /// A request no target took: say why, if it looks like one a target meant.
+    fn note_near_miss(&self, authority: &str) {
+        let Some(miss) = self.config.near_miss(authority) else {
+            return;
+        };
+        let now = host::now_ms();
+        if self
+            .log_limiter
+            .try_borrow_mut()
+            .is_ok_and(|mut l| l.allow(NEAR_MISS, now))
+        {
+            let host = safe::or(Some(authority), safe::host, annotate::placeholder::HOST);
+            log::info!("request to {host} {}", miss.explain());
+        }
     }
 }
 
 impl Drop for Vm {
-    /// The VM's configuration went away (a reload): stop being notified.
+    /// The VM's configuration went away (a reload): stop being notified, and
+    /// take this VM's share out of the waiting gauges.
     fn drop(&mut self) {
         let _ = store::unregister_queue(&mut HostStore, QUEUES_KEY, self.queue);
-        let waiting = self.waiting_reported.replace(0);
-        if waiting != 0 {
-            if let Ok(mut metrics) = self.metrics.try_borrow_mut() {
-                metrics.add(m::REQUESTS_WAITING, &[], -waiting);
+        for (target, reported) in self.waiting_reported.iter().enumerate() {
+            let waiting = reported.replace(0);
+            if waiting != 0 {
+                if let Ok(mut metrics) = self.metrics.try_borrow_mut() {
+                    metrics.add(
+                        m::REQUESTS_WAITING,
+                        &[self.target_name(target as u32)],
+                        -waiting,
+                    );
+                }
             }
         }
     }
@@ -290,47 +397,53 @@ impl Root {
     fn configure(&self, config: Config) -> Result<Vm, String> {
         let mut store = HostStore;
         let sequence = store::next_sequence(&mut store, SEQUENCE_KEY).unwrap_or(self.id);
-        let agent = Agent::new(config, sequence);
-        store::ensure_record(&mut store, agent.key()).map_err(|e| e.to_string())?;
+        let mut agents = Vec::with_capacity(config.tokens.len());
+        let mut requests = Vec::with_capacity(config.tokens.len());
+        for spec in &config.tokens {
+            let agent = Agent::new(spec.clone(), sequence);
+            store::ensure_record(&mut store, agent.key()).map_err(|e| e.to_string())?;
+            requests.push(TokenRequest::imds(spec));
+            agents.push(agent);
+        }
         let queue = host::register_queue(&format!("aoai-msi-filter/v2/queue/{sequence}"))
             .map_err(|s| format!("cannot register a shared queue (host status {})", s.0))?;
         let now = host::now_ms();
         store::register_queue(&mut store, QUEUES_KEY, queue, now).map_err(|e| e.to_string())?;
         host::set_tick(TICK)
             .map_err(|s| format!("cannot set a tick period (host status {})", s.0))?;
-        let config = agent.config();
-        let imds = config.imds();
-        let identity = match &imds.identity {
-            IdentitySelector::Default => "the VM's identity".to_owned(),
-            IdentitySelector::ClientId(v) => format!("client_id {v}"),
-            IdentitySelector::ObjectId(v) => format!("object_id {v}"),
-            IdentitySelector::ResourceId(v) => format!("msi_res_id {v}"),
-        };
-        let hosts: Vec<String> = config
-            .hosts
-            .patterns()
-            .iter()
-            .map(|p| p.to_string())
-            .collect();
-        log::debug!(
-            "vm {sequence} configured: hosts [{}], resource {}, IMDS via cluster {} for {identity}",
-            hosts.join(", "),
-            config.resource,
-            imds.cluster
-        );
+        for target in &config.targets {
+            let hosts: Vec<String> = target
+                .hosts
+                .patterns()
+                .iter()
+                .map(|p| p.to_string())
+                .collect();
+            let token = &config.tokens[target.token];
+            log::debug!(
+                "vm {sequence}: target {} hosts [{}] paths [{}] clusters [{}]: resource {}, {}",
+                target.name,
+                hosts.join(", "),
+                target.paths.join(", "),
+                target.clusters.join(", "),
+                token.resource,
+                token.source.describe()
+            );
+        }
+        let targets = config.targets.len();
         Ok(Vm {
             root: self.id,
             queue,
-            hosts: config.hosts.clone(),
-            request: TokenRequest::imds(config),
-            agent: RefCell::new(agent),
+            agents: RefCell::new(agents),
+            requests,
+            calls: RefCell::new(HashMap::new()),
             resumed: RefCell::new(HashMap::new()),
             metrics: RefCell::new(Metrics::default()),
-            authorized: Cell::new(0),
+            authorized: (0..targets).map(|_| Cell::new(0)).collect(),
             passed_through: Cell::new(0),
-            waiting_reported: Cell::new(0),
+            waiting_reported: (0..targets).map(|_| Cell::new(0)).collect(),
             heartbeat_ms: Cell::new(now),
             log_limiter: RefCell::new(LogLimiter::default()),
+            config,
         })
     }
 }
@@ -338,16 +451,25 @@ impl Root {
 impl Context for Root {
     fn on_http_call_response(
         &mut self,
-        _token: u32,
+        call: u32,
         _headers: usize,
         body_size: usize,
         _trailers: usize,
     ) {
         let Some(vm) = &self.vm else { return };
+        // The agent that made this call; an unknown call id is dropped.
+        let token = vm
+            .calls
+            .try_borrow_mut()
+            .ok()
+            .and_then(|mut calls| calls.remove(&call));
+        let Some(token) = token else { return };
         let status = host::call_status();
         // Read one byte past the bound so an oversized body is recognised unread.
         let body = host::call_body(body_size.min(MAX_RESPONSE_BYTES + 1));
-        vm.drive(|agent, now| agent.answered(now, &mut HostStore, status, &body));
+        vm.drive(token, |agent, now| {
+            agent.answered(now, &mut HostStore, status, &body)
+        });
     }
 }
 
@@ -374,16 +496,29 @@ impl RootContext for Root {
 
     fn on_tick(&mut self) {
         let Some(vm) = &self.vm else { return };
-        vm.drive(|agent, now| agent.tick(now, &mut HostStore));
+        for token in 0..vm.config.tokens.len() {
+            vm.drive(token, |agent, now| agent.tick(now, &mut HostStore));
+        }
         let now = host::now_ms();
         vm.heartbeat(now);
         vm.flush_metrics(now);
     }
 
     fn on_queue_ready(&mut self, queue: u32) {
-        host::drain(queue, DRAIN_LIMIT);
-        if let Some(vm) = &self.vm {
-            vm.drive(|agent, now| agent.sync(now, &mut HostStore));
+        let messages = host::drain(queue, DRAIN_LIMIT);
+        let Some(vm) = &self.vm else { return };
+        // Each message names a record; records of other configurations are not ours.
+        let tokens: Vec<usize> = match vm.agents.try_borrow() {
+            Ok(agents) => agents
+                .iter()
+                .enumerate()
+                .filter(|(_, a)| messages.iter().any(|m| m == a.key().as_bytes()))
+                .map(|(token, _)| token)
+                .collect(),
+            Err(_) => return,
+        };
+        for token in tokens {
+            vm.drive(token, |agent, now| agent.sync(now, &mut HostStore));
         }
     }
 
@@ -392,7 +527,7 @@ impl RootContext for Root {
             id,
             vm: self.vm.clone(),
             host: String::new(),
-            matched: false,
+            target: None,
             parked: false,
             authorized: None,
             inspection: None,
@@ -404,12 +539,42 @@ impl RootContext for Root {
     }
 }
 
+/// The request's path and routed cluster, read from the host at most once,
+/// and only if a target asks.
+#[derive(Default)]
+struct Lookups {
+    path: Option<Option<String>>,
+    cluster: Option<Option<String>>,
+}
+
+impl Routed for Lookups {
+    fn path(&mut self) -> Option<&str> {
+        self.path
+            .get_or_insert_with(|| {
+                host::request_header(":path")
+                    .as_deref()
+                    .and_then(wire::text)
+                    .map(str::to_owned)
+            })
+            .as_deref()
+    }
+
+    fn cluster(&mut self) -> Option<&str> {
+        self.cluster
+            .get_or_insert_with(|| {
+                host::routed_cluster().and_then(|bytes| String::from_utf8(bytes).ok())
+            })
+            .as_deref()
+    }
+}
+
 struct Request {
     id: u32,
     vm: Option<Rc<Vm>>,
-    /// `:authority` as the application sent it (only kept for matched requests).
+    /// `:authority` as the application sent it (kept for matched requests).
     host: String,
-    matched: bool,
+    /// The target the request matched, if any: only then is it ours.
+    target: Option<u32>,
     parked: bool,
     /// Generation of the token this request left with, if it got one.
     authorized: Option<u64>,
@@ -419,31 +584,41 @@ struct Request {
 impl Request {
     /// The upstream rejected the token this request carried: ask for a
     /// replacement (the root fetches it), and learn what became of it.
-    fn token_rejected(&self, vm: &Vm, generation: u64) -> Option<Replacement> {
-        let (replacement, commands) = match vm.agent.try_borrow_mut() {
-            Ok(mut agent) => agent.invalidate(host::now_ms(), &mut HostStore, generation),
+    fn token_rejected(&self, vm: &Vm, token: usize, generation: u64) -> Option<Replacement> {
+        let (replacement, commands) = match vm.agents.try_borrow_mut() {
+            Ok(mut agents) => {
+                agents
+                    .get_mut(token)?
+                    .invalidate(host::now_ms(), &mut HostStore, generation)
+            }
             Err(_) => return None,
         };
         // Only a kick, metrics and log lines: safe from a request.
-        vm.execute(commands);
+        vm.execute(token, commands);
         Some(replacement)
     }
 
     /// Explain an upstream authorization failure: metric, log line, and, when
     /// the body is held for it, the annotated body.
-    fn explain(&self, vm: &Vm, inspection: &Inspection, rewrite: bool, size: usize) {
+    fn explain(&self, vm: &Vm, target: u32, inspection: &Inspection, rewrite: bool, size: usize) {
         let body = inspection.collected();
         let Some(failure) = upstream::classify(inspection.status, body) else {
             return;
         };
+        let Some(token) = vm.config.targets.get(target as usize).map(|t| t.token) else {
+            return;
+        };
         // Read the token's claims before a rejection changes the record.
-        let (claims, config) = match vm.agent.try_borrow() {
-            Ok(agent) => (agent.claims().cloned(), agent.config().clone()),
+        let (claims, resource) = match vm.agents.try_borrow() {
+            Ok(agents) => match agents.get(token) {
+                Some(agent) => (agent.claims().cloned(), agent.spec().resource.clone()),
+                None => return,
+            },
             Err(_) => return,
         };
         let replacement = match (&failure, self.authorized) {
             (UpstreamFailure::TokenRejected { .. }, Some(generation)) => {
-                self.token_rejected(vm, generation)
+                self.token_rejected(vm, token, generation)
             }
             _ => None,
         };
@@ -452,19 +627,23 @@ impl Request {
             token: self.authorized.and(claims.as_ref()),
         };
         let now = host::now_ms();
-        let annotation = annotate::explain(&failure, &facts, &config, now, replacement);
+        let annotation = annotate::explain(&failure, &facts, &resource, now, replacement);
+        let name = vm.target_name(target);
         if let Ok(mut metrics) = vm.metrics.try_borrow_mut() {
-            metrics.add(m::UPSTREAM_AUTH_FAILURES, &[annotation.diagnosis], 1);
+            metrics.add(m::UPSTREAM_AUTH_FAILURES, &[name, annotation.diagnosis], 1);
         }
         if vm
             .log_limiter
             .try_borrow_mut()
             .is_ok_and(|mut l| l.allow(annotation.diagnosis, now))
         {
-            log::warn!("{}", annotation.log_line(inspection.status, &self.host));
+            log::warn!(
+                "target {name}: {}",
+                annotation.log_line(inspection.status, &self.host)
+            );
         }
         if rewrite {
-            if let Some(annotated) = annotate::annotated_body(body, &annotation) {
+            if let Some(annotated) = annotate::annotated_body(body, &annotation, name) {
                 if let Err(status) = host::replace_response_body(size, annotated.as_bytes()) {
                     log::warn!(
                         "cannot annotate the response body (host status {})",
@@ -492,21 +671,29 @@ impl HttpContext for Request {
             .as_deref()
             .and_then(wire::text)
             .unwrap_or_default();
-        self.matched = vm.hosts.matches(host);
-        if !self.matched {
+        let Some(target) = vm.config.route(host, &mut Lookups::default()) else {
             vm.passed_through.set(vm.passed_through.get() + 1);
-            return Action::Continue;
-        }
-        self.host = host.to_owned();
-        let Ok(mut agent) = vm.agent.try_borrow_mut() else {
+            vm.note_near_miss(host);
             return Action::Continue;
         };
-        match agent.admit(host::now_ms(), self.id) {
+        let token = vm.config.targets[target].token;
+        let target = target as u32;
+        self.target = Some(target);
+        self.host = host.to_owned();
+        let Ok(mut agents) = vm.agents.try_borrow_mut() else {
+            return Action::Continue;
+        };
+        let Some(agent) = agents.get_mut(token) else {
+            return Action::Continue;
+        };
+        match agent.admit(host::now_ms(), self.id, target) {
             Admission::Authorize { bearer, generation } => {
                 match host::authorize_request(bearer) {
                     Ok(()) => {
                         self.authorized = Some(generation);
-                        vm.authorized.set(vm.authorized.get() + 1);
+                        if let Some(count) = vm.authorized.get(target as usize) {
+                            count.set(count.get() + 1);
+                        }
                     }
                     Err(status) => {
                         log::warn!("cannot rewrite request headers (host status {})", status.0)
@@ -515,11 +702,12 @@ impl HttpContext for Request {
                 Action::Continue
             }
             Admission::Park { kick } => {
-                drop(agent);
+                let key = agent.key().as_bytes().to_vec();
+                drop(agents);
                 self.parked = true;
                 vm.report_waiting();
                 if kick {
-                    let _ = host::enqueue(vm.queue, b"kick");
+                    let _ = host::enqueue(vm.queue, &key);
                 }
                 Action::Pause
             }
@@ -529,11 +717,14 @@ impl HttpContext for Request {
     fn on_http_request_body(&mut self, _size: usize, _end_of_stream: bool) -> Action {
         // A body chunk must not release a request whose headers are still
         // waiting for a token: Envoy would continue the headers unrewritten.
+        // (Envoy holds the body itself while headers pause, unless the plugin
+        // sets allow_on_headers_stop_iteration; this is the safety net.)
         let still_parked = self.parked
-            && self
-                .vm
-                .as_ref()
-                .is_some_and(|vm| vm.agent.try_borrow().map_or(true, |a| a.is_parked(self.id)));
+            && self.vm.as_ref().is_some_and(|vm| {
+                vm.agents
+                    .try_borrow()
+                    .map_or(true, |agents| agents.iter().any(|a| a.is_parked(self.id)))
+            });
         if still_parked {
             Action::Pause
         } else {
@@ -542,8 +733,8 @@ impl HttpContext for Request {
     }
 
     fn on_http_response_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
-        // Answers to requests the filter did not match are not ours: untouched.
-        if !self.matched {
+        // Answers to requests no target matched are not ours: untouched.
+        if self.target.is_none() {
             return Action::Continue;
         }
         let Some(vm) = &self.vm else {
@@ -598,8 +789,10 @@ impl HttpContext for Request {
             BodyStep::Hold => Action::Pause,
             BodyStep::Pass => Action::Continue,
             BodyStep::Explain { rewrite } => {
-                if let (Some(inspection), Some(vm)) = (self.inspection.take(), self.vm.clone()) {
-                    self.explain(&vm, &inspection, rewrite, size);
+                if let (Some(inspection), Some(vm), Some(target)) =
+                    (self.inspection.take(), self.vm.clone(), self.target)
+                {
+                    self.explain(&vm, target, &inspection, rewrite, size);
                 }
                 Action::Continue
             }
@@ -610,8 +803,10 @@ impl HttpContext for Request {
 impl Drop for Request {
     fn drop(&mut self) {
         if let (true, Some(vm)) = (self.parked, &self.vm) {
-            if let Ok(mut agent) = vm.agent.try_borrow_mut() {
-                agent.forget(self.id);
+            if let Ok(mut agents) = vm.agents.try_borrow_mut() {
+                for agent in agents.iter_mut() {
+                    agent.forget(self.id);
+                }
             }
             vm.report_waiting();
             if let Ok(mut resumed) = vm.resumed.try_borrow_mut() {

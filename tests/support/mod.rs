@@ -86,69 +86,19 @@ pub fn envoy_yaml_for(
     imds_port: u16,
     upstream_port: u16,
 ) -> String {
-    let config = serde_json::to_string(filter_config).unwrap();
-    let extra = if plugin_extra.is_empty() {
-        String::new()
-    } else {
-        format!("                {plugin_extra}\n")
-    };
-    format!(
-        r#"{STATS_TAGS}admin:
-  address: {{ socket_address: {{ address: 127.0.0.1, port_value: 0 }} }}
-static_resources:
-  listeners:
-  - name: app
-    address: {{ socket_address: {{ address: 127.0.0.1, port_value: 0 }} }}
-    filter_chains:
-    - filters:
-      - name: envoy.filters.network.http_connection_manager
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: e2e
-          route_config:
-            virtual_hosts:
-            - name: all
-              domains: ["*"]
-              routes:
-              - match: {{ prefix: "/" }}
-                route: {{ cluster: upstream, timeout: 60s }}
-          http_filters:
-          - name: aoai-msi-filter
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm
-              config:
-                name: aoai-msi-filter
-                root_id: aoai-msi-filter
-{extra}                configuration:
-                  "@type": type.googleapis.com/google.protobuf.StringValue
-                  value: {config}
-                vm_config:
-                  vm_id: aoai-msi-filter
-                  runtime: envoy.wasm.runtime.v8
-                  code: {{ local: {{ filename: "{wasm}" }} }}
-          - name: envoy.filters.http.router
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
-  clusters:
-  - name: azure_imds
-    type: STATIC
-    connect_timeout: 1s
-    load_assignment:
-      cluster_name: azure_imds
-      endpoints:
-      - lb_endpoints:
-        - endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {imds_port} }} }} }}
-  - name: upstream
-    type: STATIC
-    connect_timeout: 1s
-    load_assignment:
-      cluster_name: upstream
-      endpoints:
-      - lb_endpoints:
-        - endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {upstream_port} }} }} }}
-"#,
-        wasm = wasm.display(),
-        STATS_TAGS = stats_tags_yaml(),
+    Plugin {
+        wasm,
+        extra: plugin_extra,
+        config: filter_config,
+    }
+    .envoy_yaml(
+        "",
+        &[VirtualHost {
+            name: "all",
+            domains: &["*"],
+            routes: &[("/", "upstream")],
+        }],
+        &[("azure_imds", imds_port), ("upstream", upstream_port)],
     )
 }
 
@@ -442,4 +392,147 @@ pub fn metric(text: &str, series: &str) -> f64 {
         .unwrap_or_else(|| panic!("{series} not in:\n{text}"))
         .parse()
         .unwrap()
+}
+
+/// A virtual host of [`routed_envoy_yaml`]: its domains, and a route per
+/// `(path prefix, cluster)`.
+pub struct VirtualHost<'a> {
+    pub name: &'a str,
+    pub domains: &'a [&'a str],
+    pub routes: &'a [(&'a str, &'a str)],
+}
+
+/// A wasm module as an HTTP filter: its file, extra plugin fields (YAML), and
+/// its JSON configuration.
+pub struct Plugin<'a> {
+    pub wasm: &'a Path,
+    pub extra: &'a str,
+    pub config: &'a str,
+}
+
+impl Plugin<'_> {
+    /// An Envoy config with this plugin, these virtual hosts, and these
+    /// clusters (name → port on 127.0.0.1); `hcm_extra` is added to the HTTP
+    /// connection manager (e.g. `strip_any_host_port: true`).
+    pub fn envoy_yaml(
+        &self,
+        hcm_extra: &str,
+        vhosts: &[VirtualHost<'_>],
+        clusters: &[(&str, u16)],
+    ) -> String {
+        let mut yaml = format!(
+            r#"{}admin:
+  address: {{ socket_address: {{ address: 127.0.0.1, port_value: 0 }} }}
+static_resources:
+  listeners:
+  - name: app
+    address: {{ socket_address: {{ address: 127.0.0.1, port_value: 0 }} }}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: e2e
+"#,
+            stats_tags_yaml()
+        );
+        for line in hcm_extra.lines() {
+            yaml.push_str(&format!("          {line}\n"));
+        }
+        yaml.push_str("          route_config:\n            virtual_hosts:\n");
+        for vhost in vhosts {
+            let domains: Vec<String> = vhost.domains.iter().map(|d| format!("\"{d}\"")).collect();
+            yaml.push_str(&format!(
+                "            - name: {}\n              domains: [{}]\n              routes:\n",
+                vhost.name,
+                domains.join(", ")
+            ));
+            for (prefix, cluster) in vhost.routes {
+                yaml.push_str(&format!(
+                    "              - match: {{ prefix: \"{prefix}\" }}\n                route: {{ cluster: {cluster}, timeout: 60s }}\n"
+                ));
+            }
+        }
+        let extra = if self.extra.is_empty() {
+            String::new()
+        } else {
+            format!("                {}\n", self.extra)
+        };
+        yaml.push_str(&format!(
+            r#"          http_filters:
+          - name: aoai-msi-filter
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm
+              config:
+                name: aoai-msi-filter
+                root_id: aoai-msi-filter
+{extra}                configuration:
+                  "@type": type.googleapis.com/google.protobuf.StringValue
+                  value: {}
+                vm_config:
+                  vm_id: aoai-msi-filter
+                  runtime: envoy.wasm.runtime.v8
+                  code: {{ local: {{ filename: "{}" }} }}
+          - name: envoy.filters.http.router
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+  clusters:
+"#,
+            serde_json::to_string(self.config).unwrap(),
+            self.wasm.display()
+        ));
+        for (name, port) in clusters {
+            yaml.push_str(&format!(
+                r#"  - name: {name}
+    type: STATIC
+    connect_timeout: 1s
+    load_assignment:
+      cluster_name: {name}
+      endpoints:
+      - lb_endpoints:
+        - endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {port} }} }} }}
+"#
+            ));
+        }
+        yaml
+    }
+}
+
+/// The filter, configured by `filter_config`, in an Envoy with these virtual
+/// hosts and clusters (see [`Plugin::envoy_yaml`]).
+pub fn routed_envoy_yaml(
+    filter_config: &str,
+    hcm_extra: &str,
+    vhosts: &[VirtualHost<'_>],
+    clusters: &[(&str, u16)],
+) -> String {
+    Plugin {
+        wasm: &wasm(),
+        extra: "",
+        config: filter_config,
+    }
+    .envoy_yaml(hcm_extra, vhosts, clusters)
+}
+
+/// A request to `path` through Envoy with this `Host`, carrying an api-key,
+/// as an application with a key sends it.
+pub fn post_to(
+    client: &reqwest::Client,
+    envoy: &Envoy,
+    host: &str,
+    path: &str,
+) -> reqwest::RequestBuilder {
+    client
+        .post(envoy.url(path))
+        .header("host", host)
+        .header("api-key", "app-key-123")
+        .header("content-type", "application/json")
+        .body(r#"{"messages":[{"role":"user","content":"hi"}],"input_data":[[1,2]]}"#)
+}
+
+/// [`post_to`], sent: (status, body).
+pub async fn send_to(envoy: &Envoy, host: &str, path: &str) -> (u16, String) {
+    let response = post_to(&client(), envoy, host, path).send().await.unwrap();
+    let status = response.status().as_u16();
+    (status, response.text().await.unwrap())
 }

@@ -1,0 +1,381 @@
+use super::*;
+
+fn err(json: &str) -> String {
+    Config::parse(json.as_bytes()).unwrap_err().to_string()
+}
+
+fn parse(json: &str) -> Config {
+    Config::parse(json.as_bytes()).unwrap_or_else(|e| panic!("{json}: {e}"))
+}
+
+fn resource_of(c: &Config, target: usize) -> &str {
+    &c.token_of(target).unwrap().resource
+}
+
+#[test]
+fn empty_object_and_empty_bytes_mean_foundry_projects_then_the_three_suffixes() {
+    let from_object = parse("{}");
+    assert_eq!(from_object, Config::parse(b"  ").unwrap());
+    assert_eq!(from_object, Config::default());
+    let names: Vec<&str> = from_object
+        .targets
+        .iter()
+        .map(|t| t.name.as_str())
+        .collect();
+    assert_eq!(names, ["foundry-projects", "default"]);
+    let foundry = &from_object.targets[0];
+    assert_eq!(
+        foundry.hosts.patterns()[0].to_string(),
+        "*.services.ai.azure.com"
+    );
+    assert_eq!(foundry.paths, ["/api/projects/"]);
+    assert_eq!(resource_of(&from_object, 0), "https://ai.azure.com");
+    assert_eq!(
+        resource_of(&from_object, 1),
+        "https://cognitiveservices.azure.com"
+    );
+    let hosts: Vec<String> = from_object.targets[1]
+        .hosts
+        .patterns()
+        .iter()
+        .map(|p| p.to_string())
+        .collect();
+    assert_eq!(hosts, DEFAULT_HOSTS);
+    assert_eq!(from_object.tokens.len(), 2, "two audiences, two tokens");
+    assert!(
+        !from_object.tokens[0].prefetch,
+        "the Foundry token is fetched on first use"
+    );
+    assert!(
+        from_object.tokens[1].prefetch,
+        "the Azure OpenAI token at start-up"
+    );
+    let imds = from_object.tokens[1].imds();
+    assert_eq!(imds.cluster, "azure_imds");
+    assert_eq!(imds.authority, "169.254.169.254");
+    assert_eq!(imds.identity, IdentitySelector::Default);
+    assert_eq!(from_object.tokens[1].token_wait_timeout_ms, 5_000);
+}
+
+#[test]
+fn the_shorthand_is_read_field_by_field() {
+    let c = parse(
+        r#"{"token_source":{"type":"imds","cluster":"outbound|80||imds.azure.internal",
+             "authority":"imds.azure.internal","client_id":"1111-2222","timeout_ms":750},
+             "hosts":["myres.openai.azure.com"],"resource":"https://cognitiveservices.azure.us",
+             "token_wait_timeout_ms":2500}"#,
+    );
+    assert_eq!(c.targets.len(), 1);
+    assert_eq!(c.targets[0].name, "default");
+    let token = c.token_of(0).unwrap();
+    let imds = token.imds();
+    assert_eq!(imds.cluster, "outbound|80||imds.azure.internal");
+    assert_eq!(imds.authority, "imds.azure.internal");
+    assert_eq!(
+        imds.identity,
+        IdentitySelector::ClientId("1111-2222".into())
+    );
+    assert_eq!(imds.timeout_ms, 750);
+    assert!(c.targets[0].hosts.matches_bare("MyRes.OpenAI.Azure.com"));
+    assert!(!c.targets[0].hosts.matches_bare("other.openai.azure.com"));
+    assert_eq!(token.resource, "https://cognitiveservices.azure.us");
+    assert_eq!(token.token_wait_timeout_ms, 2500);
+}
+
+#[test]
+fn a_shorthand_identity_applies_to_both_default_targets() {
+    let c = parse(r#"{"token_source":{"client_id":"c1"}}"#);
+    assert_eq!(c.targets.len(), 2);
+    for token in &c.tokens {
+        assert_eq!(
+            token.imds().identity,
+            IdentitySelector::ClientId("c1".into())
+        );
+    }
+    // An explicit resource without hosts means one target with the default hosts.
+    let c = parse(r#"{"resource":"https://ai.azure.com"}"#);
+    assert_eq!(c.targets.len(), 1);
+    assert_eq!(resource_of(&c, 0), "https://ai.azure.com");
+}
+
+#[test]
+fn each_alternative_selector_is_accepted_alone() {
+    let o = parse(r#"{"token_source":{"object_id":"oid-1"}}"#);
+    assert_eq!(
+        o.tokens[0].imds().identity,
+        IdentitySelector::ObjectId("oid-1".into())
+    );
+    let r = parse(r#"{"token_source":{"msi_res_id":"/subscriptions/s/x"}}"#);
+    assert_eq!(
+        r.tokens[0].imds().identity,
+        IdentitySelector::ResourceId("/subscriptions/s/x".into())
+    );
+}
+
+#[test]
+fn the_contracts_targets_example_compiles_into_targets_and_distinct_tokens() {
+    let c = parse(
+        r#"{"targets":[
+            {"name":"chat","hosts":["east.openai.azure.com"],"clusters":["aoai_east"],
+             "token_source":{"type":"imds","client_id":"id-1"}},
+            {"name":"agents","hosts":["*.services.ai.azure.com"],"paths":["/api/projects/"]},
+            {"name":"scoring","hosts":["*.inference.ml.azure.com"]},
+            {"name":"gov","hosts":["*.openai.azure.us"]},
+            {"name":"west","hosts":["west.openai.azure.com"],"token_source":{"client_id":"id-1"}}
+          ],
+          "token_wait_timeout_ms": 5000}"#,
+    );
+    let names: Vec<&str> = c.targets.iter().map(|t| t.name.as_str()).collect();
+    assert_eq!(names, ["chat", "agents", "scoring", "gov", "west"]);
+    assert_eq!(c.targets[0].clusters, ["aoai_east"]);
+    let resources: Vec<&str> = (0..5).map(|t| resource_of(&c, t)).collect();
+    assert_eq!(
+        resources,
+        [
+            "https://cognitiveservices.azure.com",
+            "https://ai.azure.com",
+            "https://ml.azure.com",
+            "https://cognitiveservices.azure.us",
+            "https://cognitiveservices.azure.com",
+        ]
+    );
+    // chat and west: same identity and audience, one token.
+    assert_eq!(c.targets[0].token, c.targets[4].token);
+    assert_eq!(c.tokens.len(), 4);
+    assert_eq!(
+        c.tokens[c.targets[4].token].label, "chat",
+        "named after its first target"
+    );
+}
+
+#[test]
+fn resource_defaults_follow_the_cloud_and_the_service() {
+    for (hosts, paths, expected) in [
+        (
+            r#"["*.openai.azure.us"]"#,
+            None,
+            "https://cognitiveservices.azure.us",
+        ),
+        (
+            r#"["x.cognitiveservices.azure.us"]"#,
+            None,
+            "https://cognitiveservices.azure.us",
+        ),
+        (
+            r#"["*.openai.azure.cn"]"#,
+            None,
+            "https://cognitiveservices.azure.cn",
+        ),
+        (
+            r#"["*.cognitiveservices.azure.cn"]"#,
+            None,
+            "https://cognitiveservices.azure.cn",
+        ),
+        (
+            r#"["ep.eastus.inference.ml.azure.com"]"#,
+            None,
+            "https://ml.azure.com",
+        ),
+        (
+            r#"["*.services.ai.azure.com"]"#,
+            Some(r#"["/api/projects/p1/"]"#),
+            "https://ai.azure.com",
+        ),
+        (
+            r#"["*.services.ai.azure.com"]"#,
+            Some(r#"["/models/"]"#),
+            "https://cognitiveservices.azure.com",
+        ),
+        (
+            r#"["*.services.ai.azure.com"]"#,
+            None,
+            "https://cognitiveservices.azure.com",
+        ),
+        (
+            r#"["127.0.0.1", "*.openai.azure.us"]"#,
+            None,
+            "https://cognitiveservices.azure.us",
+        ),
+        (
+            r#"["localhost"]"#,
+            None,
+            "https://cognitiveservices.azure.com",
+        ),
+    ] {
+        let paths = paths
+            .map(|p| format!(r#","paths":{p}"#))
+            .unwrap_or_default();
+        let c = parse(&format!(r#"{{"targets":[{{"hosts":{hosts}{paths}}}]}}"#));
+        assert_eq!(resource_of(&c, 0), expected, "{hosts} {paths}");
+    }
+}
+
+#[test]
+fn rejected_configurations_name_the_full_field_path_and_the_fix() {
+    let table: &[(&str, &str, &str)] = &[
+        (r#"{"resorce":"x"}"#, "unknown field `resorce`", "resource"),
+        (
+            r#"{"token_source":{"clientid":"x"}}"#,
+            "unknown field `token_source.clientid`",
+            "client_id",
+        ),
+        (
+            r#"{"targets":[{},{"token_source":{"type":"imds","tenant_id":"x"}}]}"#,
+            "unknown field `targets[1].token_source.tenant_id`",
+            "client_id",
+        ),
+        (
+            r#"{"targets":[{"hosts":["a.example"],"cluster":["x"]}]}"#,
+            "unknown field `targets[0].cluster`",
+            "clusters",
+        ),
+        (
+            r#"{"hosts":"*.openai.azure.com"}"#,
+            "`hosts` must be a list of host patterns",
+            "*.openai.azure.com",
+        ),
+        (r#"{"hosts":[]}"#, "`hosts` is empty", "at least one host"),
+        (
+            r#"{"hosts":["*openai.azure.com"]}"#,
+            "`hosts[0]`",
+            "suffix pattern",
+        ),
+        (
+            r#"{"hosts":["ok.example", "https://x.openai.azure.com"]}"#,
+            "`hosts[1]`",
+            "exact host",
+        ),
+        (r#"{"hosts":[7]}"#, "`hosts[0]` must be a string", "integer"),
+        (
+            r#"{"hosts":["*"]}"#,
+            "`hosts[0]` is \"*\"",
+            "only in a target that names `clusters`",
+        ),
+        (
+            r#"{"resource":"https://cognitiveservices.azure.com/.default"}"#,
+            "`resource`",
+            "write \"https://cognitiveservices.azure.com\"",
+        ),
+        (
+            r#"{"resource":"cognitiveservices"}"#,
+            "not an App ID URI",
+            "https://",
+        ),
+        (
+            r#"{"token_source":{"type":"workload"}}"#,
+            "`token_source.type`",
+            "\"imds\"",
+        ),
+        (
+            r#"{"token_source":{"cluster":""}}"#,
+            "`token_source.cluster` is empty",
+            "azure_imds",
+        ),
+        (
+            r#"{"token_source":{"cluster":5}}"#,
+            "`token_source.cluster` must be a string",
+            "",
+        ),
+        (
+            r#"{"token_source":{"client_id":"a","object_id":"b"}}"#,
+            "token_source.client_id / token_source.object_id",
+            "exactly one",
+        ),
+        (
+            r#"{"token_wait_timeout_ms":0}"#,
+            "`token_wait_timeout_ms` is 0",
+            "1 to 120000",
+        ),
+        (r#"{"token_wait_timeout_ms":"5s"}"#, "milliseconds", ""),
+        (
+            r#"{"token_source":{"timeout_ms":50}}"#,
+            "`token_source.timeout_ms` is 50",
+            "100 to 60000",
+        ),
+        (r#"[]"#, "`configuration` must be a JSON object", ""),
+        (r#"{"hosts":"#, "not valid JSON", "{}"),
+        (
+            r#"{"targets":[{"hosts":["a.example"]},{"hosts":["b.example"],"paths":["api/x"]}]}"#,
+            "`targets[1].paths[0]` is \"api/x\"",
+            "start it with '/'",
+        ),
+        (
+            r#"{"targets":[{"hosts":["a.example"],"clusters":[]}]}"#,
+            "`targets[0].clusters` is empty",
+            "name the Envoy clusters",
+        ),
+        (
+            r#"{"targets":[]}"#,
+            "`targets` is empty",
+            "at least one target",
+        ),
+        (
+            r#"{"targets":[{"hosts":["a.example"]}],"hosts":["b.example"]}"#,
+            "`targets` and `hosts`",
+            "move `hosts` into each target",
+        ),
+        (
+            r#"{"targets":[{"name":"a b","hosts":["a.example"]}]}"#,
+            "`targets[0].name` is \"a b\"",
+            "letters, digits",
+        ),
+        (
+            r#"{"targets":[{"name":"x","hosts":["a.example"]},{"name":"x","hosts":["b.example"]}]}"#,
+            "`targets[1].name` is \"x\"",
+            "its own name",
+        ),
+        (
+            r#"{"targets":[{"hosts":["east.openai.azure.com","*.openai.azure.us"]}]}"#,
+            "`targets[0].hosts` mix hosts that take different audiences",
+            "or set targets[0].resource",
+        ),
+        (
+            r#"{"targets":[{"hosts":["*.services.ai.azure.com"],"paths":["/api/projects/","/openai/"]}]}"#,
+            "`targets[0].paths` mix audiences",
+            "split them into two targets",
+        ),
+        (
+            r#"{"targets":[{"name":"all","hosts":["*.openai.azure.com"]},{"name":"east","hosts":["east.openai.azure.com"]}]}"#,
+            "`targets[1]` (\"east\") can never match: targets[0] (\"all\")",
+            "more specific target first",
+        ),
+    ];
+    for (json, field, fix) in table {
+        let message = err(json);
+        assert!(message.contains(field), "{json}: {message}");
+        assert!(message.contains(fix), "{json}: {message}");
+    }
+}
+
+#[test]
+fn a_later_target_is_kept_when_the_earlier_does_not_cover_it() {
+    // Different paths, clusters, or a port spelling only the bound one takes.
+    for json in [
+        r#"{"targets":[{"hosts":["*.services.ai.azure.com"],"paths":["/api/projects/"]},{"hosts":["*.services.ai.azure.com"]}]}"#,
+        r#"{"targets":[{"hosts":["*.openai.azure.com"],"clusters":["a"]},{"hosts":["*.openai.azure.com"],"clusters":["b"]}]}"#,
+        r#"{"targets":[{"hosts":["*.openai.azure.com"]},{"hosts":["*.openai.azure.com"],"clusters":["a"]}]}"#,
+        r#"{"targets":[{"hosts":["east.openai.azure.com"]},{"hosts":["*.openai.azure.com"]}]}"#,
+    ] {
+        assert_eq!(parse(json).targets.len(), 2, "{json}");
+    }
+    // A bound target covering the same clusters and more hosts does shadow.
+    let e = err(
+        r#"{"targets":[{"hosts":["*"],"clusters":["a","b"]},{"hosts":["x.example"],"clusters":["b"]}]}"#,
+    );
+    assert!(e.contains("can never match"), "{e}");
+}
+
+#[test]
+fn fingerprint_changes_with_what_decides_the_token_and_only_that() {
+    let base = parse(r#"{"hosts":["a.example"]}"#).tokens[0].fingerprint();
+    let same = parse(r#"{"hosts":["b.example"],"token_source":{"timeout_ms":900}}"#);
+    assert_eq!(same.tokens[0].fingerprint(), base);
+    for other in [
+        r#"{"hosts":["a.example"],"resource":"https://ml.azure.com"}"#,
+        r#"{"hosts":["a.example"],"token_source":{"client_id":"c"}}"#,
+        r#"{"hosts":["a.example"],"token_source":{"object_id":"c"}}"#,
+        r#"{"hosts":["a.example"],"token_source":{"cluster":"other"}}"#,
+    ] {
+        assert_ne!(parse(other).tokens[0].fingerprint(), base, "{other}");
+    }
+}
