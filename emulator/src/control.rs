@@ -9,14 +9,14 @@
 //! * anything else: recorded with the verdict `Echoed` and answered with the
 //!   method, path and headers that arrived (or `Settings::upstream_reply`).
 
-use axum::extract::State;
-use axum::http::{HeaderMap, Method, Uri};
+use axum::extract::{Request, State};
 use axum::response::Response;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{json, Value};
 
 use crate::data_plane::{bearer, Verdict};
+use crate::incoming::{Incoming, Keep};
 use crate::tokens::unverified_aud;
 use crate::{header_list, json_response, redact, App, ImdsReply, Seen};
 
@@ -26,28 +26,29 @@ pub(crate) fn routes() -> Router<App> {
         .route("/_emulator/imds/script", post(script))
 }
 
-/// Any request no room claims: recorded, then echoed back.
-pub(crate) async fn echo(
-    State(app): State<App>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-) -> Response {
+/// Any request no room claims: recorded (its body hashed, not kept), then
+/// echoed back.
+pub(crate) async fn echo(State(app): State<App>, request: Request) -> Response {
+    let incoming = match Incoming::read(request, Keep::Head(0)).await {
+        Ok(incoming) => incoming,
+        Err(refused) => return refused,
+    };
+    let (method, uri, headers) = (&incoming.method, &incoming.uri, &incoming.headers);
     let scripted = app.shared.world().settings.upstream_reply.clone();
     let seen = Seen {
         verdict: Verdict::Echoed,
         token_exp: None,
         token_oid: None,
-        token_aud: bearer(&headers).and_then(unverified_aud),
+        token_aud: bearer(headers).and_then(unverified_aud),
         expected_audience: None,
     };
-    app.record(&method, &uri, &headers, 200, seen);
+    app.record(&incoming, 200, seen);
     if let Some(raw) = scripted {
         return raw.into_response();
     }
     json_response(
         200,
-        json!({"echo": {"method": method.as_str(), "path": uri.path(), "headers": header_list(&headers)}}),
+        json!({"echo": {"method": method.as_str(), "path": uri.path(), "headers": header_list(headers)}}),
     )
 }
 
@@ -71,6 +72,10 @@ async fn recorded(State(app): State<App>) -> Response {
                 "method": r.method,
                 "host": r.host,
                 "path": r.path,
+                "query": r.query,
+                "body_len": r.body_len,
+                "body_sha256": r.body_sha256,
+                "websocket": r.websocket,
                 "verdict": r.verdict,
                 "token_aud": r.token_aud,
                 "expected_audience": r.expected_audience,

@@ -5,7 +5,9 @@
 //! * `entra`: the Entra ID v2.0 token endpoint (§2, client credentials);
 //! * `data_plane`: Azure OpenAI / Cognitive Services, Foundry project and
 //!   Azure ML scoring data planes, each host and path with the audience it
-//!   accepts (§2 "Audiences", §3);
+//!   accepts (§2 "Audiences", §3), with `answers` (the OpenAI-shaped
+//!   bodies), `streaming` (server-sent events) and `realtime` (WebSocket);
+//! * `incoming`: each request read once, its body counted and hashed;
 //! * `control`: the emulator's own `/_emulator/*` endpoints and the echo
 //!   that answers every other path;
 //! * `tokens`: minting and verifying the RS256 tokens they trade (§5).
@@ -20,23 +22,28 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::{Json, Router};
-use jwt_simple::prelude::RS256KeyPair;
 use serde::Serialize;
 use serde_json::Value;
 
+mod answers;
 mod control;
 mod data_plane;
 mod entra;
 mod imds;
+mod incoming;
+mod realtime;
+mod streaming;
 mod tokens;
 
 pub use data_plane::{audience_for, Verdict};
 pub use imds::{ImdsReply, ImdsRequest};
+pub use incoming::BODY_LIMIT;
 
-use tokens::{mint, new_signing_key};
+use incoming::Incoming;
+use tokens::{mint, new_signing_key, Signer};
 
 /// The audience Azure OpenAI in the public cloud accepts.
 pub const RESOURCE: &str = "https://cognitiveservices.azure.com";
@@ -125,7 +132,15 @@ pub struct UpstreamRequest {
     pub method: String,
     pub host: String,
     pub path: String,
+    /// The raw query string, empty if none.
+    pub query: String,
     pub headers: Vec<(String, String)>,
+    /// Length of the request body as received.
+    pub body_len: usize,
+    /// Lower-case hex SHA-256 of the request body as received.
+    pub body_sha256: String,
+    /// The request asked to switch to the WebSocket protocol.
+    pub websocket: bool,
     pub verdict: Verdict,
     /// `exp` of a token that verified by signature, in seconds.
     pub token_exp: Option<u64>,
@@ -181,6 +196,16 @@ pub struct Settings {
     /// IMDS hands out the same token for the same identity and resource until
     /// it expires, as the real one does (it caches tokens for about 24 h).
     pub imds_caches_tokens: bool,
+    /// The tenant the Azure OpenAI resource lives in: a verified token whose
+    /// `tid` differs is refused with 400 ([`Verdict::TenantMismatch`]).
+    pub resource_tenant: String,
+    /// The tenant (`tid`, and the issuer's tenant) of every token minted
+    /// from the next one on, IMDS's and Entra's included.
+    pub token_tenant: String,
+    /// `PermissionDenied` names the principal and the data action it lacks;
+    /// when false it says only `Principal does not have access to
+    /// API/Operation.`, as Azure also does.
+    pub permission_denied_names_principal: bool,
 }
 
 impl Default for Settings {
@@ -201,13 +226,17 @@ impl Default for Settings {
             compress_errors: false,
             upstream_reply: None,
             imds_caches_tokens: false,
+            resource_tenant: TENANT_ID.to_owned(),
+            token_tenant: TENANT_ID.to_owned(),
+            permission_denied_names_principal: true,
         }
     }
 }
 
 pub(crate) struct World {
     pub(crate) settings: Settings,
-    pub(crate) key: RS256KeyPair,
+    /// Signs tokens in the name of `Settings::token_tenant`.
+    pub(crate) key: Signer,
     pub(crate) script: VecDeque<ImdsReply>,
     pub(crate) imds: Vec<ImdsRequest>,
     pub(crate) upstream: Vec<UpstreamRequest>,
@@ -256,7 +285,7 @@ impl Emulator {
         settings: Settings,
         verbose: bool,
     ) -> std::io::Result<Emulator> {
-        let key = new_signing_key()?;
+        let key = Signer::new(new_signing_key()?, &settings.token_tenant);
         let listener = std::net::TcpListener::bind(addr)?;
         listener.set_nonblocking(true)?;
         let addr = listener.local_addr()?;
@@ -324,7 +353,9 @@ impl Emulator {
 
     /// Change the world; takes effect for the next request.
     pub fn configure(&self, change: impl FnOnce(&mut Settings)) {
-        change(&mut self.shared.world().settings);
+        let mut world = self.shared.world();
+        change(&mut world.settings);
+        world.key.tenant = world.settings.token_tenant.clone();
     }
 
     /// Queue replies for the next IMDS requests, in order.
@@ -370,7 +401,8 @@ impl Emulator {
     /// verifying, as after a key rollover that a cached token missed.
     pub fn rotate_signing_key(&self) -> std::io::Result<()> {
         let key = new_signing_key()?;
-        self.shared.world().key = key;
+        let mut world = self.shared.world();
+        world.key = Signer::new(key, &world.settings.token_tenant);
         Ok(())
     }
 
@@ -413,18 +445,18 @@ pub(crate) struct Seen {
 
 impl App {
     /// Remember one request that reached a data plane or the echo.
-    fn record(&self, method: &Method, uri: &Uri, headers: &HeaderMap, status: u16, seen: Seen) {
+    fn record(&self, incoming: &Incoming, status: u16, seen: Seen) {
         let verdict = seen.verdict;
         let request = UpstreamRequest {
             at_ms: now_ms(),
-            method: method.as_str().to_owned(),
-            host: headers
-                .get("host")
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("")
-                .to_owned(),
-            path: uri.path().to_owned(),
-            headers: header_list(headers),
+            method: incoming.method.as_str().to_owned(),
+            host: incoming.host().to_owned(),
+            path: incoming.uri.path().to_owned(),
+            query: incoming.uri.query().unwrap_or_default().to_owned(),
+            headers: header_list(&incoming.headers),
+            body_len: incoming.body_len,
+            body_sha256: incoming.body_sha256.clone(),
+            websocket: incoming.asks_websocket(),
             verdict,
             token_exp: seen.token_exp,
             token_oid: seen.token_oid,

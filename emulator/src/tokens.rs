@@ -10,7 +10,31 @@ use jwt_simple::prelude::*;
 use jwt_simple::JWTError;
 use serde_json::Value;
 
-use crate::{Identity, Verdict, TENANT_ID};
+use crate::{Identity, Verdict};
+
+/// The world's signing key and the tenant its tokens are issued in
+/// (`Settings::token_tenant`, kept in step by the emulator).
+pub(crate) struct Signer {
+    key: RS256KeyPair,
+    pub(crate) tenant: String,
+}
+
+impl Signer {
+    pub(crate) fn new(key: RS256KeyPair, tenant: &str) -> Signer {
+        Signer {
+            key,
+            tenant: tenant.to_owned(),
+        }
+    }
+}
+
+impl std::ops::Deref for Signer {
+    type Target = RS256KeyPair;
+
+    fn deref(&self) -> &RS256KeyPair {
+        &self.key
+    }
+}
 
 /// The claims Entra adds to the registered ones.
 #[derive(Debug, Serialize, Deserialize)]
@@ -37,7 +61,7 @@ pub(crate) fn new_signing_key() -> std::io::Result<RS256KeyPair> {
 /// A token for `identity` and `audience`, valid for `lifetime_s` from now;
 /// `padding` bytes in `aio` model the size of real tokens.
 pub(crate) fn mint(
-    key: &RS256KeyPair,
+    key: &Signer,
     identity: &Identity,
     audience: &str,
     lifetime_s: u64,
@@ -45,7 +69,7 @@ pub(crate) fn mint(
 ) -> String {
     let custom = AzureClaims {
         oid: identity.object_id.clone(),
-        tid: TENANT_ID.into(),
+        tid: key.tenant.clone(),
         appid: identity.client_id.clone(),
         appidacr: "2".into(),
         idtyp: "app".into(),
@@ -56,7 +80,7 @@ pub(crate) fn mint(
     let claims =
         Claims::with_custom_claims(custom, jwt_simple::prelude::Duration::from_secs(lifetime_s))
             .with_audience(audience)
-            .with_issuer(format!("https://sts.windows.net/{TENANT_ID}/"))
+            .with_issuer(format!("https://sts.windows.net/{}/", key.tenant))
             .with_subject(&identity.object_id);
     key.sign(claims).unwrap_or_default()
 }
@@ -106,10 +130,10 @@ pub(crate) fn unverified_aud(token: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::RESOURCE;
+    use crate::{RESOURCE, TENANT_ID};
 
-    fn key() -> RS256KeyPair {
-        new_signing_key().unwrap()
+    fn key() -> Signer {
+        Signer::new(new_signing_key().unwrap(), TENANT_ID)
     }
 
     #[test]
@@ -121,6 +145,19 @@ mod tests {
         assert_eq!(claims.custom.oid, identity.object_id);
         assert_eq!(claims.custom.tid, TENANT_ID);
         assert!(token.starts_with("eyJ"));
+    }
+
+    #[test]
+    fn a_signer_issues_tokens_in_its_tenant() {
+        let other = "0b0e0000-0000-4000-8000-00000000bad0";
+        let key = Signer::new(new_signing_key().unwrap(), other);
+        let token = mint(&key, &Identity::system(), RESOURCE, 60, 0);
+        let claims = check_token(&key.public_key(), RESOURCE, &token).unwrap();
+        assert_eq!(claims.custom.tid, other);
+        assert_eq!(
+            claims.issuer.as_deref(),
+            Some("https://sts.windows.net/0b0e0000-0000-4000-8000-00000000bad0/")
+        );
     }
 
     #[test]
