@@ -45,6 +45,20 @@ pub use incoming::BODY_LIMIT;
 use incoming::Incoming;
 use tokens::{mint, new_signing_key, Signer};
 
+// --- Identity rooms: App Service managed identity, Entra client
+// credentials (secret, certificate, federated), the workload-identity OIDC
+// issuer and a reference key service. Each room's `impl Emulator` block
+// lives in its own module.
+mod app_service;
+mod credentials;
+mod identity;
+mod keys;
+
+pub use app_service::{app_service_error, APP_SERVICE_API_VERSION};
+pub use credentials::{certificate_thumbprint, new_certificate, Certificate};
+pub use entra::{entra_error, AppSecret, EntraApp, EntraRequest, FederatedCredential, JWT_BEARER};
+// --- end of identity rooms
+
 /// The audience Azure OpenAI in the public cloud accepts.
 pub const RESOURCE: &str = "https://cognitiveservices.azure.com";
 /// The audience of Foundry project endpoints (`/api/projects/` on `*.services.ai.azure.com`).
@@ -206,6 +220,19 @@ pub struct Settings {
     /// when false it says only `Principal does not have access to
     /// API/Operation.`, as Azure also does.
     pub permission_denied_names_principal: bool,
+    // --- Identity rooms (see `app_service`, `entra`, `keys`).
+    /// The secret the App Service / Container Apps identity endpoint expects
+    /// in `X-IDENTITY-HEADER` (the platform's `IDENTITY_HEADER`).
+    pub identity_header: String,
+    /// App registrations the Entra token endpoint knows.
+    pub entra_apps: Vec<EntraApp>,
+    /// The one tenant the Entra token endpoint serves (path `/{tenant}/…`).
+    pub entra_tenant: String,
+    /// The file the key service answers from, read anew on every request.
+    pub key_file: Option<std::path::PathBuf>,
+    /// `expires_in` of the key service's answers; none when unset.
+    pub key_expires_in_s: Option<u64>,
+    // --- end of identity rooms
 }
 
 impl Default for Settings {
@@ -229,6 +256,13 @@ impl Default for Settings {
             resource_tenant: TENANT_ID.to_owned(),
             token_tenant: TENANT_ID.to_owned(),
             permission_denied_names_principal: true,
+            // --- Identity rooms.
+            identity_header: "emulator-identity-header-0000".into(),
+            entra_apps: Vec::new(),
+            entra_tenant: TENANT_ID.to_owned(),
+            key_file: None,
+            key_expires_in_s: None,
+            // --- end of identity rooms
         }
     }
 }
@@ -247,6 +281,8 @@ pub(crate) struct World {
     pub(crate) minted_tokens: Vec<String>,
     /// IMDS's token cache: (client id, resource) → (token, expires_on seconds).
     pub(crate) imds_cache: HashMap<(String, String), (String, u64)>,
+    /// What the identity rooms remember (`identity`).
+    pub(crate) identity: identity::IdentityState,
 }
 
 pub(crate) struct Shared {
@@ -301,6 +337,7 @@ impl Emulator {
                 minted: 0,
                 minted_tokens: Vec::new(),
                 imds_cache: HashMap::new(),
+                identity: identity::IdentityState::new(),
             }),
         });
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -495,6 +532,10 @@ fn router(shared: Arc<Shared>, verbose: bool) -> Router {
         .merge(entra::routes())
         .merge(data_plane::routes())
         .merge(control::routes())
+        // --- Identity rooms (entra is merged above).
+        .merge(app_service::routes())
+        .merge(keys::routes())
+        // --- end of identity rooms
         .fallback(control::echo)
         .with_state(App { shared, verbose })
 }

@@ -45,7 +45,9 @@ pub(crate) struct AzureClaims {
     appidacr: String,
     idtyp: String,
     ver: String,
-    xms_mirid: String,
+    /// Only managed identities carry it; app registrations do not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    xms_mirid: Option<String>,
     aio: String,
 }
 
@@ -74,7 +76,7 @@ pub(crate) fn mint(
         appidacr: "2".into(),
         idtyp: "app".into(),
         ver: "1.0".into(),
-        xms_mirid: identity.resource_id.clone(),
+        xms_mirid: Some(identity.resource_id.clone()),
         aio: format!("k2BgYJi8emulator{}", "A".repeat(padding)),
     };
     let claims =
@@ -82,6 +84,44 @@ pub(crate) fn mint(
             .with_audience(audience)
             .with_issuer(format!("https://sts.windows.net/{}/", key.tenant))
             .with_subject(&identity.object_id);
+    key.sign(claims).unwrap_or_default()
+}
+
+/// An app registration as Entra names it in its tokens.
+pub(crate) struct AppPrincipal<'a> {
+    pub(crate) client_id: &'a str,
+    pub(crate) object_id: &'a str,
+    pub(crate) tenant: &'a str,
+    /// `1` when the app proved itself with a secret, `2` with a certificate
+    /// or a federated assertion.
+    pub(crate) appidacr: &'a str,
+}
+
+/// A token Entra issues to an app registration by client credentials: like
+/// a managed identity's ([`mint`]) but with the app's ids, the tenant it
+/// asked, and no `xms_mirid`.
+pub(crate) fn mint_for_app(
+    key: &RS256KeyPair,
+    app: &AppPrincipal<'_>,
+    audience: &str,
+    lifetime_s: u64,
+    padding: usize,
+) -> String {
+    let custom = AzureClaims {
+        oid: app.object_id.to_owned(),
+        tid: app.tenant.to_owned(),
+        appid: app.client_id.to_owned(),
+        appidacr: app.appidacr.to_owned(),
+        idtyp: "app".into(),
+        ver: "1.0".into(),
+        xms_mirid: None,
+        aio: format!("k2BgYJi8emulator{}", "A".repeat(padding)),
+    };
+    let claims =
+        Claims::with_custom_claims(custom, jwt_simple::prelude::Duration::from_secs(lifetime_s))
+            .with_audience(audience)
+            .with_issuer(format!("https://sts.windows.net/{}/", app.tenant))
+            .with_subject(app.object_id);
     key.sign(claims).unwrap_or_default()
 }
 
