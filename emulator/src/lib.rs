@@ -45,20 +45,6 @@ pub use incoming::BODY_LIMIT;
 use incoming::Incoming;
 use tokens::{mint, new_signing_key, Signer};
 
-// --- Identity rooms: App Service managed identity, Entra client
-// credentials (secret, certificate, federated), the workload-identity OIDC
-// issuer and a reference key service. Each room's `impl Emulator` block
-// lives in its own module.
-mod app_service;
-mod credentials;
-mod identity;
-mod keys;
-
-pub use app_service::{app_service_error, APP_SERVICE_API_VERSION};
-pub use credentials::{certificate_thumbprint, new_certificate, Certificate};
-pub use entra::{entra_error, AppSecret, EntraApp, EntraRequest, FederatedCredential, JWT_BEARER};
-// --- end of identity rooms
-
 /// The audience Azure OpenAI in the public cloud accepts.
 pub const RESOURCE: &str = "https://cognitiveservices.azure.com";
 /// The audience of Foundry project endpoints (`/api/projects/` on `*.services.ai.azure.com`).
@@ -72,6 +58,20 @@ pub const CHINA_RESOURCE: &str = "https://cognitiveservices.azure.cn";
 pub const TENANT_ID: &str = "72f988bf-0000-4000-8000-00000000e1a0";
 /// Role that grants `.../chat/completions/action` (Cognitive Services OpenAI User).
 pub const OPENAI_USER_ROLE: &str = "5e0bd9bd-7b93-4f28-af87-19fc36ad61bd";
+
+// --- Identity rooms: App Service managed identity, Entra client
+// credentials (secret, certificate, federated), the workload-identity OIDC
+// issuer and a reference key service. Each room's `impl Emulator` block
+// lives in its own module.
+mod app_service;
+mod credentials;
+mod identity;
+mod keys;
+
+pub use app_service::{app_service_error, APP_SERVICE_API_VERSION};
+pub use credentials::{certificate_thumbprint, new_certificate, Certificate};
+pub use entra::{entra_error, AppSecret, EntraApp, EntraRequest, FederatedCredential, JWT_BEARER};
+// --- end of identity rooms
 
 /// A managed identity the emulated VM may have.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
