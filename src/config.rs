@@ -17,10 +17,45 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use crate::rewrite::{HostPattern, HostPatterns};
+pub use crate::source::{
+    AppServiceSource, ClientCredential, ClientCredentialsSource, IdentitySelector, ImdsSource,
+    SigningKey, Source, WorkloadIdentitySource,
+};
+use crate::token::Secret;
 
 /// Defaults of the configuration contract.
 pub const DEFAULT_CLUSTER: &str = "azure_imds";
 pub const DEFAULT_AUTHORITY: &str = "169.254.169.254";
+pub const DEFAULT_APP_SERVICE_CLUSTER: &str = "azure_identity";
+pub const DEFAULT_ENTRA_CLUSTER: &str = "entra";
+pub const DEFAULT_ENTRA_AUTHORITY: &str = "login.microsoftonline.com";
+pub const DEFAULT_ASSERTION_CLUSTER: &str = "federated_token";
+pub const DEFAULT_ASSERTION_AUTHORITY: &str = "federated-token";
+pub const DEFAULT_ASSERTION_PATH: &str = "/";
+/// Environment variables the sources read (AZURE_FACTS §2).
+pub mod env {
+    pub const IDENTITY_ENDPOINT: &str = "IDENTITY_ENDPOINT";
+    pub const IDENTITY_HEADER: &str = "IDENTITY_HEADER";
+    pub const AZURE_TENANT_ID: &str = "AZURE_TENANT_ID";
+    pub const AZURE_CLIENT_ID: &str = "AZURE_CLIENT_ID";
+    pub const AZURE_CLIENT_SECRET: &str = "AZURE_CLIENT_SECRET";
+    pub const AZURE_AUTHORITY_HOST: &str = "AZURE_AUTHORITY_HOST";
+}
+/// Entra authority hosts of the clouds (AZURE_FACTS §2; Germany closed in 2021).
+pub const ENTRA_AUTHORITIES: [&str; 3] = [
+    "login.microsoftonline.com",
+    "login.microsoftonline.us",
+    "login.chinacloudapi.cn",
+];
+
+/// The VM's environment, as Envoy hands it to the module
+/// (`vm_config.environment_variables`): read once, at configuration time.
+pub type Env<'a> = &'a dyn Fn(&str) -> Option<String>;
+
+/// No environment at all.
+pub fn no_env(_: &str) -> Option<String> {
+    None
+}
 pub const DEFAULT_RESOURCE: &str = audience::COGNITIVE_SERVICES;
 pub const DEFAULT_HOSTS: [&str; 3] = [
     "*.openai.azure.com",
@@ -80,7 +115,7 @@ pub struct Target {
 /// Everything that decides one token and how long requests wait for it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TokenSpec {
-    pub source: TokenSource,
+    pub source: Source,
     /// App ID URI of the audience, without `/.default` (IMDS wants it bare).
     pub resource: String,
     /// Longest time a request is held while no usable token exists.
@@ -96,102 +131,54 @@ pub struct TokenSpec {
     pub prefetch: bool,
 }
 
-/// Where tokens come from.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum TokenSource {
-    Imds(ImdsSource),
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ImdsSource {
-    /// Envoy cluster the token call is dispatched to.
-    pub cluster: String,
-    /// `:authority` of the token call.
-    pub authority: String,
-    pub identity: IdentitySelector,
-    /// Timeout of one token call.
-    pub timeout_ms: u64,
-}
-
-/// Which managed identity IMDS should issue a token for.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum IdentitySelector {
-    /// No selector: the system-assigned identity, or the only user-assigned one.
-    Default,
-    ClientId(String),
-    ObjectId(String),
-    ResourceId(String),
-}
-
-impl IdentitySelector {
-    /// The IMDS query parameter and its value, if any.
-    pub fn query_param(&self) -> Option<(&'static str, &str)> {
-        match self {
-            IdentitySelector::Default => None,
-            IdentitySelector::ClientId(v) => Some(("client_id", v)),
-            IdentitySelector::ObjectId(v) => Some(("object_id", v)),
-            IdentitySelector::ResourceId(v) => Some(("msi_res_id", v)),
-        }
-    }
-}
-
-impl TokenSource {
-    pub fn kind(&self) -> &'static str {
-        match self {
-            TokenSource::Imds(_) => "imds",
-        }
-    }
-
-    /// The Envoy cluster token calls go to.
-    pub fn cluster(&self) -> &str {
-        match self {
-            TokenSource::Imds(imds) => &imds.cluster,
-        }
-    }
-
-    pub fn timeout_ms(&self) -> u64 {
-        match self {
-            TokenSource::Imds(imds) => imds.timeout_ms,
-        }
-    }
-
-    /// Who the token is for, in words, for log lines.
-    pub fn describe(&self) -> String {
-        match self {
-            TokenSource::Imds(imds) => {
-                let who = match &imds.identity {
-                    IdentitySelector::Default => "the machine's identity".to_owned(),
-                    IdentitySelector::ClientId(v) => format!("client_id {v}"),
-                    IdentitySelector::ObjectId(v) => format!("object_id {v}"),
-                    IdentitySelector::ResourceId(v) => format!("msi_res_id {v}"),
-                };
-                format!("IMDS via cluster {} for {who}", imds.cluster)
-            }
-        }
-    }
-}
-
 impl TokenSpec {
-    pub fn imds(&self) -> &ImdsSource {
+    pub fn imds(&self) -> Option<&ImdsSource> {
         match &self.source {
-            TokenSource::Imds(imds) => imds,
+            Source::Imds(imds) => Some(imds),
+            _ => None,
         }
     }
 
     /// A stable name for everything that decides *which* token is fetched:
-    /// the source, the identity and the resource. Shared-data records are
-    /// keyed by it, so workers running an old and a new configuration side
-    /// by side share a token only when it is the same token.
+    /// the source, the identity and the resource (never a secret). Shared-data
+    /// records are keyed by it, so workers running an old and a new
+    /// configuration side by side share a token only when it is the same token.
     pub fn fingerprint(&self) -> String {
-        let canonical = match &self.source {
-            TokenSource::Imds(imds) => {
-                let (selector, value) = imds.identity.query_param().unwrap_or(("system", ""));
+        let source = match &self.source {
+            Source::Imds(s) => {
+                let (selector, value) = s.identity.query_param().unwrap_or(("system", ""));
+                format!("imds\n{}\n{}\n{selector}={value}", s.cluster, s.authority)
+            }
+            Source::AppService(s) => {
+                let (selector, value) = s.identity.app_service_param().unwrap_or(("system", ""));
                 format!(
-                    "imds\n{}\n{}\n{}={}\n{}",
-                    imds.cluster, imds.authority, selector, value, self.resource
+                    "app_service\n{}\n{}{}\n{selector}={value}",
+                    s.cluster, s.authority, s.path
                 )
             }
+            Source::ClientCredentials(s) => {
+                let credential = match &s.credential {
+                    ClientCredential::Secret { env, .. } => format!("secret:{env}"),
+                    ClientCredential::Certificate { key, .. } => {
+                        format!("certificate:{}", key.thumbprint)
+                    }
+                };
+                format!(
+                    "client_credentials\n{}\n{}\n{}\n{}\n{credential}",
+                    s.cluster, s.authority, s.tenant_id, s.client_id
+                )
+            }
+            Source::WorkloadIdentity(s) => format!(
+                "workload_identity\n{}\n{}\n{}\n{}\n{}{}",
+                s.cluster,
+                s.authority,
+                s.tenant_id,
+                s.client_id,
+                s.assertion_cluster,
+                s.assertion_path
+            ),
         };
+        let canonical = format!("{source}\n{}", self.resource);
         format!("{:016x}", fnv1a64(canonical.as_bytes()))
     }
 }
@@ -205,7 +192,7 @@ fn fnv1a64(bytes: &[u8]) -> u64 {
 impl Default for Config {
     /// What `{}` means.
     fn default() -> Self {
-        Config::try_from(RawConfig::default()).unwrap_or(Config {
+        Config::try_from((RawConfig::default(), &no_env as Env)).unwrap_or(Config {
             targets: Vec::new(),
             tokens: Vec::new(),
         })
@@ -307,6 +294,52 @@ struct RawImds {
     timeout_ms: Option<u64>,
 }
 
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAppService {
+    #[serde(rename = "type")]
+    _kind: Option<String>,
+    cluster: Option<String>,
+    client_id: Option<String>,
+    /// App Service calls it `principal_id`; `object_id` is accepted as well.
+    #[serde(alias = "principal_id")]
+    object_id: Option<String>,
+    mi_res_id: Option<String>,
+    timeout_ms: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawClientCredentials {
+    #[serde(rename = "type")]
+    _kind: Option<String>,
+    cluster: Option<String>,
+    authority: Option<String>,
+    tenant_id: Option<String>,
+    client_id: Option<String>,
+    client_secret_env: Option<String>,
+    client_certificate_env: Option<String>,
+    timeout_ms: Option<u64>,
+    /// Refused with a message naming `client_secret_env`: a secret does not
+    /// belong in a plugin configuration that Envoy's admin endpoint shows.
+    client_secret: Option<serde::de::IgnoredAny>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWorkloadIdentity {
+    #[serde(rename = "type")]
+    _kind: Option<String>,
+    cluster: Option<String>,
+    authority: Option<String>,
+    tenant_id: Option<String>,
+    client_id: Option<String>,
+    assertion_cluster: Option<String>,
+    assertion_authority: Option<String>,
+    assertion_path: Option<String>,
+    timeout_ms: Option<u64>,
+}
+
 /// Read `T` from `value`, naming errors by `prefix` + the path inside.
 fn read<T: for<'de> Deserialize<'de>>(value: Value, prefix: &str) -> Result<T, ConfigError> {
     serde_path_to_error::deserialize(value).map_err(|e| serde_error(prefix, &e))
@@ -384,18 +417,29 @@ fn expected_words(field: &str, serde_says: &str) -> String {
 }
 
 impl Config {
-    /// Parse the bytes Envoy hands to `on_configure`. Empty means `{}`.
+    /// Parse the bytes Envoy hands to `on_configure`, without an environment.
+    /// Empty means `{}`.
     pub fn parse(bytes: &[u8]) -> Result<Config, ConfigError> {
+        Config::parse_with_env(bytes, &no_env)
+    }
+
+    /// Parse with the VM's environment: the sources that read variables
+    /// (App Service, service principals, workload identity) read them here.
+    pub fn parse_with_env(bytes: &[u8], env: Env<'_>) -> Result<Config, ConfigError> {
         if bytes.iter().all(u8::is_ascii_whitespace) {
-            return Config::try_from(RawConfig::default());
+            return Config::try_from((RawConfig::default(), env));
         }
         let value: Value =
             serde_json::from_slice(bytes).map_err(|e| ConfigError::NotJson(e.to_string()))?;
-        Config::from_value(&value)
+        Config::from_value_with_env(&value, env)
     }
 
     pub fn from_value(value: &Value) -> Result<Config, ConfigError> {
-        Config::try_from(read::<RawConfig>(value.clone(), "")?)
+        Config::from_value_with_env(value, &no_env)
+    }
+
+    pub fn from_value_with_env(value: &Value, env: Env<'_>) -> Result<Config, ConfigError> {
+        Config::try_from((read::<RawConfig>(value.clone(), "")?, env))
     }
 
     /// The token of target `target`.
@@ -419,10 +463,10 @@ struct Draft {
     token_source: Option<Map<String, Value>>,
 }
 
-impl TryFrom<RawConfig> for Config {
+impl<'a> TryFrom<(RawConfig, Env<'a>)> for Config {
     type Error = ConfigError;
 
-    fn try_from(raw: RawConfig) -> Result<Config, ConfigError> {
+    fn try_from((raw, env): (RawConfig, Env<'a>)) -> Result<Config, ConfigError> {
         let token_wait_timeout_ms = milliseconds(
             raw.token_wait_timeout_ms,
             "token_wait_timeout_ms",
@@ -464,7 +508,7 @@ impl TryFrom<RawConfig> for Config {
                 Some(r) => check_resource(r, &field("resource"))?,
                 None => default_resource(&hosts, &paths, &draft.prefix)?,
             };
-            let source = check_source(draft.token_source, &field("token_source"))?;
+            let source = check_source(draft.token_source, &field("token_source"), env)?;
             let spec = TokenSpec {
                 source,
                 resource,
@@ -814,7 +858,11 @@ fn default_resource(
     Ok(chosen.map_or(DEFAULT_RESOURCE, |(a, _)| a).to_owned())
 }
 
-fn check_source(map: Option<Map<String, Value>>, field: &str) -> Result<TokenSource, ConfigError> {
+fn check_source(
+    map: Option<Map<String, Value>>,
+    field: &str,
+    env: Env<'_>,
+) -> Result<Source, ConfigError> {
     let map = map.unwrap_or_default();
     let kind = match map.get("type") {
         None => "imds",
@@ -827,62 +875,43 @@ fn check_source(map: Option<Map<String, Value>>, field: &str) -> Result<TokenSou
             })
         }
     };
+    let prefix = format!("{field}.");
     match kind {
-        "imds" => {
-            let raw: RawImds = read(Value::Object(map), &format!("{field}."))?;
-            check_imds(raw, field).map(TokenSource::Imds)
+        "imds" => check_imds(read(Value::Object(map), &prefix)?, field).map(Source::Imds),
+        "app_service" => check_app_service(read(Value::Object(map), &prefix)?, field, env)
+            .map(Source::AppService),
+        "client_credentials" => {
+            check_client_credentials(read(Value::Object(map), &prefix)?, field, env)
+                .map(Source::ClientCredentials)
+        }
+        "workload_identity" => {
+            check_workload_identity(read(Value::Object(map), &prefix)?, field, env)
+                .map(Source::WorkloadIdentity)
         }
         other => Err(invalid(
             format!("{field}.type"),
             format!("is \"{other}\", which this version does not support"),
-            "use \"imds\" (the Azure Instance Metadata Service)",
+            "use \"imds\", \"app_service\", \"client_credentials\" or \"workload_identity\"",
         )),
     }
 }
 
-fn check_imds(raw: RawImds, field: &str) -> Result<ImdsSource, ConfigError> {
+/// A selector field: its name, its value if set, and what it selects.
+type Candidate = (&'static str, Option<String>, fn(String) -> IdentitySelector);
+
+/// The one identity selector a source may carry.
+fn check_selector(
+    field: &str,
+    candidates: [Candidate; 3],
+) -> Result<IdentitySelector, ConfigError> {
     let sub = |name: &str| format!("{field}.{name}");
-    let cluster = match raw.cluster {
-        Some(c) => non_empty(
-            &c,
-            &sub("cluster"),
-            "name the Envoy cluster that reaches IMDS, e.g. \"azure_imds\"",
-        )?,
-        None => DEFAULT_CLUSTER.to_owned(),
-    };
-    let authority = match raw.authority {
-        Some(a) => {
-            let a = non_empty(
-                &a,
-                &sub("authority"),
-                "use the IMDS host, \"169.254.169.254\"",
-            )?;
-            if a.contains(['/', ' ', '?', '#']) {
-                return Err(invalid(
-                    sub("authority"),
-                    format!("is \"{a}\", which is not a host[:port]"),
-                    "write only the host, e.g. \"169.254.169.254\"",
-                ));
-            }
-            a
-        }
-        None => DEFAULT_AUTHORITY.to_owned(),
-    };
     let mut selectors = Vec::new();
-    for (name, value, make) in [
-        (
-            "client_id",
-            raw.client_id,
-            IdentitySelector::ClientId as fn(String) -> _,
-        ),
-        ("object_id", raw.object_id, IdentitySelector::ObjectId),
-        ("msi_res_id", raw.msi_res_id, IdentitySelector::ResourceId),
-    ] {
+    for (name, value, make) in candidates {
         if let Some(v) = value {
             let s = non_empty(
                 &v,
                 &sub(name),
-                "remove the field to use the machine's only identity, or give the identity's id",
+                "remove the field to use the only identity, or give the identity's id",
             )?;
             if !s.bytes().all(|b| b.is_ascii_graphic()) {
                 return Err(invalid(
@@ -896,28 +925,403 @@ fn check_imds(raw: RawImds, field: &str) -> Result<ImdsSource, ConfigError> {
     }
     if selectors.len() > 1 {
         let names: Vec<String> = selectors.iter().map(|(n, _)| sub(n)).collect();
+        let all: Vec<&str> = candidates_names(&selectors);
         return Err(invalid(
             names.join(" / "),
-            "are set together, but IMDS accepts only one identity selector",
-            "keep exactly one of client_id, object_id, msi_res_id",
+            "are set together, but the identity endpoint accepts only one identity selector",
+            format!("keep exactly one of {}", all.join(", ")),
         ));
     }
-    let identity = selectors
+    Ok(selectors
         .pop()
-        .map_or(IdentitySelector::Default, |(_, s)| s);
-    let timeout_ms = milliseconds(
-        raw.timeout_ms,
-        &sub("timeout_ms"),
-        100,
-        MAX_FETCH_TIMEOUT_MS,
-        DEFAULT_FETCH_TIMEOUT_MS,
+        .map_or(IdentitySelector::Default, |(_, s)| s))
+}
+
+fn candidates_names(selectors: &[(&'static str, IdentitySelector)]) -> Vec<&'static str> {
+    selectors.iter().map(|(n, _)| *n).collect()
+}
+
+fn check_imds(raw: RawImds, field: &str) -> Result<ImdsSource, ConfigError> {
+    let sub = |name: &str| format!("{field}.{name}");
+    let cluster = match raw.cluster {
+        Some(c) => non_empty(
+            &c,
+            &sub("cluster"),
+            "name the Envoy cluster that reaches IMDS, e.g. \"azure_imds\"",
+        )?,
+        None => DEFAULT_CLUSTER.to_owned(),
+    };
+    let authority = match raw.authority {
+        Some(a) => check_authority(
+            &a,
+            &sub("authority"),
+            "use the IMDS host, \"169.254.169.254\"",
+        )?,
+        None => DEFAULT_AUTHORITY.to_owned(),
+    };
+    let identity = check_selector(
+        field,
+        [
+            (
+                "client_id",
+                raw.client_id,
+                IdentitySelector::ClientId as fn(String) -> _,
+            ),
+            ("object_id", raw.object_id, IdentitySelector::ObjectId),
+            ("msi_res_id", raw.msi_res_id, IdentitySelector::ResourceId),
+        ],
     )?;
     Ok(ImdsSource {
         cluster,
         authority,
         identity,
-        timeout_ms,
+        timeout_ms: timeout(raw.timeout_ms, field)?,
     })
+}
+
+fn check_app_service(
+    raw: RawAppService,
+    field: &str,
+    env: Env<'_>,
+) -> Result<AppServiceSource, ConfigError> {
+    let sub = |name: &str| format!("{field}.{name}");
+    let endpoint = required_env(
+        env,
+        env::IDENTITY_ENDPOINT,
+        field,
+        "the App Service identity endpoint",
+    )?;
+    let (authority, path) = split_endpoint(&endpoint).ok_or_else(|| {
+        invalid(
+            field,
+            format!(
+                "reads {} from the environment, and it is not an http:// URL with a host (it starts \"{}\")",
+                env::IDENTITY_ENDPOINT,
+                crate::safe::free_text(&endpoint, 12)
+            ),
+            "pass the variable App Service or Container Apps sets, unchanged",
+        )
+    })?;
+    let header = required_env(
+        env,
+        env::IDENTITY_HEADER,
+        field,
+        "the identity endpoint's secret",
+    )?;
+    let identity = check_selector(
+        field,
+        [
+            (
+                "client_id",
+                raw.client_id,
+                IdentitySelector::ClientId as fn(String) -> _,
+            ),
+            ("object_id", raw.object_id, IdentitySelector::ObjectId),
+            ("mi_res_id", raw.mi_res_id, IdentitySelector::ResourceId),
+        ],
+    )?;
+    let cluster = match raw.cluster {
+        Some(c) => non_empty(
+            &c,
+            &sub("cluster"),
+            "name the Envoy cluster that reaches the IDENTITY_ENDPOINT host and port, e.g. \"azure_identity\"",
+        )?,
+        None => DEFAULT_APP_SERVICE_CLUSTER.to_owned(),
+    };
+    Ok(AppServiceSource {
+        cluster,
+        authority,
+        path,
+        identity,
+        header: Secret::new(header),
+        timeout_ms: timeout(raw.timeout_ms, field)?,
+    })
+}
+
+/// `http://localhost:42356/msi/token` → (`localhost:42356`, `/msi/token`).
+fn split_endpoint(url: &str) -> Option<(String, String)> {
+    let rest = url
+        .trim()
+        .strip_prefix("http://")
+        .or_else(|| url.trim().strip_prefix("https://"))?;
+    let (authority, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    };
+    let ok = !authority.is_empty()
+        && authority
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':' | b'[' | b']'))
+        && path.bytes().all(|b| b.is_ascii_graphic());
+    ok.then(|| (authority.to_owned(), path.to_owned()))
+}
+
+fn check_client_credentials(
+    raw: RawClientCredentials,
+    field: &str,
+    env: Env<'_>,
+) -> Result<ClientCredentialsSource, ConfigError> {
+    let sub = |name: &str| format!("{field}.{name}");
+    if raw.client_secret.is_some() {
+        return Err(invalid(
+            sub("client_secret"),
+            "holds a secret in the plugin configuration, which Envoy's admin endpoint and config dumps show",
+            format!(
+                "put the secret in an environment variable of the proxy and name it in client_secret_env (default {}), listed in vm_config.environment_variables.host_env_keys (Istio: vmConfig.env)",
+                env::AZURE_CLIENT_SECRET
+            ),
+        ));
+    }
+    let (cluster, authority) = entra_endpoint(raw.cluster, raw.authority, field, None)?;
+    let tenant_id = id_from(
+        raw.tenant_id,
+        env,
+        env::AZURE_TENANT_ID,
+        &sub("tenant_id"),
+        "tenant",
+    )?;
+    let client_id = id_from(
+        raw.client_id,
+        env,
+        env::AZURE_CLIENT_ID,
+        &sub("client_id"),
+        "application (client)",
+    )?;
+    let credential = match (raw.client_secret_env, raw.client_certificate_env) {
+        (Some(_), Some(_)) => {
+            return Err(invalid(
+                format!(
+                    "{} / {}",
+                    sub("client_secret_env"),
+                    sub("client_certificate_env")
+                ),
+                "are set together",
+                "keep one: a client secret, or a certificate with its private key",
+            ))
+        }
+        (None, Some(name)) => {
+            let name = env_name(&name, &sub("client_certificate_env"))?;
+            let pem = required_env(
+                env,
+                &name,
+                field,
+                "the certificate and its private key (PEM)",
+            )?;
+            let key = SigningKey::from_pem_bundle(&pem).map_err(|problem| {
+                invalid(
+                    sub("client_certificate_env"),
+                    format!("names {name}, which {problem}"),
+                    "put the PEM certificate and its RSA private key (both blocks) in that variable",
+                )
+            })?;
+            ClientCredential::Certificate {
+                env: name,
+                key: Box::new(key),
+            }
+        }
+        (secret_env, None) => {
+            let name = env_name(
+                secret_env.as_deref().unwrap_or(env::AZURE_CLIENT_SECRET),
+                &sub("client_secret_env"),
+            )?;
+            let value = required_env(env, &name, field, "the client secret")?;
+            ClientCredential::Secret {
+                env: name,
+                value: Secret::new(value),
+            }
+        }
+    };
+    Ok(ClientCredentialsSource {
+        cluster,
+        authority,
+        tenant_id,
+        client_id,
+        credential,
+        timeout_ms: timeout(raw.timeout_ms, field)?,
+    })
+}
+
+fn check_workload_identity(
+    raw: RawWorkloadIdentity,
+    field: &str,
+    env: Env<'_>,
+) -> Result<WorkloadIdentitySource, ConfigError> {
+    let sub = |name: &str| format!("{field}.{name}");
+    // The workload-identity webhook sets AZURE_AUTHORITY_HOST (https://login.microsoftonline.com/).
+    let injected =
+        env(env::AZURE_AUTHORITY_HOST).and_then(|url| split_endpoint(&url).map(|(host, _)| host));
+    let (cluster, authority) = entra_endpoint(raw.cluster, raw.authority, field, injected)?;
+    let tenant_id = id_from(
+        raw.tenant_id,
+        env,
+        env::AZURE_TENANT_ID,
+        &sub("tenant_id"),
+        "tenant",
+    )?;
+    let client_id = id_from(
+        raw.client_id,
+        env,
+        env::AZURE_CLIENT_ID,
+        &sub("client_id"),
+        "application (client)",
+    )?;
+    let assertion_cluster = match raw.assertion_cluster {
+        Some(c) => non_empty(
+            &c,
+            &sub("assertion_cluster"),
+            "name the cluster of the token-file listener, e.g. \"federated_token\"",
+        )?,
+        None => DEFAULT_ASSERTION_CLUSTER.to_owned(),
+    };
+    let assertion_authority = match raw.assertion_authority {
+        Some(a) => check_authority(
+            &a,
+            &sub("assertion_authority"),
+            "write a host name such as \"federated-token\"",
+        )?,
+        None => DEFAULT_ASSERTION_AUTHORITY.to_owned(),
+    };
+    let assertion_path = match raw.assertion_path {
+        Some(p) if p.starts_with('/') && p.bytes().all(|b| b.is_ascii_graphic()) => p,
+        Some(p) => {
+            return Err(invalid(
+                sub("assertion_path"),
+                format!("is \"{p}\", which is not a path"),
+                "start it with '/', such as \"/\"",
+            ))
+        }
+        None => DEFAULT_ASSERTION_PATH.to_owned(),
+    };
+    Ok(WorkloadIdentitySource {
+        cluster,
+        authority,
+        tenant_id,
+        client_id,
+        assertion_cluster,
+        assertion_authority,
+        assertion_path,
+        timeout_ms: timeout(raw.timeout_ms, field)?,
+    })
+}
+
+/// The Entra cluster and authority host; `injected` is the webhook's
+/// `AZURE_AUTHORITY_HOST`, used when the configuration names none.
+fn entra_endpoint(
+    cluster: Option<String>,
+    authority: Option<String>,
+    field: &str,
+    injected: Option<String>,
+) -> Result<(String, String), ConfigError> {
+    let sub = |name: &str| format!("{field}.{name}");
+    let cluster = match cluster {
+        Some(c) => non_empty(
+            &c,
+            &sub("cluster"),
+            "name the Envoy cluster that reaches Entra over TLS, e.g. \"entra\"",
+        )?,
+        None => DEFAULT_ENTRA_CLUSTER.to_owned(),
+    };
+    let authority = match authority.or(injected) {
+        Some(a) => check_authority(
+            a.trim_end_matches('/'),
+            &sub("authority"),
+            &format!(
+                "write the Entra host only: {}",
+                ENTRA_AUTHORITIES.join(", ")
+            ),
+        )?,
+        None => DEFAULT_ENTRA_AUTHORITY.to_owned(),
+    };
+    Ok((cluster, authority))
+}
+
+fn check_authority(a: &str, field: &str, fix: &str) -> Result<String, ConfigError> {
+    let a = non_empty(a, field, fix)?;
+    let ok = a
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':' | b'[' | b']'));
+    if !ok {
+        return Err(invalid(
+            field,
+            format!("is \"{a}\", which is not a host[:port]"),
+            fix,
+        ));
+    }
+    Ok(a)
+}
+
+/// A tenant or client id from the configuration, else from `var`.
+fn id_from(
+    value: Option<String>,
+    env: Env<'_>,
+    var: &str,
+    field: &str,
+    what: &str,
+) -> Result<String, ConfigError> {
+    let (id, from) = match value {
+        Some(v) => (v, field.to_owned()),
+        None => match env(var) {
+            Some(v) => (v, format!("the environment variable {var}")),
+            None => {
+                return Err(invalid(
+                    field,
+                    format!("is not set, and the environment variable {var} is not available to the VM"),
+                    format!(
+                        "set {field} to the {what} id, or add {var} to vm_config.environment_variables.host_env_keys (Istio: vmConfig.env)"
+                    ),
+                ))
+            }
+        },
+    };
+    let id = id.trim().to_owned();
+    let ok = (1..=128).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.'));
+    if !ok {
+        return Err(invalid(
+            field,
+            format!("({from}) is not a {what} id (a GUID, or for a tenant a domain name)"),
+            format!("copy the {what} id from the Azure portal or `az`"),
+        ));
+    }
+    Ok(id)
+}
+
+fn env_name(name: &str, field: &str) -> Result<String, ConfigError> {
+    let ok = (1..=128).contains(&name.len())
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+    if ok {
+        Ok(name.to_owned())
+    } else {
+        Err(invalid(
+            field,
+            format!("is \"{name}\", which is not an environment variable name"),
+            "write the variable's name, such as \"AZURE_CLIENT_SECRET\", not its value",
+        ))
+    }
+}
+
+/// A variable of the VM's environment that a source cannot do without.
+fn required_env(env: Env<'_>, var: &str, field: &str, what: &str) -> Result<String, ConfigError> {
+    match env(var) {
+        Some(v) if !v.trim().is_empty() => Ok(v.trim().to_owned()),
+        _ => Err(invalid(
+            field,
+            format!("reads {what} from the environment variable {var}, which the VM does not have (or is empty)"),
+            format!("add {var} to vm_config.environment_variables.host_env_keys (Istio: vmConfig.env) and set it in the proxy's environment"),
+        )),
+    }
+}
+
+fn timeout(value: Option<u64>, field: &str) -> Result<u64, ConfigError> {
+    milliseconds(
+        value,
+        &format!("{field}.timeout_ms"),
+        100,
+        MAX_FETCH_TIMEOUT_MS,
+        DEFAULT_FETCH_TIMEOUT_MS,
+    )
 }
 
 fn non_empty(value: &str, field: &str, fix: &str) -> Result<String, ConfigError> {

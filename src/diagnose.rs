@@ -2,12 +2,14 @@
 //!
 //! Every reply the filter writes has the shape OpenAI SDKs already print:
 //! `{"error":{"code":…,"message":…,…}}`, plus the header
-//! `x-aoai-msi-diagnosis: <code>`. Messages name the cause and the fix;
-//! nothing here ever sees a token.
+//! `x-aoai-msi-diagnosis: <code>`. Messages name the cause, the identity and
+//! the fix; nothing here ever sees a token, a secret or an assertion (the
+//! sources keep those; only names of variables, ids and thumbprints appear).
 
 use serde_json::{json, Map, Value};
 
-use crate::config::{IdentitySelector, TokenSpec};
+use crate::config::{TokenSpec, ENTRA_AUTHORITIES};
+use crate::source::{ClientCredential, Source};
 use crate::store::Failure;
 use crate::token::{FailureClass, FetchFailure};
 
@@ -24,6 +26,26 @@ pub mod code {
     pub const TOKEN_RESPONSE_INVALID: &str = "TokenResponseInvalid";
     pub const TOKEN_AUDIENCE_MISMATCH: &str = "TokenAudienceMismatch";
     pub const TOKEN_WAIT_TIMEOUT: &str = "TokenWaitTimeout";
+    pub const CLIENT_SECRET_INVALID: &str = "ClientSecretInvalid";
+    pub const CLIENT_SECRET_EXPIRED: &str = "ClientSecretExpired";
+    pub const APPLICATION_NOT_FOUND: &str = "ApplicationNotFound";
+    pub const TENANT_NOT_FOUND: &str = "TenantNotFound";
+    pub const CERTIFICATE_NOT_REGISTERED: &str = "CertificateNotRegistered";
+    pub const FEDERATED_CREDENTIAL_MISMATCH: &str = "FederatedCredentialMismatch";
+    pub const FEDERATED_TOKEN_EXPIRED: &str = "FederatedTokenExpired";
+    pub const FEDERATED_TOKEN_UNAVAILABLE: &str = "FederatedTokenUnavailable";
+}
+
+/// Entra's AADSTS numbers the filter explains (AZURE_FACTS §2).
+pub mod aadsts {
+    pub const INVALID_SECRET: u32 = 7_000_215;
+    pub const EXPIRED_SECRET: u32 = 7_000_222;
+    pub const APPLICATION_NOT_FOUND: u32 = 700_016;
+    pub const TENANT_NOT_FOUND: u32 = 90_002;
+    pub const CERTIFICATE_NOT_REGISTERED: u32 = 700_027;
+    pub const FEDERATION_SUBJECT_MISMATCH: u32 = 70_021;
+    pub const FEDERATION_ISSUER_MISMATCH: u32 = 700_211;
+    pub const ASSERTION_EXPIRED: u32 = 700_024;
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -37,10 +59,53 @@ pub struct Diagnosis {
     pub details: Map<String, Value>,
 }
 
+/// The token endpoint of a source, in words.
+struct Endpoint {
+    /// "IMDS", "the App Service identity endpoint", "Entra".
+    name: &'static str,
+    /// Where the cluster must point, for a missing cluster.
+    reach: String,
+    /// What usually stops the endpoint answering.
+    unreachable: String,
+}
+
+fn endpoint(source: &Source, cluster: &str) -> Endpoint {
+    match source {
+        Source::Imds(_) => Endpoint {
+            name: "The managed identity endpoint (IMDS)",
+            reach: "pointing at 169.254.169.254:80 (Istio: the outbound|80||<host> cluster of the IMDS ServiceEntry)".to_owned(),
+            unreachable: "On Azure, the proxy must reach 169.254.169.254:80 directly, bypassing any egress proxy".to_owned(),
+        },
+        Source::AppService(s) => Endpoint {
+            name: "The App Service identity endpoint",
+            reach: format!("pointing at {} (the host and port of IDENTITY_ENDPOINT)", s.authority),
+            unreachable: format!(
+                "The endpoint listens on the app's own host ({}); check that the cluster's port is the one in IDENTITY_ENDPOINT",
+                s.authority
+            ),
+        },
+        Source::WorkloadIdentity(s) if cluster == s.assertion_cluster => Endpoint {
+            name: "The service-account token listener",
+            reach: "serving the projected service-account token file with direct_response (see envoy/aks-workload-identity.yaml)".to_owned(),
+            unreachable: "It is the Envoy listener that serves AZURE_FEDERATED_TOKEN_FILE; check its port and that it is loaded".to_owned(),
+        },
+        Source::ClientCredentials(ClientCredentialsLike { authority, .. })
+        | Source::WorkloadIdentity(WorkloadLike { authority, .. }) => Endpoint {
+            name: "Entra",
+            reach: format!("pointing at {authority}:443 with TLS (SNI {authority})"),
+            unreachable: format!(
+                "Check the proxy's outbound access to {authority}:443 (firewall, egress proxy, DNS)"
+            ),
+        },
+    }
+}
+
+use crate::source::ClientCredentialsSource as ClientCredentialsLike;
+use crate::source::WorkloadIdentitySource as WorkloadLike;
+
 impl Diagnosis {
     /// Why a request that waited for a token gets none: the last failure.
     pub fn for_failure(failure: &Failure, spec: &TokenSpec, now_ms: u64) -> Diagnosis {
-        let imds = spec.imds();
         // Requests are only answered this way when no usable token exists.
         let retry_after_s = Some(
             failure
@@ -50,37 +115,47 @@ impl Diagnosis {
                 .max(1),
         );
         let mut details = Map::new();
-        details.insert("token_endpoint_cluster".into(), json!(imds.cluster));
+        details.insert("token_source".into(), json!(spec.source.kind()));
+        details.insert(
+            "token_endpoint_cluster".into(),
+            json!(spec.source.cluster()),
+        );
         details.insert("failed_attempts".into(), json!(failure.attempts));
         let (status, code, message) = match &failure.cause {
-            FetchFailure::Dispatch { cluster } => (
-                500,
-                code::TOKEN_ENDPOINT_CLUSTER_MISSING,
-                format!(
-                    "Envoy refused to call the token endpoint through cluster \"{cluster}\". \
-                     Add a cluster of that name pointing at 169.254.169.254:80 (Istio: the \
-                     outbound|80||<host> cluster of the IMDS ServiceEntry), or set \
-                     token_source.cluster to the cluster that does."
-                ),
-            ),
-            FetchFailure::NoResponse => (
-                503,
-                code::TOKEN_ENDPOINT_UNREACHABLE,
-                format!(
-                    "The managed identity endpoint did not answer (cluster \"{}\", authority \
-                     \"{}\"): connection failed or timed out. On Azure, the proxy must reach \
-                     169.254.169.254:80 directly, bypassing any egress proxy; the filter keeps \
-                     retrying.",
-                    imds.cluster, imds.authority
-                ),
-            ),
+            FetchFailure::Dispatch { cluster } => {
+                let e = endpoint(&spec.source, cluster);
+                details.insert("token_endpoint_cluster".into(), json!(cluster));
+                (
+                    500,
+                    code::TOKEN_ENDPOINT_CLUSTER_MISSING,
+                    format!(
+                        "Envoy refused to call {} through cluster \"{cluster}\". Add a cluster of that name {}, \
+                         or point the token source at the cluster that does.",
+                        e.name.to_lowercase(),
+                        e.reach
+                    ),
+                )
+            }
+            FetchFailure::NoResponse => {
+                let e = endpoint(&spec.source, spec.source.cluster());
+                (
+                    503,
+                    code::TOKEN_ENDPOINT_UNREACHABLE,
+                    format!(
+                        "{} did not answer (cluster \"{}\"): connection failed or timed out. {}; the filter keeps retrying.",
+                        e.name,
+                        spec.source.cluster(),
+                        e.unreachable
+                    ),
+                )
+            }
             FetchFailure::InvalidBody { problem } => (
                 503,
                 code::TOKEN_RESPONSE_INVALID,
                 format!(
-                    "The managed identity endpoint answered 200, but {problem}. The filter keeps \
-                     retrying; if this persists, check what serves cluster \"{}\".",
-                    imds.cluster
+                    "{} answered 200, but {problem}. The filter keeps retrying; if this persists, check what serves cluster \"{}\".",
+                    endpoint(&spec.source, spec.source.cluster()).name,
+                    spec.source.cluster()
                 ),
             ),
             FetchFailure::WrongAudience { asked, got } => {
@@ -92,9 +167,26 @@ impl Diagnosis {
                     format!(
                         "The token endpoint behind cluster \"{}\" answered with a token for \"{got}\", \
                          but the filter asked for \"{asked}\"; such a token is never sent. Something other \
-                         than the managed identity endpoint may be answering on that cluster: check what \
-                         serves it. The filter asks again every 15-30 s.",
-                        imds.cluster
+                         than the token endpoint may be answering on that cluster: check what serves it. \
+                         The filter asks again every 15-30 s.",
+                        spec.source.cluster()
+                    ),
+                )
+            }
+            FetchFailure::AssertionUnavailable { problem } => {
+                let cluster = match &spec.source {
+                    Source::WorkloadIdentity(s) => s.assertion_cluster.as_str(),
+                    other => other.cluster(),
+                };
+                (
+                    503,
+                    code::FEDERATED_TOKEN_UNAVAILABLE,
+                    format!(
+                        "No service-account token to exchange: {problem}. The token-file listener (cluster \"{cluster}\") \
+                         serves the token that the workload-identity webhook projects into the pod \
+                         (AZURE_FEDERATED_TOKEN_FILE): check that the pod is labelled azure.workload.identity/use: \"true\", \
+                         that its service account is annotated with azure.workload.identity/client-id, and that the \
+                         listener's filename is the mounted file. The filter keeps retrying."
                     ),
                 )
             }
@@ -102,6 +194,7 @@ impl Diagnosis {
                 status,
                 error,
                 description,
+                codes,
             } => {
                 if let Some(e) = error {
                     details.insert("token_endpoint_error".into(), json!(e));
@@ -109,13 +202,23 @@ impl Diagnosis {
                 if let Some(d) = description {
                     details.insert("token_endpoint_error_description".into(), json!(d));
                 }
+                if let Some(code) = codes.first() {
+                    details.insert("aadsts".into(), json!(code));
+                }
                 details.insert("token_endpoint_status".into(), json!(status));
                 let said = description
                     .as_deref()
                     .or(error.as_deref())
-                    .map(|d| format!(" (IMDS {status}: \"{d}\")"))
-                    .unwrap_or_else(|| format!(" (IMDS {status})"));
-                status_diagnosis(*status, &said, failure.cause.class(), spec)
+                    .map(|d| format!(" ({status}: \"{d}\")"))
+                    .unwrap_or_else(|| format!(" ({status})"));
+                let class = failure.cause.class();
+                match &spec.source {
+                    Source::Imds(_) => imds_status(*status, &said, class, spec),
+                    Source::AppService(_) => app_service_status(*status, &said, class, spec),
+                    Source::ClientCredentials(_) | Source::WorkloadIdentity(_) => {
+                        entra_status(*status, codes, &said, class, spec, &mut details)
+                    }
+                }
             }
         };
         let transient = failure.cause.class() == FailureClass::Transient;
@@ -130,17 +233,21 @@ impl Diagnosis {
 
     /// A request waited as long as allowed while a token call was still under way.
     pub fn waited(spec: &TokenSpec) -> Diagnosis {
-        let imds = spec.imds();
         let mut details = Map::new();
-        details.insert("token_endpoint_cluster".into(), json!(imds.cluster));
+        details.insert("token_source".into(), json!(spec.source.kind()));
+        details.insert(
+            "token_endpoint_cluster".into(),
+            json!(spec.source.cluster()),
+        );
         Diagnosis {
             status: 503,
             code: code::TOKEN_WAIT_TIMEOUT,
             message: format!(
-                "No managed identity token arrived within {} ms; the token endpoint behind \
-                 cluster \"{}\" is slow. Retry the request; raise token_wait_timeout_ms if the \
-                 endpoint is known to be slow.",
-                spec.token_wait_timeout_ms, imds.cluster
+                "No token arrived within {} ms; {} behind cluster \"{}\" is slow. Retry the request; raise \
+                 token_wait_timeout_ms if the endpoint is known to be slow.",
+                spec.token_wait_timeout_ms,
+                endpoint(&spec.source, spec.source.cluster()).name.to_lowercase(),
+                spec.source.cluster()
             ),
             retry_after_s: Some(1),
             details,
@@ -174,17 +281,34 @@ impl Diagnosis {
     }
 }
 
-fn status_diagnosis(
+fn unavailable(status: u16, why: &str, said: &str) -> (u16, &'static str, String) {
+    let _ = status;
+    (
+        503,
+        code::TOKEN_ENDPOINT_UNAVAILABLE,
+        format!("No token yet: {why}{said}. The filter retries with backoff; retry the request."),
+    )
+}
+
+fn imds_status(
     status: u16,
     said: &str,
     class: FailureClass,
     spec: &TokenSpec,
 ) -> (u16, &'static str, String) {
-    let selector = match &spec.imds().identity {
-        IdentitySelector::Default => "no identity selector is configured".to_owned(),
-        IdentitySelector::ClientId(v) => format!("token_source.client_id is \"{v}\""),
-        IdentitySelector::ObjectId(v) => format!("token_source.object_id is \"{v}\""),
-        IdentitySelector::ResourceId(v) => format!("token_source.msi_res_id is \"{v}\""),
+    let selector = match spec.imds().map(|i| &i.identity) {
+        None | Some(crate::source::IdentitySelector::Default) => {
+            "no identity selector is configured".to_owned()
+        }
+        Some(crate::source::IdentitySelector::ClientId(v)) => {
+            format!("token_source.client_id is \"{v}\"")
+        }
+        Some(crate::source::IdentitySelector::ObjectId(v)) => {
+            format!("token_source.object_id is \"{v}\"")
+        }
+        Some(crate::source::IdentitySelector::ResourceId(v)) => {
+            format!("token_source.msi_res_id is \"{v}\"")
+        }
     };
     let lower = said.to_ascii_lowercase();
     if class == FailureClass::Transient {
@@ -194,13 +318,7 @@ fn status_diagnosis(
             404 => "IMDS is updating",
             _ => "the managed identity endpoint failed",
         };
-        return (
-            503,
-            code::TOKEN_ENDPOINT_UNAVAILABLE,
-            format!(
-                "No token yet: {why}{said}. The filter retries with backoff; retry the request."
-            ),
-        );
+        return unavailable(status, why, said);
     }
     if lower.contains("identity not found") {
         return (
@@ -245,6 +363,195 @@ fn status_diagnosis(
     )
 }
 
+fn app_service_status(
+    status: u16,
+    said: &str,
+    class: FailureClass,
+    spec: &TokenSpec,
+) -> (u16, &'static str, String) {
+    if class == FailureClass::Transient {
+        return unavailable(status, "the App Service identity endpoint failed", said);
+    }
+    let lower = said.to_ascii_lowercase();
+    if lower.contains("unable to load the proper managed identity") {
+        return (
+            401,
+            code::MANAGED_IDENTITY_AMBIGUOUS,
+            format!(
+                "The app has several user-assigned identities and none was chosen, or the chosen one is not \
+                 assigned{said}. Set token_source.client_id (or object_id / mi_res_id) to an identity assigned \
+                 to this app that holds the Cognitive Services OpenAI User role on the resource."
+            ),
+        );
+    }
+    if lower.contains("no managed identity") || lower.contains("identity not found") {
+        return (
+            401,
+            code::MANAGED_IDENTITY_NOT_FOUND,
+            format!(
+                "This app has no managed identity{said}. Turn on the system-assigned identity (Identity blade, \
+                 or `az webapp identity assign` / `az containerapp identity assign`), or assign a user-assigned one."
+            ),
+        );
+    }
+    if status == 401 || status == 403 {
+        return (
+            401,
+            code::TOKEN_REQUEST_REJECTED,
+            format!(
+                "The App Service identity endpoint refused X-IDENTITY-HEADER{said}. IDENTITY_HEADER changes when \
+                 the platform restarts the app; restart the proxy so it reads the variable again."
+            ),
+        );
+    }
+    (
+        401,
+        code::TOKEN_REQUEST_REJECTED,
+        format!(
+            "The App Service identity endpoint refused the token request{said}; resource is \"{}\". Check the \
+             resource and the identity selector.",
+            spec.resource
+        ),
+    )
+}
+
+fn entra_status(
+    status: u16,
+    codes: &[u32],
+    said: &str,
+    class: FailureClass,
+    spec: &TokenSpec,
+    details: &mut Map<String, Value>,
+) -> (u16, &'static str, String) {
+    let (tenant, client, authority) = match &spec.source {
+        Source::ClientCredentials(s) => (&s.tenant_id, &s.client_id, &s.authority),
+        Source::WorkloadIdentity(s) => (&s.tenant_id, &s.client_id, &s.authority),
+        _ => return unavailable(status, "the token endpoint failed", said),
+    };
+    details.insert("application_id".into(), json!(client));
+    details.insert("tenant_id".into(), json!(tenant));
+    if class == FailureClass::Transient {
+        return unavailable(status, "Entra is temporarily unavailable", said);
+    }
+    let secret_env = match &spec.source {
+        Source::ClientCredentials(ClientCredentialsLike {
+            credential: ClientCredential::Secret { env, .. },
+            ..
+        }) => env.as_str(),
+        _ => "the client secret's variable",
+    };
+    let has = |code: u32| codes.contains(&code);
+    if has(aadsts::INVALID_SECRET) {
+        return (
+            401,
+            code::CLIENT_SECRET_INVALID,
+            format!(
+                "Entra refused the client secret of application {client} in tenant {tenant} (AADSTS7000215){said}. \
+                 The value in {secret_env} is not a current secret of this application (a secret's ID pasted \
+                 instead of its value is a common cause): create one with `az ad app credential reset --id {client} \
+                 --append` and put its value in {secret_env}."
+            ),
+        );
+    }
+    if has(aadsts::EXPIRED_SECRET) {
+        return (
+            401,
+            code::CLIENT_SECRET_EXPIRED,
+            format!(
+                "The client secret of application {client} in tenant {tenant} has expired (AADSTS7000222){said}. \
+                 Create a new one with `az ad app credential reset --id {client} --append`, put its value in \
+                 {secret_env}, and restart the proxy."
+            ),
+        );
+    }
+    if has(aadsts::APPLICATION_NOT_FOUND) {
+        return (
+            401,
+            code::APPLICATION_NOT_FOUND,
+            format!(
+                "Entra has no application {client} in tenant {tenant} (AADSTS700016){said}. Check client_id \
+                 (or AZURE_CLIENT_ID) and tenant_id: the application may be registered in another tenant, or \
+                 have no service principal there."
+            ),
+        );
+    }
+    if has(aadsts::TENANT_NOT_FOUND) {
+        return (
+            401,
+            code::TENANT_NOT_FOUND,
+            format!(
+                "Entra at {authority} has no tenant {tenant}, where application {client} was to sign in \
+                 (AADSTS90002){said}. Check tenant_id (or AZURE_TENANT_ID), and that authority is the \
+                 tenant's cloud ({}).",
+                ENTRA_AUTHORITIES.join(", ")
+            ),
+        );
+    }
+    if has(aadsts::CERTIFICATE_NOT_REGISTERED) {
+        let thumbprint = match &spec.source {
+            Source::ClientCredentials(ClientCredentialsLike {
+                credential: ClientCredential::Certificate { key, .. },
+                ..
+            }) => {
+                details.insert(
+                    "certificate_thumbprint_sha256".into(),
+                    json!(key.thumbprint),
+                );
+                format!(" (x5t#S256 {})", key.thumbprint)
+            }
+            _ => String::new(),
+        };
+        return (
+            401,
+            code::CERTIFICATE_NOT_REGISTERED,
+            format!(
+                "Entra does not accept the certificate{thumbprint} for application {client} in tenant {tenant} \
+                 (AADSTS700027){said}. Upload the certificate to the app registration (`az ad app credential \
+                 reset --id {client} --cert @cert.pem --append`), or use the one that is registered."
+            ),
+        );
+    }
+    let federation = [
+        aadsts::FEDERATION_SUBJECT_MISMATCH,
+        aadsts::FEDERATION_ISSUER_MISMATCH,
+    ]
+    .into_iter()
+    .find(|c| has(*c));
+    if let Some(found) = federation {
+        return (
+            401,
+            code::FEDERATED_CREDENTIAL_MISMATCH,
+            format!(
+                "No federated credential of application {client} matches the service-account token \
+                 (AADSTS{found}){said}. Add one whose issuer is the cluster's OIDC issuer URL (`az aks show \
+                 --query oidcIssuerProfile.issuerUrl`) and whose subject is \
+                 system:serviceaccount:<namespace>:<service account>, audience api://AzureADTokenExchange \
+                 (`az identity federated-credential create` for a managed identity)."
+            ),
+        );
+    }
+    if has(aadsts::ASSERTION_EXPIRED) {
+        return (
+            401,
+            code::FEDERATED_TOKEN_EXPIRED,
+            format!(
+                "Entra says the service-account token has expired (AADSTS700024){said}. Kubelet rotates the \
+                 projected token well before it expires: check that the token-file listener watches the token's \
+                 directory (watched_directory) so Envoy serves the current file."
+            ),
+        );
+    }
+    (
+        401,
+        code::TOKEN_REQUEST_REJECTED,
+        format!(
+            "Entra refused the token request of application {client} in tenant {tenant}{said}; resource is \
+             \"{}\". The AADSTS code names the cause.",
+            spec.resource
+        ),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -269,6 +576,7 @@ mod tests {
             status,
             error: Some("invalid_request".into()),
             description: Some(description.into()),
+            codes: Vec::new(),
         }
     }
 

@@ -16,6 +16,7 @@ pub mod metrics;
 pub mod rewrite;
 pub mod route;
 pub mod safe;
+pub mod source;
 pub mod store;
 pub mod token;
 pub mod upstream;

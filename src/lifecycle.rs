@@ -202,6 +202,7 @@ mod tests {
             status: 400,
             error: None,
             description: None,
+            codes: Vec::new(),
         });
         assert_eq!(refused.next_attempt_ms(1_000, true), 31_000);
     }

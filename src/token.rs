@@ -9,11 +9,8 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 use crate::claims::Claims;
-use crate::config::TokenSpec;
 use crate::safe;
 
-pub const IMDS_PATH: &str = "/metadata/identity/oauth2/token";
-pub const IMDS_API_VERSION: &str = "2018-02-01";
 /// Bodies larger than this are refused unread: a token response is ~2-5 KB.
 pub const MAX_RESPONSE_BYTES: usize = 64 * 1024;
 /// Real Entra tokens are well under 8 KB; anything near this bound is not a token.
@@ -56,62 +53,6 @@ pub struct Token {
     pub expires_at_ms: u64,
 }
 
-/// Everything the glue needs to dispatch a token call.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TokenRequest {
-    pub cluster: String,
-    pub timeout_ms: u64,
-    /// Pseudo-headers and headers, in order.
-    pub headers: Vec<(&'static str, String)>,
-}
-
-impl TokenRequest {
-    /// The IMDS request for this token (built once, at configure time).
-    pub fn imds(spec: &TokenSpec) -> TokenRequest {
-        let imds = spec.imds();
-        let mut path = format!(
-            "{IMDS_PATH}?api-version={IMDS_API_VERSION}&resource={}",
-            percent_encode(&spec.resource)
-        );
-        if let Some((name, value)) = imds.identity.query_param() {
-            path.push('&');
-            path.push_str(name);
-            path.push('=');
-            path.push_str(&percent_encode(value));
-        }
-        TokenRequest {
-            cluster: imds.cluster.clone(),
-            timeout_ms: imds.timeout_ms,
-            headers: vec![
-                (":method", "GET".to_owned()),
-                (":path", path),
-                (":authority", imds.authority.clone()),
-                ("metadata", "true".to_owned()),
-            ],
-        }
-    }
-
-    pub fn path(&self) -> &str {
-        self.headers
-            .iter()
-            .find(|(name, _)| *name == ":path")
-            .map_or("", |(_, v)| v.as_str())
-    }
-}
-
-/// RFC 3986 unreserved characters pass; everything else is %XX.
-fn percent_encode(value: &str) -> String {
-    let mut out = String::with_capacity(value.len() * 3);
-    for b in value.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
-            out.push(char::from(b));
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
-
 /// Why a token call did not produce a usable token. Kept in shared data so
 /// every worker can explain the same failure, hence serializable.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -126,11 +67,16 @@ pub enum FetchFailure {
         status: u16,
         error: Option<String>,
         description: Option<String>,
+        /// Entra's `error_codes` (the AADSTS numbers), if any.
+        #[serde(default)]
+        codes: Vec<u32>,
     },
     /// A 200 whose body is not a usable token.
     InvalidBody { problem: String },
     /// A token for another audience than the one asked for: never sent.
     WrongAudience { asked: String, got: String },
+    /// Workload identity: no usable service-account token to exchange.
+    AssertionUnavailable { problem: String },
 }
 
 /// How a failure is retried and what parked requests are told.
@@ -149,10 +95,14 @@ impl FetchFailure {
     pub fn class(&self) -> FailureClass {
         match self {
             FetchFailure::Dispatch { .. } => FailureClass::Misconfigured,
-            FetchFailure::NoResponse | FetchFailure::InvalidBody { .. } => FailureClass::Transient,
+            FetchFailure::NoResponse
+            | FetchFailure::InvalidBody { .. }
+            | FetchFailure::AssertionUnavailable { .. } => FailureClass::Transient,
             FetchFailure::WrongAudience { .. } => FailureClass::Refused,
-            FetchFailure::Status { status, .. } => match status {
+            FetchFailure::Status { status, error, .. } => match status {
                 404 | 408 | 410 | 429 | 500..=599 => FailureClass::Transient,
+                // Entra says so itself when it is overloaded.
+                _ if error.as_deref() == Some("temporarily_unavailable") => FailureClass::Transient,
                 _ => FailureClass::Refused,
             },
         }
@@ -166,6 +116,7 @@ impl FetchFailure {
             FetchFailure::Status { status, .. } => format!("status_{status}"),
             FetchFailure::InvalidBody { .. } => "invalid_body".to_owned(),
             FetchFailure::WrongAudience { .. } => "wrong_audience".to_owned(),
+            FetchFailure::AssertionUnavailable { .. } => "assertion_unavailable".to_owned(),
         }
     }
 }
@@ -195,10 +146,14 @@ struct RawToken {
     resource: Option<String>,
 }
 
+/// Error bodies: IMDS and Entra say `error` / `error_description` (Entra
+/// adds `error_codes`); App Service says `statusCode` / `message`.
 #[derive(Deserialize)]
 struct RawError {
     error: Option<serde_json::Value>,
     error_description: Option<String>,
+    error_codes: Option<Vec<u64>>,
+    message: Option<String>,
 }
 
 /// A token the endpoint issued, checked, with what the filter noticed on the way.
@@ -359,21 +314,29 @@ fn error_status(status: u16, body: &[u8]) -> FetchFailure {
         return FetchFailure::NoResponse;
     }
     let raw: Option<RawError> = serde_json::from_slice(body).ok();
-    let (error, description) = match raw {
+    let (error, description, codes) = match raw {
         Some(raw) => (
             raw.error.map(|e| match e {
                 serde_json::Value::String(s) => safe::free_text(&s, 80),
                 other => safe::free_text(&other.to_string(), 80),
             }),
             raw.error_description
+                .or(raw.message)
                 .map(|d| safe::free_text(&d, MAX_DESCRIPTION_CHARS)),
+            raw.error_codes
+                .unwrap_or_default()
+                .into_iter()
+                .filter_map(|c| u32::try_from(c).ok())
+                .take(8)
+                .collect(),
         ),
-        None => (None, None),
+        None => (None, None, Vec::new()),
     };
     FetchFailure::Status {
         status,
         error,
         description,
+        codes,
     }
 }
 
@@ -390,37 +353,6 @@ mod tests {
                "expires_on":{expires_on},"not_before":"1763752300",
                "resource":"https://cognitiveservices.azure.com","token_type":"Bearer","client_id":"c"}}"#
         )
-    }
-
-    #[test]
-    fn imds_request_carries_the_bare_resource_the_selector_and_the_metadata_header() {
-        let config = crate::config::Config::parse(
-            br#"{"hosts":["a.example"],"token_source":{"client_id":"11111111-2222"}}"#,
-        )
-        .unwrap();
-        let request = TokenRequest::imds(&config.tokens[0]);
-        assert_eq!(request.cluster, "azure_imds");
-        assert_eq!(
-            request.path(),
-            "/metadata/identity/oauth2/token?api-version=2018-02-01\
-             &resource=https%3A%2F%2Fcognitiveservices.azure.com&client_id=11111111-2222"
-        );
-        assert!(request
-            .headers
-            .contains(&(":authority", "169.254.169.254".to_owned())));
-        assert!(request.headers.contains(&("metadata", "true".to_owned())));
-        assert!(!request
-            .headers
-            .iter()
-            .any(|(n, _)| n.eq_ignore_ascii_case("x-forwarded-for")));
-    }
-
-    #[test]
-    fn imds_request_without_selector_names_no_identity() {
-        let request = TokenRequest::imds(&crate::config::Config::default().tokens[1]);
-        assert!(!request.path().contains("client_id"));
-        assert!(!request.path().contains("object_id"));
-        assert!(!request.path().contains("msi_res_id"));
     }
 
     #[test]
@@ -539,10 +471,46 @@ mod tests {
             FetchFailure::Status {
                 status: 400,
                 error: Some("invalid_request".into()),
-                description: Some("Identity not found".into())
+                description: Some("Identity not found".into()),
+                codes: Vec::new(),
             }
         );
         assert_eq!(failure.class(), FailureClass::Refused);
+    }
+
+    #[test]
+    fn entra_errors_keep_their_codes_and_app_service_errors_their_message() {
+        let entra = br#"{"error":"invalid_client","error_description":"AADSTS7000215: Invalid client secret provided.","error_codes":[7000215],"timestamp":"t","trace_id":"x","correlation_id":"y"}"#;
+        match parse_response(Some(401), entra, NOW_MS, RES).unwrap_err() {
+            FetchFailure::Status {
+                codes,
+                error,
+                description,
+                ..
+            } => {
+                assert_eq!(codes, vec![7000215]);
+                assert_eq!(error.as_deref(), Some("invalid_client"));
+                assert!(description.unwrap().starts_with("AADSTS7000215"));
+            }
+            other => panic!("{other:?}"),
+        }
+        let app_service = br#"{"statusCode":400,"message":"Unable to load the proper Managed Identity.","correlationId":"c"}"#;
+        match parse_response(Some(400), app_service, NOW_MS, RES).unwrap_err() {
+            FetchFailure::Status { description, .. } => {
+                assert_eq!(
+                    description.as_deref(),
+                    Some("Unable to load the proper Managed Identity.")
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        let busy = br#"{"error":"temporarily_unavailable","error_description":"AADSTS50196: try later","error_codes":[50196]}"#;
+        assert_eq!(
+            parse_response(Some(400), busy, NOW_MS, RES)
+                .unwrap_err()
+                .class(),
+            FailureClass::Transient
+        );
     }
 
     #[test]

@@ -5,8 +5,9 @@
 use aoai_msi_filter::agent::{Admission, Agent, Command};
 use aoai_msi_filter::config::Config;
 use aoai_msi_filter::route::Routed;
+use aoai_msi_filter::source::Step;
 use aoai_msi_filter::store::{self, memory::MemoryStore};
-use aoai_msi_filter::token::{parse_response, FetchFailure, Secret, Token, TokenRequest};
+use aoai_msi_filter::token::{parse_response, FetchFailure, Secret, Token};
 use wasm_bindgen_test::wasm_bindgen_test;
 
 const NOW_MS: u64 = 1_763_752_300_000;
@@ -79,7 +80,11 @@ fn imds_answers_with_string_times_parse_in_wasm() {
     .token;
     assert_eq!(token.expires_at_ms, 1_763_838_699_000);
     assert!(!format!("{token:?}").contains("eyJ.a.b"));
-    let request = TokenRequest::imds(&Config::default().tokens[1]);
+    let spec = &Config::default().tokens[1];
+    let (_, step) = spec.source.begin(&spec.resource, NOW_MS, 7);
+    let Step::Call(request) = step else {
+        panic!("an IMDS fetch starts with a call: {step:?}");
+    };
     assert!(request
         .path()
         .contains("resource=https%3A%2F%2Fcognitiveservices.azure.com"));
@@ -106,14 +111,17 @@ fn one_fetch_for_many_vms_in_wasm() {
     let spec = Config::default().tokens[1].clone();
     let mut shared = MemoryStore::default();
     store::ensure_record(&mut shared, &Agent::record_key(&spec)).unwrap();
-    let mut vms: Vec<Agent> = (0..4).map(|vm| Agent::new(spec.clone(), vm)).collect();
+    let mut vms: Vec<Agent> = (0..4)
+        .map(|vm| Agent::new(spec.clone(), vm, u64::from(vm)))
+        .collect();
     let mut leaders = Vec::new();
     for (i, vm) in vms.iter_mut().enumerate() {
         assert!(matches!(
             vm.admit(NOW_MS, i as u32, 0),
             Admission::Park { .. }
         ));
-        if vm.sync(NOW_MS, &mut shared).contains(&Command::Fetch) {
+        let commands = vm.sync(NOW_MS, &mut shared);
+        if commands.iter().any(|c| matches!(c, Command::Dispatch(_))) {
             leaders.push(i);
         }
     }

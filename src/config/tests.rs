@@ -50,7 +50,7 @@ fn empty_object_and_empty_bytes_mean_foundry_projects_then_the_three_suffixes() 
         from_object.tokens[1].prefetch,
         "the Azure OpenAI token at start-up"
     );
-    let imds = from_object.tokens[1].imds();
+    let imds = from_object.tokens[1].imds().unwrap();
     assert_eq!(imds.cluster, "azure_imds");
     assert_eq!(imds.authority, "169.254.169.254");
     assert_eq!(imds.identity, IdentitySelector::Default);
@@ -68,7 +68,7 @@ fn the_shorthand_is_read_field_by_field() {
     assert_eq!(c.targets.len(), 1);
     assert_eq!(c.targets[0].name, "default");
     let token = c.token_of(0).unwrap();
-    let imds = token.imds();
+    let imds = token.imds().unwrap();
     assert_eq!(imds.cluster, "outbound|80||imds.azure.internal");
     assert_eq!(imds.authority, "imds.azure.internal");
     assert_eq!(
@@ -88,7 +88,7 @@ fn a_shorthand_identity_applies_to_both_default_targets() {
     assert_eq!(c.targets.len(), 2);
     for token in &c.tokens {
         assert_eq!(
-            token.imds().identity,
+            token.imds().unwrap().identity,
             IdentitySelector::ClientId("c1".into())
         );
     }
@@ -102,12 +102,12 @@ fn a_shorthand_identity_applies_to_both_default_targets() {
 fn each_alternative_selector_is_accepted_alone() {
     let o = parse(r#"{"token_source":{"object_id":"oid-1"}}"#);
     assert_eq!(
-        o.tokens[0].imds().identity,
+        o.tokens[0].imds().unwrap().identity,
         IdentitySelector::ObjectId("oid-1".into())
     );
     let r = parse(r#"{"token_source":{"msi_res_id":"/subscriptions/s/x"}}"#);
     assert_eq!(
-        r.tokens[0].imds().identity,
+        r.tokens[0].imds().unwrap().identity,
         IdentitySelector::ResourceId("/subscriptions/s/x".into())
     );
 }

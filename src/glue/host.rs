@@ -152,9 +152,31 @@ pub fn send_local_reply(status: u16, headers: &[(&str, &str)], body: &str) -> Re
 }
 
 /// Dispatch a token call; its answer reaches the root's `on_http_call_response`.
-pub fn dispatch(cluster: &str, headers: &[(&str, &str)], timeout: Duration) -> Result<u32, Status> {
-    proxy_wasm::hostcalls::dispatch_http_call(cluster, headers.to_vec(), None, vec![], timeout)
+pub fn dispatch(
+    cluster: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+    timeout: Duration,
+) -> Result<u32, Status> {
+    let body = (!body.is_empty()).then_some(body);
+    proxy_wasm::hostcalls::dispatch_http_call(cluster, headers.to_vec(), body, vec![], timeout)
         .map_err(|s| Status(s as u32))
+}
+
+/// The VM's environment: what `vm_config.environment_variables` passes in
+/// (read through WASI, once, at configuration time).
+pub fn env_var(name: &str) -> Option<String> {
+    std::env::var(name).ok()
+}
+
+/// 64 random bits from the host (WASI `random_get`), or a fallback from the
+/// clock if the host has none.
+pub fn random_seed() -> u64 {
+    let mut bytes = [0u8; 8];
+    match getrandom::getrandom(&mut bytes) {
+        Ok(()) => u64::from_le_bytes(bytes),
+        Err(_) => abi::now_nanos().unwrap_or(0).rotate_left(29),
+    }
 }
 
 /// `:status` of a token call's answer, if it got one.

@@ -30,8 +30,9 @@ use crate::diagnose::DIAGNOSIS_HEADER;
 use crate::metrics as m;
 use crate::route::Routed;
 use crate::safe;
+use crate::source::TokenRequest;
 use crate::store;
-use crate::token::{FetchFailure, TokenRequest, MAX_RESPONSE_BYTES};
+use crate::token::MAX_RESPONSE_BYTES;
 use crate::upstream::{self, UpstreamFailure};
 use crate::wire;
 use host::HostStore;
@@ -61,8 +62,6 @@ struct Vm {
     config: Config,
     /// One per token, in the order of `config.tokens`.
     agents: RefCell<Vec<Agent>>,
-    /// The token call of each token, built once.
-    requests: Vec<TokenRequest>,
     /// Token calls in flight: call id → token.
     calls: RefCell<HashMap<u32, usize>>,
     /// Token generation each resumed request left with, until it takes it.
@@ -141,8 +140,8 @@ impl Vm {
         let mut pending = VecDeque::from(commands);
         while let Some(command) = pending.pop_front() {
             match command {
-                Command::Fetch => {
-                    if let Err(more) = self.dispatch_token_call(token) {
+                Command::Dispatch(request) => {
+                    if let Err(more) = self.dispatch_token_call(token, &request) {
                         pending.extend(more);
                     }
                 }
@@ -211,17 +210,18 @@ impl Vm {
             .unwrap_or_default()
     }
 
-    fn dispatch_token_call(&self, token: usize) -> Result<(), Vec<Command>> {
-        let Some(request) = self.requests.get(token) else {
-            return Ok(());
-        };
+    fn dispatch_token_call(
+        &self,
+        token: usize,
+        request: &TokenRequest,
+    ) -> Result<(), Vec<Command>> {
         let headers: Vec<(&str, &str)> = request
             .headers
             .iter()
             .map(|(name, value)| (*name, value.as_str()))
             .collect();
         let timeout = Duration::from_millis(request.timeout_ms);
-        match host::dispatch(&request.cluster, &headers, timeout) {
+        match host::dispatch(&request.cluster, &headers, &request.body, timeout) {
             Ok(call) => {
                 if let Ok(mut calls) = self.calls.try_borrow_mut() {
                     calls.insert(call, token);
@@ -235,14 +235,13 @@ impl Vm {
                     request.cluster,
                     status.0
                 );
-                let failure = FetchFailure::Dispatch {
-                    cluster: request.cluster.clone(),
-                };
                 match self.agents.try_borrow_mut() {
                     Ok(mut agents) => match agents.get_mut(token) {
-                        Some(agent) => {
-                            Err(agent.fetched(host::now_ms(), &mut HostStore, Err(failure)))
-                        }
+                        Some(agent) => Err(agent.dispatch_failed(
+                            host::now_ms(),
+                            &mut HostStore,
+                            &request.cluster,
+                        )),
                         None => Ok(()),
                     },
                     Err(_) => Ok(()),
@@ -398,11 +397,9 @@ impl Root {
         let mut store = HostStore;
         let sequence = store::next_sequence(&mut store, SEQUENCE_KEY).unwrap_or(self.id);
         let mut agents = Vec::with_capacity(config.tokens.len());
-        let mut requests = Vec::with_capacity(config.tokens.len());
         for spec in &config.tokens {
-            let agent = Agent::new(spec.clone(), sequence);
+            let agent = Agent::new(spec.clone(), sequence, host::random_seed());
             store::ensure_record(&mut store, agent.key()).map_err(|e| e.to_string())?;
-            requests.push(TokenRequest::imds(spec));
             agents.push(agent);
         }
         let queue = host::register_queue(&format!("aoai-msi-filter/v2/queue/{sequence}"))
@@ -434,7 +431,6 @@ impl Root {
             root: self.id,
             queue,
             agents: RefCell::new(agents),
-            requests,
             calls: RefCell::new(HashMap::new()),
             resumed: RefCell::new(HashMap::new()),
             metrics: RefCell::new(Metrics::default()),
@@ -475,7 +471,7 @@ impl Context for Root {
 
 impl RootContext for Root {
     fn on_configure(&mut self, _size: usize) -> bool {
-        let config = match Config::parse(&host::plugin_configuration()) {
+        let config = match Config::parse_with_env(&host::plugin_configuration(), &host::env_var) {
             Ok(config) => config,
             Err(e) => {
                 log::error!("invalid plugin configuration: {e}");
@@ -671,7 +667,8 @@ impl HttpContext for Request {
             .as_deref()
             .and_then(wire::text)
             .unwrap_or_default();
-        let Some(target) = vm.config.route(host, &mut Lookups::default()) else {
+        let mut lookups = Lookups::default();
+        let Some(target) = vm.config.route(host, &mut lookups) else {
             vm.passed_through.set(vm.passed_through.get() + 1);
             vm.note_near_miss(host);
             return Action::Continue;

@@ -90,6 +90,7 @@ pub fn envoy_yaml_for(
         wasm,
         extra: plugin_extra,
         config: filter_config,
+        env_keys: &[],
     }
     .envoy_yaml(
         "",
@@ -134,6 +135,12 @@ impl Envoy {
 
     /// As [`Envoy::start_yaml`], with more command-line arguments.
     pub fn start_yaml_with(yaml: &str, concurrency: u32, extra: &[&str]) -> Envoy {
+        Envoy::start_full(yaml, concurrency, extra, &[])
+    }
+
+    /// As [`Envoy::start_yaml`], with more arguments and these variables in
+    /// Envoy's environment (the VM sees those its `host_env_keys` names).
+    pub fn start_full(yaml: &str, concurrency: u32, extra: &[&str], env: &[(&str, &str)]) -> Envoy {
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("envoy.yaml");
         std::fs::write(&config, yaml).unwrap();
@@ -148,6 +155,7 @@ impl Envoy {
             .arg(&admin_file)
             .args(["-l", "info", "--component-log-level", "wasm:trace"])
             .args(extra)
+            .envs(env.iter().copied())
             .current_dir(repo())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -231,9 +239,30 @@ impl Drop for Envoy {
     }
 }
 
+/// Stand-in values for the variables the token sources read, so shipped
+/// configs that pass them to the VM validate (nothing secret: test values).
+pub const VALIDATION_ENV: [(&str, &str); 7] = [
+    ("IDENTITY_ENDPOINT", "http://localhost:42356/msi/token"),
+    ("IDENTITY_HEADER", "validation-identity-header"),
+    ("AZURE_TENANT_ID", "72f988bf-0000-4000-8000-00000000e1a0"),
+    ("AZURE_CLIENT_ID", "c11e0000-0000-4000-8000-0000000000aa"),
+    ("AZURE_AUTHORITY_HOST", "https://login.microsoftonline.com/"),
+    ("AZURE_CLIENT_SECRET", "validation-client-secret"),
+    ("GOV_SP_SECRET", "validation-gov-secret"),
+];
+
+/// [`VALIDATION_ENV`] as a lookup for `Config::parse_with_env`.
+pub fn validation_env(name: &str) -> Option<String> {
+    VALIDATION_ENV
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, v)| (*v).to_owned())
+}
+
 /// `envoy --mode validate -c <file>`: (passed, everything Envoy printed).
 pub fn validate(config: &Path) -> (bool, String) {
     let out = Command::new(envoy_bin())
+        .envs(VALIDATION_ENV)
         .args(["--mode", "validate", "-c"])
         .arg(config)
         .args(["-l", "info", "--component-log-level", "wasm:trace"])
@@ -408,6 +437,8 @@ pub struct Plugin<'a> {
     pub wasm: &'a Path,
     pub extra: &'a str,
     pub config: &'a str,
+    /// Variables of Envoy's environment the VM may read (`host_env_keys`).
+    pub env_keys: &'a [&'a str],
 }
 
 impl Plugin<'_> {
@@ -458,6 +489,14 @@ static_resources:
         } else {
             format!("                {}\n", self.extra)
         };
+        let env_keys = if self.env_keys.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "                  environment_variables:\n                    host_env_keys: [{}]\n",
+                self.env_keys.join(", ")
+            )
+        };
         yaml.push_str(&format!(
             r#"          http_filters:
           - name: aoai-msi-filter
@@ -472,7 +511,7 @@ static_resources:
                 vm_config:
                   vm_id: aoai-msi-filter
                   runtime: envoy.wasm.runtime.v8
-                  code: {{ local: {{ filename: "{}" }} }}
+{env_keys}                  code: {{ local: {{ filename: "{}" }} }}
           - name: envoy.filters.http.router
             typed_config:
               "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
@@ -510,6 +549,7 @@ pub fn routed_envoy_yaml(
         wasm: &wasm(),
         extra: "",
         config: filter_config,
+        env_keys: &[],
     }
     .envoy_yaml(hcm_extra, vhosts, clusters)
 }
@@ -535,4 +575,53 @@ pub async fn send_to(envoy: &Envoy, host: &str, path: &str) -> (u16, String) {
     let response = post_to(&client(), envoy, host, path).send().await.unwrap();
     let status = response.status().as_u16();
     (status, response.text().await.unwrap())
+}
+
+/// `yaml` with one more listener (YAML list item, indented as the others).
+pub fn with_listener(yaml: &str, listener: &str) -> String {
+    match yaml.split_once("\n  clusters:\n") {
+        Some((before, after)) => format!("{before}\n{}  clusters:\n{after}", listener),
+        None => yaml.to_owned(),
+    }
+}
+
+/// A listener on 127.0.0.1:`port` answering every request with the contents
+/// of `file`, re-read when `dir` changes: how a pod's Envoy serves the
+/// projected service-account token to the filter.
+pub fn token_file_listener(port: u16, file: &Path, dir: &Path) -> String {
+    format!(
+        r#"  - name: federated_token
+    address: {{ socket_address: {{ address: 127.0.0.1, port_value: {port} }} }}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: federated_token
+          route_config:
+            max_direct_response_body_size_bytes: 16384
+            virtual_hosts:
+            - name: token
+              domains: ["*"]
+              routes:
+              - match: {{ path: "/" }}
+                direct_response:
+                  status: 200
+                  body:
+                    filename: "{}"
+                    watched_directory: {{ path: "{}" }}
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+"#,
+        file.display(),
+        dir.display()
+    )
+}
+
+/// A free port on 127.0.0.1 (closed again before it is used).
+pub fn free_port() -> u16 {
+    let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    probe.local_addr().unwrap().port()
 }
