@@ -36,7 +36,8 @@
 //! the firewall's 403 when `network_rule_denies`; a 400 for a bearer token
 //! sent to a regional endpoint (`*.api.cognitive.microsoft.com`); an `api-key`
 //! refused with 403 `AuthenticationTypeDisabled` while local auth is off (else
-//! checked against `Settings::api_key`); a bearer token verified by signature,
+//! checked against `Settings::api_key` and `Settings::secondary_api_key`, the
+//! resource's key1 and key2); a bearer token verified by signature,
 //! expiry and the audience above (401 `statusCode` body naming that audience);
 //! then its `tid` against `Settings::resource_tenant` (400 "Tenant provided in
 //! token does not match resource token"); and the caller's `oid` looked up in
@@ -562,7 +563,12 @@ pub(crate) fn judge(
                 403,
                 json!({"error": {"code": "AuthenticationTypeDisabled", "message": "Key based authentication is disabled for this resource."}}),
             ),
-            Credential::Key(key) if key == settings.api_key => let_through("api-key"),
+            Credential::Key(key)
+                if key == settings.api_key
+                    || settings.secondary_api_key.as_deref() == Some(key) =>
+            {
+                let_through("api-key")
+            }
             Credential::Key(_) => refused(
                 Verdict::InvalidKey,
                 401,

@@ -185,6 +185,9 @@ pub struct Settings {
     pub imds_delay_ms: u64,
     pub local_auth_disabled: bool,
     pub api_key: String,
+    /// A second key the resource accepts beside `api_key`, as Azure keeps
+    /// key1 and key2 valid together so a rotation needs no downtime.
+    pub secondary_api_key: Option<String>,
     pub system_identity: Option<Identity>,
     pub user_identities: Vec<Identity>,
     /// Object ids holding a role that grants the data actions of every data
@@ -243,6 +246,7 @@ impl Default for Settings {
             imds_delay_ms: 0,
             local_auth_disabled: true,
             api_key: "emulator-key-0000".into(),
+            secondary_api_key: None,
             role_holders: HashSet::from([system.object_id.clone()]),
             system_identity: Some(system),
             user_identities: Vec::new(),

@@ -1,4 +1,5 @@
-//! The reference key service over HTTP: a key file rotated under it.
+//! The reference key service over HTTP: a key file rotated under it, and
+//! the resource taking two keys at once (key1 and key2) while it rotates.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -6,7 +7,7 @@ mod common;
 
 use std::path::Path;
 
-use aoai_emulator::{Emulator, Settings};
+use aoai_emulator::{Emulator, Settings, Verdict};
 use common::call;
 use serde_json::{json, Value};
 
@@ -70,4 +71,70 @@ fn no_configured_file_is_404_and_an_unreadable_or_empty_one_is_503() {
     rotate(&path, "back");
     assert_eq!(get_key(&emulator), (200, json!({"key": "back"})));
     assert_eq!(emulator.key_requests(), 4);
+}
+
+/// A chat request with this `api-key`: (status, who the data plane let through).
+fn chat_with_key(emulator: &Emulator, key: &str) -> (u16, Value) {
+    let answer = call(
+        emulator,
+        "POST",
+        "myres.openai.azure.com",
+        "/openai/deployments/gpt-4o-mini/chat/completions?api-version=2024-10-21",
+        &[("api-key", key), ("content-type", "application/json")],
+        r#"{"messages":[{"role":"user","content":"hi"}]}"#,
+    );
+    (answer.status, answer.body)
+}
+
+#[test]
+fn a_secondary_key_is_accepted_beside_the_primary_as_key1_and_key2_are() {
+    let emulator = Emulator::start(Settings {
+        local_auth_disabled: false,
+        api_key: "key-one".into(),
+        ..Settings::default()
+    })
+    .unwrap();
+    assert_eq!(chat_with_key(&emulator, "key-one").0, 200);
+    assert_eq!(chat_with_key(&emulator, "key-two").0, 401, "not yet listed");
+    // A rotation: the new key is added beside the old one, ...
+    emulator.configure(|s| s.secondary_api_key = Some("key-two".into()));
+    for key in ["key-one", "key-two"] {
+        let (status, body) = chat_with_key(&emulator, key);
+        assert_eq!(status, 200, "{key}: {body}");
+    }
+    // ... then the old one is retired.
+    emulator.configure(|s| {
+        s.api_key = "key-two".into();
+        s.secondary_api_key = None;
+    });
+    let (status, body) = chat_with_key(&emulator, "key-one");
+    assert_eq!(status, 401);
+    assert_eq!(body["error"]["code"], "401");
+    assert_eq!(chat_with_key(&emulator, "key-two").0, 200);
+    // While local auth is off, neither key is taken.
+    emulator.configure(|s| {
+        s.local_auth_disabled = true;
+        s.secondary_api_key = Some("key-three".into());
+    });
+    for key in ["key-two", "key-three"] {
+        assert_eq!(chat_with_key(&emulator, key).0, 403, "{key}");
+    }
+    let verdicts: Vec<_> = emulator
+        .upstream_requests()
+        .iter()
+        .map(|r| r.verdict)
+        .collect();
+    assert_eq!(
+        verdicts,
+        [
+            Verdict::Ok,
+            Verdict::InvalidKey,
+            Verdict::Ok,
+            Verdict::Ok,
+            Verdict::InvalidKey,
+            Verdict::Ok,
+            Verdict::KeyAuthDisabled,
+            Verdict::KeyAuthDisabled,
+        ]
+    );
 }
