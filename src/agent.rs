@@ -36,7 +36,7 @@ use crate::config::TokenSpec;
 use crate::diagnose::Diagnosis;
 use crate::lifecycle::{retry_delay_ms, stepped_back};
 use crate::rewrite::bearer_header;
-use crate::source::{Exchange, Step, TokenRequest};
+use crate::source::{CredentialKind, Exchange, Step, TokenRequest};
 use crate::store::{self, Decision, Failure, Lease, Record, SharedStore};
 use crate::token::{FailureClass, FetchFailure, Issued, Secret, Token};
 
@@ -77,6 +77,11 @@ pub enum Command {
     Resume(Vec<Waiter>),
     /// Answer these requests locally with the diagnosis.
     Reject(Vec<Waiter>, Diagnosis),
+    /// No token for now (a transient failure, `code`): these requests of
+    /// `on_token_failure: forward_key` targets may go on with their own key.
+    /// They stay parked: the glue [`Agent::forget`]s those it sent on, and
+    /// the rest wait for a token as before. Offered once per request.
+    OfferFallback(Vec<Waiter>, &'static str),
     /// A line for the log; never contains a secret.
     Log(Level, String),
     /// Something to count.
@@ -95,6 +100,8 @@ pub enum Event {
     RefreshStarted,
     /// The upstream rejected the token and a replacement was asked for.
     Invalidated,
+    /// An `http` source handed out a different value than the one serving.
+    Rotated,
 }
 
 /// What became of a token the upstream rejected.
@@ -139,7 +146,8 @@ impl Monotonic {
 #[derive(Debug)]
 struct Local {
     token: Token,
-    /// `Bearer <token>`, formatted once per token.
+    /// The credential header's value, formatted once per token:
+    /// `Bearer <token>`, or the key itself for an `api-key` credential.
     bearer: Secret,
     generation: u64,
     /// Read once per token, for diagnoses only.
@@ -158,6 +166,8 @@ struct Parked {
     waiter: Waiter,
     /// Monotonic.
     since_ms: u64,
+    /// Already offered a fallback to its own key.
+    offered: bool,
 }
 
 #[derive(Debug)]
@@ -181,6 +191,9 @@ pub struct Agent {
     /// Random per VM: with `nonces`, makes every client assertion's `jti` unique.
     seed: u64,
     nonces: u64,
+    /// Targets with `on_token_failure: forward_key`: their waiting requests
+    /// are offered their own key as soon as a fetch fails.
+    fallback_targets: Vec<u32>,
 }
 
 impl Agent {
@@ -203,7 +216,13 @@ impl Agent {
             clock: Monotonic::default(),
             seed,
             nonces: 0,
+            fallback_targets: Vec::new(),
         }
+    }
+
+    /// Name the targets whose requests may fall back to their own key.
+    pub fn forward_keys_for(&mut self, targets: Vec<u32>) {
+        self.fallback_targets = targets;
     }
 
     fn nonce(&mut self) -> u64 {
@@ -282,10 +301,26 @@ impl Agent {
         self.parked.push(Parked {
             waiter: Waiter { request, target },
             since_ms: mono,
+            offered: false,
         });
         let kick = !self.kicked;
         self.kicked = true;
         Admission::Park { kick }
+    }
+
+    /// Why a request of a target with `on_token_failure: forward_key` may go
+    /// on with its own key right now: no usable token, and the last attempt
+    /// failed (the diagnosis code it would otherwise get). `None` while a
+    /// token serves, or before the first attempt has ended — then the
+    /// request waits like any other.
+    pub fn unavailable(&mut self, now_ms: u64) -> Option<&'static str> {
+        self.clock.observe(now_ms);
+        self.active = true;
+        if self.local.as_ref().is_some_and(|l| l.token.usable(now_ms)) {
+            return None;
+        }
+        let failure = self.failure.as_ref()?;
+        Some(Diagnosis::for_failure(failure, &self.spec, now_ms).code)
     }
 
     /// A parked request went away (client disconnect): forget it.
@@ -476,6 +511,7 @@ impl Agent {
                 let interval_s = self.spec.invalidation_interval_ms / 1000;
                 let written = store::update(store, &self.key, |record| {
                     let mut record = record.unwrap_or_default();
+                    let previous = record.token.as_ref().map(|t| t.secret.fingerprint());
                     let same = record.wants_replacement()
                         && record
                             .token
@@ -492,10 +528,14 @@ impl Agent {
                     record.replace = None;
                     record.failure = None;
                     release(&mut record);
-                    Decision::Write(record.clone(), (record, same))
+                    Decision::Write(record.clone(), (record, same, previous))
                 });
                 match written {
-                    Ok((record, same)) => {
+                    Ok((record, same, previous)) if !same && self.spec.source.kind() == "http" => {
+                        commands.extend(credential_news(&token, previous, now_ms));
+                        self.adopt(record);
+                    }
+                    Ok((record, same, _)) => {
                         commands.push(Command::Log(
                             if same { Level::Warn } else { Level::Info },
                             if same {
@@ -651,7 +691,10 @@ impl Agent {
     }
 
     fn install(&mut self, token: Token, generation: u64) {
-        let bearer = Secret::new(bearer_header(token.secret.expose()));
+        let bearer = Secret::new(match self.spec.source.credential() {
+            CredentialKind::Bearer => bearer_header(token.secret.expose()),
+            CredentialKind::ApiKey => token.secret.expose().to_owned(),
+        });
         let claims = Claims::read(token.secret.expose());
         self.local = Some(Local {
             token,
@@ -675,6 +718,18 @@ impl Agent {
             if failure.cause.class() != FailureClass::Transient {
                 let diagnosis = Diagnosis::for_failure(failure, &self.spec, now_ms);
                 commands.push(Command::Reject(self.take_parked(|_| true), diagnosis));
+            } else if !self.fallback_targets.is_empty() {
+                let mut offered = Vec::new();
+                for parked in &mut self.parked {
+                    if !parked.offered && self.fallback_targets.contains(&parked.waiter.target) {
+                        parked.offered = true;
+                        offered.push(parked.waiter);
+                    }
+                }
+                if !offered.is_empty() {
+                    let code = Diagnosis::for_failure(failure, &self.spec, now_ms).code;
+                    commands.push(Command::OfferFallback(offered, code));
+                }
             }
         }
     }
@@ -707,6 +762,40 @@ impl Agent {
     }
 }
 
+/// What an `http` source's new value means, for the log and the metrics:
+/// a rotation (a different value than the one serving) is logged and
+/// counted once, by fingerprint; the same value again only at debug level.
+fn credential_news(token: &Token, previous: Option<String>, now_ms: u64) -> Vec<Command> {
+    let now = token.secret.fingerprint();
+    let next = token.refresh_at_ms().saturating_sub(now_ms) / 1000;
+    let expiry = match token.refresh_after_ms {
+        Some(_) => "names no expiry".to_owned(),
+        None => format!(
+            "expires in {} s",
+            token.expires_at_ms.saturating_sub(now_ms) / 1000
+        ),
+    };
+    match previous {
+        Some(before) if before == now => vec![Command::Log(
+            Level::Debug,
+            format!("credential unchanged (sha256 {now}…); {expiry}, next poll in {next} s"),
+        )],
+        Some(before) => vec![
+            Command::Record(Event::Rotated),
+            Command::Log(
+                Level::Info,
+                format!(
+                    "credential rotated: sha256 {before}… → {now}…; {expiry}, next poll in {next} s"
+                ),
+            ),
+        ],
+        None => vec![Command::Log(
+            Level::Info,
+            format!("credential acquired (sha256 {now}…); {expiry}, next poll in {next} s"),
+        )],
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -720,6 +809,7 @@ mod tests {
             secret: Secret::new(value.into()),
             obtained_at_ms: now_ms,
             expires_at_ms: now_ms + lifetime_s * 1000,
+            refresh_after_ms: None,
         }
     }
 
@@ -992,6 +1082,166 @@ mod tests {
         let commands = agents[1].sync(T0 + 10, &mut store);
         assert_eq!(fetches(&commands), 0);
         assert_eq!(rejected(&commands).unwrap().0, vec![3]);
+    }
+
+    #[test]
+    fn a_failed_fetch_tells_forward_key_targets_the_code_and_a_token_or_a_first_attempt_does_not() {
+        let (mut agents, mut store) = vms(1);
+        let agent = &mut agents[0];
+        assert_eq!(
+            agent.unavailable(T0),
+            None,
+            "no attempt has ended yet: wait"
+        );
+        agent.admit(T0, 1, 0);
+        assert_eq!(fetches(&agent.sync(T0, &mut store)), 1);
+        agent.fetched(T0 + 5, &mut store, Err(FetchFailure::NoResponse));
+        assert_eq!(
+            agent.unavailable(T0 + 6),
+            Some(code::TOKEN_ENDPOINT_UNREACHABLE)
+        );
+        agent.sync(T0 + 10_000, &mut store);
+        agent.fetched(T0 + 10_005, &mut store, Ok(token(T0 + 10_005, 3600, "tok")));
+        assert_eq!(agent.unavailable(T0 + 10_006), None, "a token serves again");
+    }
+
+    #[test]
+    fn a_transient_failure_offers_forward_key_waiters_their_key_once_and_keeps_the_rest_waiting() {
+        let (mut agents, mut store) = vms(1);
+        let agent = &mut agents[0];
+        agent.forward_keys_for(vec![1]);
+        agent.admit(T0, 10, 0);
+        agent.admit(T0, 11, 1);
+        assert_eq!(fetches(&agent.sync(T0, &mut store)), 1);
+        let commands = agent.fetched(T0 + 5, &mut store, Err(FetchFailure::NoResponse));
+        let offers: Vec<_> = commands
+            .iter()
+            .filter_map(|c| match c {
+                Command::OfferFallback(waiters, code) => Some((waiters.clone(), *code)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            offers,
+            [(
+                vec![Waiter {
+                    request: 11,
+                    target: 1
+                }],
+                code::TOKEN_ENDPOINT_UNREACHABLE
+            )]
+        );
+        assert!(
+            rejected(&commands).is_none(),
+            "the other target's request waits"
+        );
+        assert_eq!(
+            agent.parked(),
+            2,
+            "offered requests stay until the glue forgets them"
+        );
+        let again = agent.sync(T0 + 6, &mut store);
+        assert!(
+            !again
+                .iter()
+                .any(|c| matches!(c, Command::OfferFallback(..))),
+            "offered once"
+        );
+    }
+
+    fn http_spec(credential: &str) -> TokenSpec {
+        let config = crate::config::Config::parse(
+            format!(
+                r#"{{"hosts":["myres.openai.azure.com"],"token_source":{{"type":"http","cluster":"keys",
+                    "path":"/key","credential":"{credential}","refresh_interval_ms":60000}}}}"#
+            )
+            .as_bytes(),
+        )
+        .unwrap();
+        config.tokens[0].clone()
+    }
+
+    fn issued(value: &str, now_ms: u64, refresh_ms: u64) -> Token {
+        crate::token::parse_credential(
+            Some(200),
+            format!(r#"{{"key":"{value}"}}"#).as_bytes(),
+            now_ms,
+            refresh_ms,
+            None,
+        )
+        .unwrap()
+        .token
+    }
+
+    #[test]
+    fn an_api_key_credential_is_sent_as_is_and_a_bearer_one_with_its_scheme() {
+        for (kind, expected) in [("api_key", "key-1"), ("bearer", "Bearer key-1")] {
+            let spec = http_spec(kind);
+            let mut store = MemoryStore::default();
+            store::ensure_record(&mut store, &Agent::record_key(&spec)).unwrap();
+            let mut agent = Agent::new(spec, 0, 0);
+            agent.admit(T0, 1, 0);
+            agent.sync(T0, &mut store);
+            agent.fetched(T0 + 1, &mut store, Ok(issued("key-1", T0 + 1, 60_000)));
+            assert_eq!(agent.admit(T0 + 2, 2, 0), authorized(expected), "{kind}");
+        }
+    }
+
+    #[test]
+    fn a_rotated_credential_is_logged_by_fingerprint_and_counted_once() {
+        let spec = http_spec("api_key");
+        let mut store = MemoryStore::default();
+        store::ensure_record(&mut store, &Agent::record_key(&spec)).unwrap();
+        let mut agent = Agent::new(spec, 0, 0);
+        agent.admit(T0, 1, 0);
+        agent.sync(T0, &mut store);
+        let first = agent.fetched(T0 + 1, &mut store, Ok(issued("key-1", T0 + 1, 60_000)));
+        let rotations = |commands: &[Command]| {
+            commands
+                .iter()
+                .filter(|c| matches!(c, Command::Record(Event::Rotated)))
+                .count()
+        };
+        let line = |commands: &[Command], level: Level| {
+            commands.iter().find_map(|c| match c {
+                Command::Log(l, line) if *l == level && line.contains("credential") => {
+                    Some(line.clone())
+                }
+                _ => None,
+            })
+        };
+        assert_eq!(rotations(&first), 0);
+        let acquired = line(&first, Level::Info).unwrap();
+        let fp1 = Secret::new("key-1".into()).fingerprint();
+        assert!(
+            acquired.contains(&fp1) && acquired.contains("names no expiry"),
+            "{acquired}"
+        );
+        // The poll interval passes: the same value again is no rotation.
+        assert_eq!(fetches(&agent.tick(T0 + 60_001, &mut store)), 1);
+        let same = agent.fetched(
+            T0 + 60_002,
+            &mut store,
+            Ok(issued("key-1", T0 + 60_002, 60_000)),
+        );
+        assert_eq!(rotations(&same), 0);
+        assert!(line(&same, Level::Info).is_none());
+        assert!(line(&same, Level::Debug).unwrap().contains("unchanged"));
+        // A new value is one rotation, named by both fingerprints.
+        assert_eq!(fetches(&agent.tick(T0 + 120_003, &mut store)), 1);
+        let rotated = agent.fetched(
+            T0 + 120_004,
+            &mut store,
+            Ok(issued("key-2", T0 + 120_004, 60_000)),
+        );
+        assert_eq!(rotations(&rotated), 1);
+        let fp2 = Secret::new("key-2".into()).fingerprint();
+        let news = line(&rotated, Level::Info).unwrap();
+        assert!(news.contains(&format!("{fp1}… → {fp2}…")), "{news}");
+        for command in first.iter().chain(&same).chain(&rotated) {
+            assert!(!format!("{command:?}").contains("key-"), "{command:?}");
+        }
+        assert_eq!(agent.admit(T0 + 120_005, 9, 0), authorized("key-2"));
     }
 
     #[test]

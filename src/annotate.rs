@@ -21,6 +21,7 @@ use crate::agent::Replacement;
 use crate::claims::Claims;
 use crate::rewrite::host_without_port as strip_port;
 use crate::safe;
+use crate::source::Source;
 use crate::upstream::{UpstreamFailure, MAX_ERROR_BODY};
 use crate::wire;
 
@@ -41,6 +42,19 @@ pub mod diagnosis {
     pub const KEY_AUTH_DISABLED: &str = "KeyAuthDisabled";
     pub const NETWORK_RULE: &str = "NetworkRule";
     pub const CUSTOM_SUBDOMAIN_REQUIRED: &str = "CustomSubdomainRequired";
+    pub const TENANT_MISMATCH: &str = "TenantMismatch";
+    pub const KEY_REJECTED: &str = "KeyRejected";
+
+    /// Every diagnosis above, for the checks that each one is documented.
+    pub const ALL: [&str; 7] = [
+        ROLE_MISSING,
+        TOKEN_REJECTED,
+        KEY_AUTH_DISABLED,
+        NETWORK_RULE,
+        CUSTOM_SUBDOMAIN_REQUIRED,
+        TENANT_MISMATCH,
+        KEY_REJECTED,
+    ];
 }
 
 /// Roles that grant chat completions with a token (AZURE_FACTS.md §3).
@@ -49,6 +63,10 @@ pub const GRANTING_ROLES: [&str; 3] = [
     "Cognitive Services OpenAI Contributor",
     "Cognitive Services User",
 ];
+
+/// Roles that grant scoring an Azure ML online endpoint with a token
+/// (`auth_mode: aad_token`): `…/onlineEndpoints/score/action` on the workspace.
+pub const ML_GRANTING_ROLES: [&str; 1] = ["AzureML Data Scientist"];
 
 /// Shown where a value from another party did not have the shape it must have.
 pub mod placeholder {
@@ -65,6 +83,8 @@ pub struct Facts<'a> {
     pub host: &'a str,
     /// Claims of the token the request carried, if it carried the filter's token.
     pub token: Option<&'a Claims>,
+    /// Where the target's token comes from, to name the identity and its fix.
+    pub source: Option<&'a Source>,
 }
 
 /// The header code for an answer with this status to a matched request that
@@ -269,24 +289,47 @@ pub fn explain(
                 .and_then(safe::guid)
                 .or_else(|| claims.oid.as_deref().and_then(safe::guid));
             let who = describe_identity(oid, &claims);
+            let noun = facts.source.map_or("identity", Source::identity_noun);
             let action = safe::or(data_action.as_deref(), safe::data_action, placeholder::ACTION);
             let assignee = oid.unwrap_or(placeholder::PRINCIPAL);
-            let resource = resource_name(facts.host);
-            let command = format!(
-                "az role assignment create --assignee-object-id {assignee} --assignee-principal-type ServicePrincipal \
-                 --role \"Cognitive Services OpenAI User\" --scope $(az cognitiveservices account show --name {resource} \
-                 --resource-group <resource group> --query id --output tsv)"
+            let assign = format!(
+                "az role assignment create --assignee-object-id {assignee} --assignee-principal-type ServicePrincipal"
             );
+            let machine_learning = action.starts_with("Microsoft.MachineLearningServices/")
+                || strip_port(facts.host)
+                    .trim_end_matches('.')
+                    .to_ascii_lowercase()
+                    .ends_with(".inference.ml.azure.com");
+            let (roles, command, grant): (&[&str], String, &str) = if machine_learning {
+                (
+                    &ML_GRANTING_ROLES,
+                    format!(
+                        "{assign} --role \"AzureML Data Scientist\" --scope $(az ml workspace show --name <workspace> \
+                         --resource-group <resource group> --query id --output tsv)"
+                    ),
+                    "Grant it AzureML Data Scientist on the endpoint's workspace (or a custom role with \
+                     Microsoft.MachineLearningServices/workspaces/onlineEndpoints/score/action)",
+                )
+            } else {
+                let resource = resource_name(facts.host);
+                (
+                    &GRANTING_ROLES,
+                    format!(
+                        "{assign} --role \"Cognitive Services OpenAI User\" --scope $(az cognitiveservices account show \
+                         --name {resource} --resource-group <resource group> --query id --output tsv)"
+                    ),
+                    "Grant it Cognitive Services OpenAI User (or OpenAI Contributor, or Cognitive Services User; \
+                     Cognitive Services Contributor has no data actions and does not help)",
+                )
+            };
             fields.insert("data_action".into(), json!(action));
-            fields.insert("roles_that_grant_it".into(), json!(GRANTING_ROLES));
+            fields.insert("roles_that_grant_it".into(), json!(roles));
             fields.insert("fix_command".into(), json!(command));
             Annotation {
                 diagnosis: diagnosis::ROLE_MISSING,
                 explanation: format!(
-                    "the managed identity ({who}) has no role on this resource that allows `{action}`. \
-                     Grant it Cognitive Services OpenAI User (or OpenAI Contributor, or Cognitive Services \
-                     User; Cognitive Services Contributor has no data actions and does not help): {command}. \
-                     A new role assignment can take minutes to hours to reach a token."
+                    "the {noun} ({who}) has no role on this resource that allows `{action}`. {grant}: \
+                     {command}. A new role assignment can take minutes to hours to reach a token."
                 ),
                 fields,
             }
@@ -364,6 +407,70 @@ pub fn explain(
                 .to_owned(),
             fields,
         },
+        UpstreamFailure::TenantMismatch { token_tenant } => {
+            identity_fields(&claims, &mut fields);
+            let from_claims = claims.tid.as_deref().and_then(safe::guid);
+            let from_message = token_tenant.as_deref().and_then(safe::guid);
+            let tenant = from_claims.or(from_message).unwrap_or("<token tenant>");
+            fields.insert("token_tenant".into(), json!(tenant));
+            let also = match (from_claims, from_message) {
+                (Some(c), Some(m)) if !c.eq_ignore_ascii_case(m) => {
+                    fields.insert("message_tenant".into(), json!(m));
+                    format!(" (Azure's message names tenant {m})")
+                }
+                _ => String::new(),
+            };
+            let resource_tenant = "Find the resource's tenant with `az account show --subscription <the \
+                                   resource's subscription> --query tenantId --output tsv`";
+            let fix = match facts.source.and_then(|s| s.application().map(|a| (s, a))) {
+                Some((source, (client, configured))) => {
+                    let client = safe::or(Some(client), safe::guid, "<client id>");
+                    let configured = safe::or(Some(configured), safe::tenant, "<tenant id>");
+                    format!(
+                        "the filter signs in as the {} of application {client} in tenant {configured} \
+                         (token_source.tenant_id, or AZURE_TENANT_ID). Set tenant_id to the resource's tenant; a \
+                         multi-tenant application also needs a service principal there (`az ad sp create --id \
+                         {client}` in that tenant) holding the role on the resource. {resource_tenant}.",
+                        source.identity_noun()
+                    )
+                }
+                None => format!(
+                    "a managed identity receives tokens only from its own tenant, so it can never reach this \
+                     resource. Use an identity of the resource's tenant: a managed identity of a machine there, \
+                     or a service principal registered there (token_source type client_credentials with \
+                     tenant_id set to it). {resource_tenant}."
+                ),
+            };
+            Annotation {
+                diagnosis: diagnosis::TENANT_MISMATCH,
+                explanation: format!(
+                    "the token is from tenant {tenant}{also}, and this resource belongs to another tenant: {fix}"
+                ),
+                fields,
+            }
+        }
+        UpstreamFailure::KeyRejected => {
+            let service = match facts.source {
+                Some(Source::Http(s)) => format!(
+                    "the credential service (GET {}{} via cluster \"{}\")",
+                    safe::or(Some(s.authority.as_str()), safe::host, placeholder::HOST),
+                    safe::free_text(&s.path, 200),
+                    safe::free_text(&s.cluster, 200)
+                ),
+                _ => "the credential service".to_owned(),
+            };
+            let (state, action) = replacement_text(replacement);
+            fields.insert("token_replacement".into(), json!(state));
+            Annotation {
+                diagnosis: diagnosis::KEY_REJECTED,
+                explanation: format!(
+                    "the resource refused the api-key that {service} handed out: it is not a current key of this \
+                     resource, or the request reached another resource. If the key was just regenerated, the \
+                     service must hand out the new one (`az cognitiveservices account keys list`). {action}"
+                ),
+                fields,
+            }
+        }
         UpstreamFailure::SubdomainRequired => Annotation {
             diagnosis: diagnosis::CUSTOM_SUBDOMAIN_REQUIRED,
             explanation: format!(
@@ -382,7 +489,7 @@ fn replacement_text(replacement: Option<Replacement>) -> (&'static str, String) 
     match replacement {
         Some(Replacement::Requested) | Some(Replacement::Pending) => (
             "requested",
-            "The filter is fetching one replacement token; the current one serves until it arrives."
+            "The filter is fetching one replacement; the current credential serves until it arrives."
                 .to_owned(),
         ),
         Some(Replacement::SameTokenReturned { again_in_ms }) => (
@@ -546,6 +653,7 @@ mod tests {
         Facts {
             host: "myres.openai.azure.com",
             token: Some(claims),
+            source: None,
         }
     }
 
@@ -559,6 +667,7 @@ mod tests {
             &Facts {
                 host,
                 token: Some(&c),
+                source: None,
             },
             RES,
             NOW_MS,
@@ -614,6 +723,157 @@ mod tests {
     }
 
     #[test]
+    fn permission_denied_without_a_principal_names_the_one_in_the_token() {
+        let c = claims();
+        let a = explain(
+            &UpstreamFailure::PermissionDenied {
+                principal: None,
+                data_action: None,
+            },
+            &matched(&c),
+            RES,
+            NOW_MS,
+            None,
+        );
+        assert_eq!(a.diagnosis, diagnosis::ROLE_MISSING);
+        assert!(
+            a.explanation.contains(&format!("principal id {OID}")),
+            "{}",
+            a.explanation
+        );
+        assert!(
+            a.explanation.contains(placeholder::ACTION),
+            "{}",
+            a.explanation
+        );
+        assert!(
+            a.fields["fix_command"]
+                .as_str()
+                .unwrap()
+                .contains(&format!("--assignee-object-id {OID}")),
+            "{a:?}"
+        );
+    }
+
+    /// A service principal's source, as the configuration builds it.
+    fn service_principal() -> Source {
+        let env = |name: &str| match name {
+            "AZURE_CLIENT_SECRET" => Some("not-shown".to_owned()),
+            _ => None,
+        };
+        let config = crate::config::Config::parse_with_env(
+            br#"{"hosts":["myres.openai.azure.com"],"token_source":{"type":"client_credentials",
+                "tenant_id":"contoso.onmicrosoft.com","client_id":"a1b2c3d4-0000-4000-8000-000000000009"}}"#,
+            &env,
+        )
+        .unwrap();
+        config.tokens[0].source.clone()
+    }
+
+    #[test]
+    fn a_token_from_another_tenant_names_the_tenant_and_which_identity_can_reach_the_resource() {
+        let c = claims();
+        let failure = UpstreamFailure::TenantMismatch {
+            token_tenant: Some(TENANT.into()),
+        };
+        let managed = explain(&failure, &matched(&c), RES, NOW_MS, None);
+        assert_eq!(managed.diagnosis, diagnosis::TENANT_MISMATCH);
+        assert_eq!(managed.fields["token_tenant"], TENANT);
+        for needle in [
+            &format!("the token is from tenant {TENANT}"),
+            "managed identity receives tokens only from its own tenant",
+            "client_credentials",
+            "az account show",
+        ] {
+            assert!(
+                managed.explanation.contains(needle),
+                "{needle}: {}",
+                managed.explanation
+            );
+        }
+
+        let source = service_principal();
+        let facts = Facts {
+            source: Some(&source),
+            ..matched(&c)
+        };
+        let sp = explain(&failure, &facts, RES, NOW_MS, None);
+        for needle in [
+            "service principal of application a1b2c3d4-0000-4000-8000-000000000009",
+            "in tenant contoso.onmicrosoft.com",
+            "Set tenant_id to the resource's tenant",
+            "az ad sp create --id a1b2c3d4-0000-4000-8000-000000000009",
+        ] {
+            assert!(
+                sp.explanation.contains(needle),
+                "{needle}: {}",
+                sp.explanation
+            );
+        }
+        assert!(!format!("{sp:?}").contains("not-shown"));
+
+        // The message and the token disagree: both are named.
+        let other = "99999999-0000-4000-8000-000000000000";
+        let both = explain(
+            &UpstreamFailure::TenantMismatch {
+                token_tenant: Some(other.into()),
+            },
+            &matched(&c),
+            RES,
+            NOW_MS,
+            None,
+        );
+        assert!(
+            both.explanation.contains(TENANT) && both.explanation.contains(other),
+            "{}",
+            both.explanation
+        );
+        // Hostile text in the message never reaches the explanation.
+        let hostile = explain(
+            &UpstreamFailure::TenantMismatch {
+                token_tenant: Some("$(reboot)".into()),
+            },
+            &Facts {
+                host: "myres.openai.azure.com",
+                token: None,
+                source: None,
+            },
+            RES,
+            NOW_MS,
+            None,
+        );
+        assert!(
+            !hostile.explanation.contains("reboot"),
+            "{}",
+            hostile.explanation
+        );
+        assert!(hostile.explanation.contains("<token tenant>"));
+    }
+
+    #[test]
+    fn a_missing_scoring_role_names_the_azure_ml_role_and_the_workspace() {
+        let a = role_missing(
+            OID,
+            "Microsoft.MachineLearningServices/workspaces/onlineEndpoints/score/action",
+            "my-endpoint.eastus2.inference.ml.azure.com",
+        );
+        assert_eq!(a.fields["roles_that_grant_it"][0], "AzureML Data Scientist");
+        for needle in [
+            "AzureML Data Scientist",
+            "onlineEndpoints/score/action",
+            "az ml workspace show",
+            &format!("--assignee-object-id {OID}"),
+        ] {
+            assert!(
+                a.explanation.contains(needle),
+                "{needle}: {}",
+                a.explanation
+            );
+        }
+        assert!(!a.explanation.contains("OpenAI User"), "{}", a.explanation);
+    }
+
+    #[test]
     fn hostile_text_never_reaches_the_suggested_command() {
         // What an upstream body and a client's Host could put there.
         let a = role_missing(
@@ -648,6 +908,7 @@ mod tests {
             &Facts {
                 host: "myres.openai.azure.com",
                 token: Some(&c),
+                source: None,
             },
             RES,
             NOW_MS,
@@ -721,7 +982,7 @@ mod tests {
             "{}",
             a.explanation
         );
-        assert!(a.explanation.contains("fetching one replacement token"));
+        assert!(a.explanation.contains("fetching one replacement;"));
         assert_eq!(a.fields["token_replacement"], "requested");
     }
 
@@ -782,6 +1043,7 @@ mod tests {
             &Facts {
                 host: "myres.openai.azure.com",
                 token: None,
+                source: None,
             },
             RES,
             NOW_MS,
@@ -869,28 +1131,13 @@ mod tests {
     #[test]
     fn the_readme_documents_every_code() {
         let readme = include_str!("../README.md");
-        let codes = [
+        let headers = [
             header::UPSTREAM_UNAUTHORIZED,
             header::UPSTREAM_FORBIDDEN,
             header::UPSTREAM_BAD_REQUEST,
-            diagnosis::ROLE_MISSING,
-            diagnosis::TOKEN_REJECTED,
-            diagnosis::KEY_AUTH_DISABLED,
-            diagnosis::NETWORK_RULE,
-            diagnosis::CUSTOM_SUBDOMAIN_REQUIRED,
         ];
-        use crate::diagnose::code;
-        let local = [
-            code::MANAGED_IDENTITY_NOT_FOUND,
-            code::MANAGED_IDENTITY_AMBIGUOUS,
-            code::TOKEN_REQUEST_REJECTED,
-            code::TOKEN_ENDPOINT_UNAVAILABLE,
-            code::TOKEN_ENDPOINT_UNREACHABLE,
-            code::TOKEN_ENDPOINT_CLUSTER_MISSING,
-            code::TOKEN_RESPONSE_INVALID,
-            code::TOKEN_AUDIENCE_MISMATCH,
-            code::TOKEN_WAIT_TIMEOUT,
-        ];
+        let codes: Vec<&str> = headers.into_iter().chain(diagnosis::ALL).collect();
+        let local = crate::diagnose::code::ALL;
         for code in codes.iter().chain(local.iter()) {
             assert!(readme.contains(&format!("`{code}`")), "README lacks {code}");
         }

@@ -16,10 +16,12 @@ use std::fmt;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
+use crate::policy::sha256_hex;
+pub use crate::policy::{ClientKeys, ClientToken, OnTokenFailure, Policy};
 use crate::rewrite::{HostPattern, HostPatterns};
 pub use crate::source::{
-    AppServiceSource, ClientCredential, ClientCredentialsSource, IdentitySelector, ImdsSource,
-    SigningKey, Source, WorkloadIdentitySource,
+    AppServiceSource, ClientCredential, ClientCredentialsSource, CredentialKind, HttpSource,
+    IdentitySelector, ImdsSource, SigningKey, Source, WorkloadIdentitySource,
 };
 use crate::token::Secret;
 
@@ -110,6 +112,7 @@ pub struct Target {
     pub clusters: Vec<String>,
     /// Index into [`Config::tokens`].
     pub token: usize,
+    pub policy: Policy,
 }
 
 /// Everything that decides one token and how long requests wait for it.
@@ -168,6 +171,10 @@ impl TokenSpec {
                     s.cluster, s.authority, s.tenant_id, s.client_id
                 )
             }
+            Source::Http(s) => format!(
+                "http\n{}\n{}{}\n{:?}\n{}",
+                s.cluster, s.authority, s.path, s.credential, s.refresh_interval_ms
+            ),
             Source::WorkloadIdentity(s) => format!(
                 "workload_identity\n{}\n{}\n{}\n{}\n{}{}",
                 s.cluster,
@@ -266,6 +273,9 @@ pub struct RawConfig {
     token_source: Option<Map<String, Value>>,
     hosts: Option<Vec<String>>,
     resource: Option<String>,
+    on_token_failure: Option<OnTokenFailure>,
+    client_token: Option<ClientToken>,
+    client_keys: Option<Vec<RawClientKey>>,
     token_wait_timeout_ms: Option<u64>,
     invalidation_interval_ms: Option<u64>,
 }
@@ -279,6 +289,36 @@ struct RawTarget {
     clusters: Option<Vec<String>>,
     resource: Option<String>,
     token_source: Option<Map<String, Value>>,
+    on_token_failure: Option<OnTokenFailure>,
+    client_token: Option<ClientToken>,
+    client_keys: Option<Vec<RawClientKey>>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawClientKey {
+    name: String,
+    sha256: String,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHttp {
+    #[serde(rename = "type")]
+    _kind: Option<String>,
+    cluster: Option<String>,
+    authority: Option<String>,
+    path: Option<String>,
+    credential: Option<CredentialKindRaw>,
+    refresh_interval_ms: Option<u64>,
+    timeout_ms: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum CredentialKindRaw {
+    Bearer,
+    ApiKey,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -392,6 +432,14 @@ fn serde_error(prefix: &str, e: &serde_path_to_error::Error<serde_json::Error>) 
             };
         }
     }
+    if let Some(rest) = message.strip_prefix("unknown variant `") {
+        let (value, expected) = rest.split_once('`').unwrap_or((rest, ""));
+        let expected = expected
+            .trim_start_matches(", expected one of ")
+            .trim_start_matches(", expected ")
+            .replace('`', "\"");
+        return invalid(field, format!("is \"{value}\""), format!("use {expected}"));
+    }
     invalid(field, message, "see the configuration table in the README")
 }
 
@@ -461,6 +509,9 @@ struct Draft {
     clusters: Option<Vec<String>>,
     resource: Option<String>,
     token_source: Option<Map<String, Value>>,
+    on_token_failure: Option<OnTokenFailure>,
+    client_token: Option<ClientToken>,
+    client_keys: Option<Vec<RawClientKey>>,
 }
 
 impl<'a> TryFrom<(RawConfig, Env<'a>)> for Config {
@@ -528,12 +579,19 @@ impl<'a> TryFrom<(RawConfig, Env<'a>)> for Config {
                     tokens.len() - 1
                 }
             };
+            let policy = check_policy(
+                draft.on_token_failure,
+                draft.client_token,
+                draft.client_keys,
+                &draft.prefix,
+            )?;
             let target = Target {
                 name,
                 hosts,
                 paths,
                 clusters,
                 token,
+                policy,
             };
             if let Some((earlier, _)) = targets
                 .iter()
@@ -563,6 +621,9 @@ fn drafts(raw: RawConfig) -> Result<Vec<Draft>, ConfigError> {
             ("hosts", raw.hosts.is_some()),
             ("resource", raw.resource.is_some()),
             ("token_source", raw.token_source.is_some()),
+            ("on_token_failure", raw.on_token_failure.is_some()),
+            ("client_token", raw.client_token.is_some()),
+            ("client_keys", raw.client_keys.is_some()),
         ] {
             if set {
                 return Err(invalid(
@@ -598,6 +659,9 @@ fn drafts(raw: RawConfig) -> Result<Vec<Draft>, ConfigError> {
                 clusters: t.clusters,
                 resource: t.resource,
                 token_source: t.token_source,
+                on_token_failure: t.on_token_failure,
+                client_token: t.client_token,
+                client_keys: t.client_keys,
             })
             .collect());
     }
@@ -610,6 +674,9 @@ fn drafts(raw: RawConfig) -> Result<Vec<Draft>, ConfigError> {
         clusters: None,
         resource: raw.resource.clone(),
         token_source: raw.token_source.clone(),
+        on_token_failure: raw.on_token_failure,
+        client_token: raw.client_token,
+        client_keys: raw.client_keys.clone(),
     };
     if raw.hosts.is_some() || raw.resource.is_some() {
         return Ok(vec![shorthand(
@@ -888,12 +955,140 @@ fn check_source(
             check_workload_identity(read(Value::Object(map), &prefix)?, field, env)
                 .map(Source::WorkloadIdentity)
         }
+        "http" => check_http(read(Value::Object(map), &prefix)?, field).map(Source::Http),
         other => Err(invalid(
             format!("{field}.type"),
             format!("is \"{other}\", which this version does not support"),
-            "use \"imds\", \"app_service\", \"client_credentials\" or \"workload_identity\"",
+            "use \"imds\", \"app_service\", \"client_credentials\", \"workload_identity\" or \"http\"",
         )),
     }
+}
+
+/// Poll interval of an `http` credential that names no expiry.
+pub const DEFAULT_REFRESH_INTERVAL_MS: u64 = 300_000;
+
+fn check_http(raw: RawHttp, field: &str) -> Result<HttpSource, ConfigError> {
+    let sub = |name: &str| format!("{field}.{name}");
+    let cluster = match raw.cluster {
+        Some(c) => non_empty(
+            &c,
+            &sub("cluster"),
+            "name the Envoy cluster of the key or token service, such as \"key_service\"",
+        )?,
+        None => {
+            return Err(invalid(
+                sub("cluster"),
+                "is missing",
+                "name the Envoy cluster of the key or token service, such as \"key_service\"",
+            ))
+        }
+    };
+    let path = match raw.path {
+        Some(p) if p.starts_with('/') && p.bytes().all(|b| b.is_ascii_graphic()) => p,
+        Some(p) => {
+            return Err(invalid(
+                sub("path"),
+                format!("is \"{p}\", which is not a path"),
+                "start it with '/', such as \"/key\"",
+            ))
+        }
+        None => {
+            return Err(invalid(
+                sub("path"),
+                "is missing",
+                "give the path the service answers on, such as \"/key\"",
+            ))
+        }
+    };
+    let authority = match raw.authority {
+        Some(a) => check_authority(
+            &a,
+            &sub("authority"),
+            "write a host name such as \"localhost\"",
+        )?,
+        None => "localhost".to_owned(),
+    };
+    Ok(HttpSource {
+        cluster,
+        authority,
+        path,
+        credential: match raw.credential {
+            None | Some(CredentialKindRaw::Bearer) => CredentialKind::Bearer,
+            Some(CredentialKindRaw::ApiKey) => CredentialKind::ApiKey,
+        },
+        refresh_interval_ms: milliseconds(
+            raw.refresh_interval_ms,
+            &sub("refresh_interval_ms"),
+            1_000,
+            24 * 3600 * 1000,
+            DEFAULT_REFRESH_INTERVAL_MS,
+        )?,
+        timeout_ms: timeout(raw.timeout_ms, field)?,
+    })
+}
+
+/// The policies of a target; `prefix` is where its fields live.
+fn check_policy(
+    on_token_failure: Option<OnTokenFailure>,
+    client_token: Option<ClientToken>,
+    client_keys: Option<Vec<RawClientKey>>,
+    prefix: &str,
+) -> Result<Policy, ConfigError> {
+    let field = |name: &str| format!("{prefix}{name}");
+    let on_token_failure = on_token_failure.unwrap_or_default();
+    let client_keys = match client_keys {
+        None => None,
+        Some(list) if list.is_empty() => {
+            return Err(invalid(
+                field("client_keys"),
+                "is empty, so every request would be refused",
+                "list the gateway keys' names and SHA-256 hashes, or remove the field to let every caller through",
+            ))
+        }
+        Some(list) => {
+            if on_token_failure == OnTokenFailure::ForwardKey {
+                return Err(invalid(
+                    format!("{} / {}", field("client_keys"), field("on_token_failure")),
+                    "are set together: forward_key would send a gateway key to Azure, which cannot use it",
+                    "keep one: gateway keys, or the way back to Azure keys",
+                ));
+            }
+            let mut entries: Vec<(String, [u8; 32])> = Vec::with_capacity(list.len());
+            for (i, key) in list.into_iter().enumerate() {
+                let at = |name: &str| format!("{}[{i}].{name}", field("client_keys"));
+                let name = check_name(&key.name, &at("name"))?;
+                // The value is not echoed: someone may have pasted the key itself.
+                let digest = sha256_hex(key.sha256.trim()).ok_or_else(|| {
+                    invalid(
+                        at("sha256"),
+                        format!("is not 64 hex digits (it has {} characters)", key.sha256.len()),
+                        "write the key's SHA-256 in hex, never the key: printf %s \"$KEY\" | sha256sum | cut -d' ' -f1",
+                    )
+                })?;
+                if entries.iter().any(|(n, _)| *n == name) {
+                    return Err(invalid(
+                        at("name"),
+                        format!("is \"{name}\", which another client key already has"),
+                        "give each client its own name: it is the `client` label of the metrics",
+                    ));
+                }
+                if entries.iter().any(|(_, d)| *d == digest) {
+                    return Err(invalid(
+                        at("sha256"),
+                        "is the hash of a key another client already has",
+                        "give each client its own key, so its requests are told apart",
+                    ));
+                }
+                entries.push((name, digest));
+            }
+            Some(ClientKeys::new(entries))
+        }
+    };
+    Ok(Policy {
+        on_token_failure,
+        client_token: client_token.unwrap_or_default(),
+        client_keys,
+    })
 }
 
 /// A selector field: its name, its value if set, and what it selects.

@@ -34,6 +34,31 @@ pub mod code {
     pub const FEDERATED_CREDENTIAL_MISMATCH: &str = "FederatedCredentialMismatch";
     pub const FEDERATED_TOKEN_EXPIRED: &str = "FederatedTokenExpired";
     pub const FEDERATED_TOKEN_UNAVAILABLE: &str = "FederatedTokenUnavailable";
+    pub const CLIENT_KEY_REQUIRED: &str = "ClientKeyRequired";
+    pub const CLIENT_KEY_UNKNOWN: &str = "ClientKeyUnknown";
+
+    /// Every code above, for the checks that each one is documented.
+    pub const ALL: [&str; 19] = [
+        MANAGED_IDENTITY_NOT_FOUND,
+        MANAGED_IDENTITY_AMBIGUOUS,
+        TOKEN_REQUEST_REJECTED,
+        TOKEN_ENDPOINT_UNAVAILABLE,
+        TOKEN_ENDPOINT_UNREACHABLE,
+        TOKEN_ENDPOINT_CLUSTER_MISSING,
+        TOKEN_RESPONSE_INVALID,
+        TOKEN_AUDIENCE_MISMATCH,
+        TOKEN_WAIT_TIMEOUT,
+        CLIENT_SECRET_INVALID,
+        CLIENT_SECRET_EXPIRED,
+        APPLICATION_NOT_FOUND,
+        TENANT_NOT_FOUND,
+        CERTIFICATE_NOT_REGISTERED,
+        FEDERATED_CREDENTIAL_MISMATCH,
+        FEDERATED_TOKEN_EXPIRED,
+        FEDERATED_TOKEN_UNAVAILABLE,
+        CLIENT_KEY_REQUIRED,
+        CLIENT_KEY_UNKNOWN,
+    ];
 }
 
 /// Entra's AADSTS numbers the filter explains (AZURE_FACTS §2).
@@ -95,6 +120,14 @@ fn endpoint(source: &Source, cluster: &str) -> Endpoint {
             reach: format!("pointing at {authority}:443 with TLS (SNI {authority})"),
             unreachable: format!(
                 "Check the proxy's outbound access to {authority}:443 (firewall, egress proxy, DNS)"
+            ),
+        },
+        Source::Http(s) => Endpoint {
+            name: "The credential service",
+            reach: format!("pointing at the service that answers GET {}{}", s.authority, s.path),
+            unreachable: format!(
+                "Check that the credential service behind cluster \"{}\" is running and answers GET {}",
+                s.cluster, s.path
             ),
         },
     }
@@ -218,6 +251,7 @@ impl Diagnosis {
                     Source::ClientCredentials(_) | Source::WorkloadIdentity(_) => {
                         entra_status(*status, codes, &said, class, spec, &mut details)
                     }
+                    Source::Http(s) => http_status(*status, &said, class, s),
                 }
             }
         };
@@ -251,6 +285,34 @@ impl Diagnosis {
             ),
             retry_after_s: Some(1),
             details,
+        }
+    }
+
+    /// A target with `client_keys` lends its identity only to listed callers:
+    /// this request sent no `api-key` (`missing`) or one that is not listed.
+    /// The key is never echoed, nor any hash.
+    pub fn client_key(missing: bool) -> Diagnosis {
+        let (code, message) = if missing {
+            (
+                code::CLIENT_KEY_REQUIRED,
+                "This gateway lends its Azure identity only to known callers, and this request carries no \
+                 gateway key. Send your team's gateway key as the api-key header (or the api-key query \
+                 parameter), as you would an Azure OpenAI key; the gateway's operators issue them.",
+            )
+        } else {
+            (
+                code::CLIENT_KEY_UNKNOWN,
+                "The api-key this request carries is not a gateway key this gateway knows (it is not shown \
+                 here). Send your team's gateway key; if it was rotated, ask the gateway's operators for the \
+                 current one.",
+            )
+        };
+        Diagnosis {
+            status: 401,
+            code,
+            message: message.to_owned(),
+            retry_after_s: None,
+            details: Map::new(),
         }
     }
 
@@ -411,6 +473,26 @@ fn app_service_status(
             "The App Service identity endpoint refused the token request{said}; resource is \"{}\". Check the \
              resource and the identity selector.",
             spec.resource
+        ),
+    )
+}
+
+fn http_status(
+    status: u16,
+    said: &str,
+    class: FailureClass,
+    source: &crate::source::HttpSource,
+) -> (u16, &'static str, String) {
+    if class == FailureClass::Transient {
+        return unavailable(status, "the credential service failed", said);
+    }
+    (
+        401,
+        code::TOKEN_REQUEST_REJECTED,
+        format!(
+            "The credential service refused GET {}{} (cluster \"{}\"){said}. Check its path and what it needs \
+             to hand out the credential.",
+            source.authority, source.path, source.cluster
         ),
     )
 }

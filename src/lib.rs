@@ -13,6 +13,7 @@ pub mod config;
 pub mod diagnose;
 pub mod lifecycle;
 pub mod metrics;
+pub mod policy;
 pub mod rewrite;
 pub mod route;
 pub mod safe;

@@ -55,9 +55,12 @@ impl Token {
         now_ms < self.unusable_at_ms()
     }
 
-    /// From this instant a background refresh is due.
+    /// From this instant a background refresh is due: half-life, or the
+    /// poll time of a credential that names no expiry.
     pub fn refresh_at_ms(&self) -> u64 {
-        self.obtained_at_ms + self.lifetime_ms() / 2
+        let half_life = self.obtained_at_ms + self.lifetime_ms() / 2;
+        self.refresh_after_ms
+            .map_or(half_life, |at| at.min(half_life))
     }
 
     /// A token obtained "in the future" was timed by a clock that has since
@@ -118,6 +121,7 @@ mod tests {
             secret: Secret::new("t".into()),
             obtained_at_ms: obtained_s * 1000,
             expires_at_ms: (obtained_s + lifetime_s) * 1000,
+            refresh_after_ms: None,
         }
     }
 

@@ -55,8 +55,8 @@ pub const TOKEN_INVALIDATIONS: Metric = Metric {
 pub const REQUESTS_AUTHORIZED: Metric = Metric {
     name: "aoai_msi_requests_authorized_total",
     kind: Kind::Counter,
-    labels: &["target"],
-    help: "Requests a target matched, sent with its credential.",
+    labels: &["target", "client"],
+    help: "Requests a target matched, sent with its credential; `client` is the gateway key's name when the target has client_keys.",
 };
 pub const REQUESTS_PASSED_THROUGH: Metric = Metric {
     name: "aoai_msi_requests_passed_through_total",
@@ -83,6 +83,25 @@ pub const UPSTREAM_AUTH_FAILURES: Metric = Metric {
     help: "Authorization failures from Azure OpenAI that the filter explained, by diagnosis.",
 };
 
+pub const KEY_FALLBACKS: Metric = Metric {
+    name: "aoai_msi_key_fallbacks_total",
+    kind: Kind::Counter,
+    labels: &["target", "diagnosis"],
+    help: "Requests sent on with their own api-key because no token could be had (on_token_failure: forward_key), by the diagnosis they would have got.",
+};
+pub const CREDENTIAL_ROTATIONS: Metric = Metric {
+    name: "aoai_msi_credential_rotations_total",
+    kind: Kind::Counter,
+    labels: &["target"],
+    help: "Times an http source handed out a different value than the one serving.",
+};
+pub const CLIENT_TOKENS_KEPT: Metric = Metric {
+    name: "aoai_msi_client_tokens_kept_total",
+    kind: Kind::Counter,
+    labels: &["target"],
+    help: "Requests that kept the application's own Entra token (client_token: keep).",
+};
+
 pub const NOTIFICATION_QUEUES: Metric = Metric {
     name: "aoai_msi_notification_queues",
     kind: Kind::Gauge,
@@ -90,7 +109,7 @@ pub const NOTIFICATION_QUEUES: Metric = Metric {
     help: "Notification queues of live VMs (workers and main thread), renewed by heartbeat; queues of VMs that went away drop out.",
 };
 
-pub const ALL: [Metric; 11] = [
+pub const ALL: [Metric; 14] = [
     TOKEN_FETCHES,
     TOKEN_FETCH_DURATION,
     TOKEN_EXPIRES_IN,
@@ -101,23 +120,32 @@ pub const ALL: [Metric; 11] = [
     REQUESTS_WAITING,
     LOCAL_REPLIES,
     UPSTREAM_AUTH_FAILURES,
+    KEY_FALLBACKS,
+    CREDENTIAL_ROTATIONS,
+    CLIENT_TOKENS_KEPT,
     NOTIFICATION_QUEUES,
 ];
 
 /// Envoy `stats_config.stats_tags` entries that turn `;key=value` into labels.
-pub const STATS_TAGS: [(&str, &str); 5] = [
+pub const STATS_TAGS: [(&str, &str); 6] = [
     ("target", "(;target=([^;]*))"),
     ("source", "(;source=([^;]*))"),
     ("outcome", "(;outcome=([^;]*))"),
     ("code", "(;code=([^;]*))"),
     ("diagnosis", "(;diagnosis=([^;]*))"),
+    ("client", "(;client=([^;]*))"),
 ];
 
 impl Metric {
-    /// The stat name for these label values, in the order of `labels`.
+    /// The stat name for these label values, in the order of `labels`. An
+    /// empty value leaves its label out (`client` of a target without
+    /// gateway keys).
     pub fn stat_name(&self, values: &[&str]) -> String {
         let mut name = self.name.to_owned();
         for (label, value) in self.labels.iter().zip(values) {
+            if value.is_empty() {
+                continue;
+            }
             name.push(';');
             name.push_str(label);
             name.push('=');
@@ -152,6 +180,15 @@ mod tests {
         assert_eq!(
             LOCAL_REPLIES.stat_name(&["t-1.x", "a;b=c"]),
             "aoai_msi_local_replies_total;target=t-1_x;code=a_b_c"
+        );
+        assert_eq!(
+            REQUESTS_AUTHORIZED.stat_name(&["gw", "team-a"]),
+            "aoai_msi_requests_authorized_total;target=gw;client=team-a"
+        );
+        assert_eq!(
+            REQUESTS_AUTHORIZED.stat_name(&["chat", ""]),
+            "aoai_msi_requests_authorized_total;target=chat",
+            "no client label without gateway keys"
         );
     }
 

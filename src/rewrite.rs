@@ -165,6 +165,84 @@ pub fn host_without_port(authority: &str) -> &str {
     }
 }
 
+/// `:path` without any `api-key` query parameter, or `None` when it has none
+/// (the common case: nothing to rewrite). Browser clients of the Realtime API
+/// send their key there. The name is compared percent-decoded and without
+/// case, so no spelling of it survives; every other parameter, and the order
+/// and bytes of the rest, stay as they were.
+pub fn without_api_key_param(path: &str) -> Option<String> {
+    let (base, query) = path.split_once('?')?;
+    let (query, fragment) = match query.split_once('#') {
+        Some((q, f)) => (q, Some(f)),
+        None => (query, None),
+    };
+    let is_key = |param: &str| {
+        let name = param.split_once('=').map_or(param, |(n, _)| n);
+        percent_decoded_eq_ignore_case(name, API_KEY_HEADER)
+    };
+    if !query.split('&').any(is_key) {
+        return None;
+    }
+    let kept: Vec<&str> = query.split('&').filter(|p| !is_key(p)).collect();
+    let mut out = String::with_capacity(path.len());
+    out.push_str(base);
+    if !kept.is_empty() {
+        out.push('?');
+        out.push_str(&kept.join("&"));
+    }
+    if let Some(fragment) = fragment {
+        out.push('#');
+        out.push_str(fragment);
+    }
+    Some(out)
+}
+
+/// The value of the first `api-key` query parameter of `path`,
+/// percent-decoded, as bytes; `None` when there is none (or it is empty).
+pub fn api_key_param(path: &str) -> Option<Vec<u8>> {
+    let path = path.split_once('#').map_or(path, |(p, _)| p);
+    let (_, query) = path.split_once('?')?;
+    query.split('&').find_map(|param| {
+        let (name, value) = param.split_once('=').unwrap_or((param, ""));
+        (percent_decoded_eq_ignore_case(name, API_KEY_HEADER) && !value.is_empty())
+            .then(|| percent_decode(value))
+    })
+}
+
+/// `%xx` and `+` decoded; anything else kept as it is.
+fn percent_decode(encoded: &str) -> Vec<u8> {
+    let bytes = encoded.as_bytes();
+    let mut decoded = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| char::from(b).to_digit(16);
+        match (
+            bytes[i],
+            bytes.get(i + 1).copied().and_then(hex),
+            bytes.get(i + 2).copied().and_then(hex),
+        ) {
+            (b'%', Some(hi), Some(lo)) => {
+                decoded.push((hi * 16 + lo) as u8);
+                i += 3;
+            }
+            (b'+', _, _) => {
+                decoded.push(b' ');
+                i += 1;
+            }
+            (b, _, _) => {
+                decoded.push(b);
+                i += 1;
+            }
+        }
+    }
+    decoded
+}
+
+/// Does `encoded`, percent-decoded, equal `plain` ignoring ASCII case?
+fn percent_decoded_eq_ignore_case(encoded: &str, plain: &str) -> bool {
+    percent_decode(encoded).eq_ignore_ascii_case(plain.as_bytes())
+}
+
 /// Format the value of the `authorization` header once per token, so the hot
 /// path only copies a prepared string into the header map.
 pub fn bearer_header(token: &str) -> String {
@@ -301,6 +379,50 @@ mod tests {
         );
         assert_eq!(host_without_port("[::1]:10000"), "[::1]");
         assert_eq!(host_without_port("127.0.0.1:10000"), "127.0.0.1");
+    }
+
+    #[test]
+    fn the_api_key_query_parameter_is_read_decoded() {
+        assert_eq!(
+            api_key_param("/openai/realtime?api-version=x&api-key=k%2B1+2&deployment=d"),
+            Some(b"k+1 2".to_vec())
+        );
+        assert_eq!(api_key_param("/x?API%2DKEY=k"), Some(b"k".to_vec()));
+        assert_eq!(api_key_param("/x?api-key="), None);
+        assert_eq!(api_key_param("/x?api-keys=k"), None);
+        assert_eq!(api_key_param("/x"), None);
+        assert_eq!(api_key_param("/x#?api-key=k"), None);
+    }
+
+    #[test]
+    fn the_api_key_query_parameter_goes_and_nothing_else_changes() {
+        for (path, expected) in [
+            (
+                "/openai/realtime?api-version=2024-10-01-preview&deployment=gpt-4o&api-key=SECRET",
+                Some("/openai/realtime?api-version=2024-10-01-preview&deployment=gpt-4o"),
+            ),
+            (
+                "/openai/v1/realtime?api-key=SECRET&model=gpt-4o",
+                Some("/openai/v1/realtime?model=gpt-4o"),
+            ),
+            ("/x?api-key=a&api-key=b", Some("/x")),
+            ("/x?API-Key=a&b=%20c&d", Some("/x?b=%20c&d")),
+            ("/x?api%2Dkey=a&keep=1", Some("/x?keep=1")),
+            ("/x?api-key&z=1#frag", Some("/x?z=1#frag")),
+            ("/x?a=1&&b=2&api-key=k", Some("/x?a=1&&b=2")),
+        ] {
+            assert_eq!(without_api_key_param(path).as_deref(), expected, "{path}");
+        }
+        for untouched in [
+            "/x",
+            "/x?api-keys=1",
+            "/x?my-api-key=1",
+            "/x?x=api-key",
+            "/api-key?a=1",
+            "/x?",
+        ] {
+            assert_eq!(without_api_key_param(untouched), None, "{untouched}");
+        }
     }
 
     #[test]

@@ -23,6 +23,16 @@ pub fn guid(value: &str) -> Option<&str> {
     ok.then_some(value)
 }
 
+/// A tenant: its GUID, or a verified domain such as `contoso.onmicrosoft.com`.
+pub fn tenant(value: &str) -> Option<&str> {
+    guid(value).or_else(|| {
+        let ok = value.contains('.')
+            && (1..=253).contains(&value.len())
+            && value.split('.').all(|label| dns_label(label).is_some());
+        ok.then_some(value)
+    })
+}
+
 /// `Microsoft.CognitiveServices/accounts/OpenAI/deployments/chat/completions/action`.
 pub fn data_action(value: &str) -> Option<&str> {
     let ok = (1..=200).contains(&value.len())

@@ -8,6 +8,7 @@
 //! | `app_service` | `GET $IDENTITY_ENDPOINT` with `X-IDENTITY-HEADER` | §2 |
 //! | `client_credentials` | `POST` Entra's v2.0 token endpoint, secret or certificate assertion | §2 |
 //! | `workload_identity` | `GET` the projected service-account token, then `POST` it to Entra | §2 |
+//! | `http` | `GET` a local key or token service; the value is sent as a bearer token or an `api-key` | DESIGN |
 //!
 //! A fetch is an [`Exchange`]: one call, or two for workload identity (the
 //! assertion first). Each step is pure: the time and a nonce come in, a
@@ -20,7 +21,7 @@ use std::fmt;
 use jwt_simple::prelude::*;
 use serde::Serialize;
 
-use crate::token::{parse_response, FetchFailure, Issued, Secret};
+use crate::token::{parse_credential, parse_response, FetchFailure, Issued, Secret};
 
 pub const IMDS_PATH: &str = "/metadata/identity/oauth2/token";
 pub const IMDS_API_VERSION: &str = "2018-02-01";
@@ -38,6 +39,30 @@ pub enum Source {
     AppService(AppServiceSource),
     ClientCredentials(ClientCredentialsSource),
     WorkloadIdentity(WorkloadIdentitySource),
+    Http(HttpSource),
+}
+
+/// How a request carries its credential upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CredentialKind {
+    /// `authorization: Bearer <value>`.
+    #[default]
+    Bearer,
+    /// `api-key: <value>`: for resources that still take keys.
+    ApiKey,
+}
+
+/// A local service that hands out a key or a token (a vault agent, a
+/// rotated key file behind a small server, a token proxy).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpSource {
+    pub cluster: String,
+    pub authority: String,
+    pub path: String,
+    pub credential: CredentialKind,
+    /// Poll interval for a value that names no expiry.
+    pub refresh_interval_ms: u64,
+    pub timeout_ms: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -226,6 +251,34 @@ impl Source {
             Source::AppService(_) => "app_service",
             Source::ClientCredentials(_) => "client_credentials",
             Source::WorkloadIdentity(_) => "workload_identity",
+            Source::Http(_) => "http",
+        }
+    }
+
+    /// How the credential is sent.
+    pub fn credential(&self) -> CredentialKind {
+        match self {
+            Source::Http(s) => s.credential,
+            _ => CredentialKind::Bearer,
+        }
+    }
+
+    /// The identity this source signs in as, in words for a message.
+    pub fn identity_noun(&self) -> &'static str {
+        match self {
+            Source::Imds(_) | Source::AppService(_) => "managed identity",
+            Source::ClientCredentials(_) => "service principal",
+            Source::WorkloadIdentity(_) => "workload identity",
+            Source::Http(_) => "credential service",
+        }
+    }
+
+    /// The application (client) id and tenant an Entra source signs in with.
+    pub fn application(&self) -> Option<(&str, &str)> {
+        match self {
+            Source::ClientCredentials(s) => Some((&s.client_id, &s.tenant_id)),
+            Source::WorkloadIdentity(s) => Some((&s.client_id, &s.tenant_id)),
+            Source::Imds(_) | Source::AppService(_) | Source::Http(_) => None,
         }
     }
 
@@ -236,6 +289,7 @@ impl Source {
             Source::AppService(s) => &s.cluster,
             Source::ClientCredentials(s) => &s.cluster,
             Source::WorkloadIdentity(s) => &s.cluster,
+            Source::Http(s) => &s.cluster,
         }
     }
 
@@ -245,6 +299,7 @@ impl Source {
             Source::AppService(s) => s.timeout_ms,
             Source::ClientCredentials(s) => s.timeout_ms,
             Source::WorkloadIdentity(s) => s.timeout_ms,
+            Source::Http(s) => s.timeout_ms,
         }
     }
 
@@ -283,6 +338,16 @@ impl Source {
             Source::WorkloadIdentity(s) => format!(
                 "Entra ({}, tenant {}) via cluster {} for application {} with the service-account token from cluster {}",
                 s.authority, s.tenant_id, s.cluster, s.client_id, s.assertion_cluster
+            ),
+            Source::Http(s) => format!(
+                "the credential service {}{} via cluster {}, sent as {}",
+                s.authority,
+                s.path,
+                s.cluster,
+                match s.credential {
+                    CredentialKind::Bearer => "a bearer token",
+                    CredentialKind::ApiKey => "an api-key",
+                }
             ),
         }
     }
@@ -324,7 +389,16 @@ impl Source {
         match exchange {
             Exchange::Token => (
                 Exchange::Token,
-                Step::Done(parse_response(status, body, now_ms, resource)),
+                Step::Done(match self {
+                    Source::Http(s) => parse_credential(
+                        status,
+                        body,
+                        now_ms,
+                        s.refresh_interval_ms,
+                        (s.credential == CredentialKind::Bearer).then_some(resource),
+                    ),
+                    _ => parse_response(status, body, now_ms, resource),
+                }),
             ),
             Exchange::Assertion => match parse_assertion(status, body) {
                 Ok(assertion) => (
@@ -413,6 +487,17 @@ impl Source {
                     proof,
                 )
             }
+            Source::Http(s) => Step::Call(TokenRequest {
+                cluster: s.cluster.clone(),
+                timeout_ms: s.timeout_ms,
+                headers: vec![
+                    (":method", "GET".to_owned()),
+                    (":path", s.path.clone()),
+                    (":authority", s.authority.clone()),
+                    ("accept", "application/json".to_owned()),
+                ],
+                body: Vec::new(),
+            }),
             Source::WorkloadIdentity(s) => match assertion {
                 Some(assertion) => entra_request(
                     &s.cluster,

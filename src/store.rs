@@ -350,6 +350,7 @@ mod tests {
                 secret: Secret::new("abc".into()),
                 obtained_at_ms: 1,
                 expires_at_ms: 2,
+                refresh_after_ms: Some(3),
             }),
             generation: 7,
             lease: Some(Lease {

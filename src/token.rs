@@ -35,6 +35,17 @@ impl Secret {
     pub fn expose(&self) -> &str {
         &self.0
     }
+
+    /// The first 6 hex digits of the value's SHA-256: enough to tell two
+    /// values apart in a log line, far too little to learn anything of one.
+    pub fn fingerprint(&self) -> String {
+        use sha2::{Digest, Sha256};
+        Sha256::digest(self.0.as_bytes())
+            .iter()
+            .take(3)
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
 }
 
 impl fmt::Debug for Secret {
@@ -51,6 +62,10 @@ pub struct Token {
     pub obtained_at_ms: u64,
     /// When Entra says it expires (ms since the Unix epoch).
     pub expires_at_ms: u64,
+    /// For a credential that names no expiry (an `http` source's key): when
+    /// to poll for a new value. Tokens refresh at half-life instead.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refresh_after_ms: Option<u64>,
 }
 
 /// Why a token call did not produce a usable token. Kept in shared data so
@@ -177,45 +192,16 @@ pub fn parse_response(
     now_ms: u64,
     resource: &str,
 ) -> Result<Issued, FetchFailure> {
-    let status = status.ok_or(FetchFailure::NoResponse)?;
-    if body.len() > MAX_RESPONSE_BYTES {
-        return Err(invalid(format!(
-            "the response body is larger than the {MAX_RESPONSE_BYTES} bytes a token response can need"
-        )));
-    }
-    if status != 200 {
-        return Err(error_status(status, body));
-    }
+    answered_ok(status, body, "token")?;
     if body.iter().all(u8::is_ascii_whitespace) {
         return Err(invalid("the response body is empty".to_owned()));
     }
-    // serde's messages can quote the input; say only where it went wrong.
-    let raw: RawToken = serde_json::from_slice(body).map_err(|e| {
-        invalid(format!(
-            "the response body is not a JSON token object ({} at line {}, column {})",
-            match e.classify() {
-                serde_json::error::Category::Data => "a field has the wrong type",
-                _ => "malformed JSON",
-            },
-            e.line(),
-            e.column()
-        ))
-    })?;
+    let raw: RawToken = read_json(body, "a JSON token object")?;
     let secret = raw
         .access_token
         .filter(|t| !t.is_empty())
         .ok_or_else(|| invalid("the response has no access_token".to_owned()))?;
-    if secret.len() > MAX_TOKEN_BYTES {
-        return Err(invalid(format!(
-            "access_token has {} bytes, more than {MAX_TOKEN_BYTES}",
-            secret.len()
-        )));
-    }
-    if !secret.bytes().all(|b| b.is_ascii_graphic()) {
-        return Err(invalid(
-            "access_token contains characters that cannot be sent in an HTTP header".to_owned(),
-        ));
-    }
+    header_safe(&secret, "access_token")?;
     if let Some(kind) = raw.token_type.as_deref() {
         if !kind.eq_ignore_ascii_case("bearer") {
             return Err(invalid(format!(
@@ -226,49 +212,19 @@ pub fn parse_response(
     }
     // The answer's `resource` and the token's own `aud` must both be what was asked.
     let claims = Claims::read(&secret);
-    let answered = [
+    for answered in [
         raw.resource.as_deref(),
         claims.as_ref().and_then(|c| c.aud.as_deref()),
-    ];
-    if let Some(got) = answered
-        .into_iter()
-        .flatten()
-        .find(|got| !same_audience(got, resource))
-    {
-        return Err(FetchFailure::WrongAudience {
-            asked: resource.to_owned(),
-            got: safe::or(Some(got), safe::audience, "<not an audience URI>").to_owned(),
-        });
+    ] {
+        same_audience_or_refuse(answered, resource)?;
     }
     let now_s = now_ms / 1000;
-    let seconds = |value: &Option<StringOrNumber>, name: &str| match value {
-        Some(v) => v
-            .seconds()
-            .map(Some)
-            .ok_or_else(|| invalid(format!("{name} is not a number of seconds"))),
-        None => Ok(None),
-    };
-    let on = seconds(&raw.expires_on, "expires_on")?;
-    let within = seconds(&raw.expires_in, "expires_in")?.map(|s| now_s.saturating_add(s));
-    // The earliest the token is said to expire, by the answer or by its own `exp`.
-    let expires_on_s = [on, within, claims.as_ref().and_then(|c| c.exp)]
-        .into_iter()
-        .flatten()
-        .min()
+    let expiry = Expiry::read(&raw.expires_on, &raw.expires_in, claims.as_ref(), now_s)?;
+    let expires_on_s = expiry
+        .earliest
         .ok_or_else(|| invalid("the response has neither expires_on nor expires_in".to_owned()))?;
-    if expires_on_s <= now_s {
-        return Err(invalid(format!(
-            "the token expired {} s before it arrived (expires_on {expires_on_s}); check the clocks of this host and the token endpoint",
-            now_s - expires_on_s
-        )));
-    }
-    if expires_on_s - now_s > MAX_LIFETIME_SECS {
-        return Err(invalid(format!(
-            "the token claims a lifetime of {} s, more than the {MAX_LIFETIME_SECS} s any Entra token has",
-            expires_on_s - now_s
-        )));
-    }
-    let warning = match (on, within) {
+    check_lifetime(expires_on_s, now_s, "token")?;
+    let warning = match (expiry.on, expiry.within) {
         (Some(on), Some(within)) if on.abs_diff(within) > EXPIRY_DISAGREEMENT_S => Some(format!(
             "the token endpoint's expires_on and expires_in disagree by {} s: the clocks of this \
              host and the endpoint differ; the token is used until the earlier of the two",
@@ -281,9 +237,192 @@ pub fn parse_response(
             secret: Secret::new(secret),
             obtained_at_ms: now_ms,
             expires_at_ms: expires_on_s.saturating_mul(1000),
+            refresh_after_ms: None,
         },
         warning,
     })
+}
+
+/// A credential that names no expiry stays usable this long without a
+/// successful poll: the key service being down must not take the key away.
+pub const UNDATED_CREDENTIAL_LIFETIME_MS: u64 = MAX_LIFETIME_SECS * 1000;
+
+#[derive(Deserialize)]
+struct RawCredential {
+    key: Option<String>,
+    token: Option<String>,
+    access_token: Option<String>,
+    expires_on: Option<StringOrNumber>,
+    expires_in: Option<StringOrNumber>,
+}
+
+/// Turn an `http` source's answer (`{"key"|"token"|"access_token": …,
+/// "expires_in"|"expires_on": …}`) into a credential. Without an expiry it is
+/// polled again after `refresh_interval_ms` and stays usable meanwhile.
+/// `audience`, for a bearer credential, is checked against the token's own
+/// `aud` when the value is a JWT.
+pub fn parse_credential(
+    status: Option<u16>,
+    body: &[u8],
+    now_ms: u64,
+    refresh_interval_ms: u64,
+    audience: Option<&str>,
+) -> Result<Issued, FetchFailure> {
+    answered_ok(status, body, "credential")?;
+    let raw: RawCredential = read_json(
+        body,
+        "a JSON object with \"key\", \"token\" or \"access_token\"",
+    )?;
+    let value = [raw.key, raw.token, raw.access_token]
+        .into_iter()
+        .flatten()
+        .find(|v| !v.is_empty())
+        .ok_or_else(|| {
+            invalid(
+                "the response has no non-empty \"key\", \"token\" or \"access_token\"".to_owned(),
+            )
+        })?;
+    header_safe(&value, "the credential")?;
+    let claims = Claims::read(&value);
+    if let Some(asked) = audience {
+        same_audience_or_refuse(claims.as_ref().and_then(|c| c.aud.as_deref()), asked)?;
+    }
+    let now_s = now_ms / 1000;
+    let expiry = Expiry::read(&raw.expires_on, &raw.expires_in, claims.as_ref(), now_s)?;
+    let token = match expiry.earliest {
+        None => Token {
+            secret: Secret::new(value),
+            obtained_at_ms: now_ms,
+            expires_at_ms: now_ms.saturating_add(UNDATED_CREDENTIAL_LIFETIME_MS),
+            refresh_after_ms: Some(now_ms.saturating_add(refresh_interval_ms)),
+        },
+        Some(expires_on_s) => {
+            check_lifetime(expires_on_s, now_s, "credential")?;
+            Token {
+                secret: Secret::new(value),
+                obtained_at_ms: now_ms,
+                expires_at_ms: expires_on_s.saturating_mul(1000),
+                refresh_after_ms: None,
+            }
+        }
+    };
+    Ok(Issued {
+        token,
+        warning: None,
+    })
+}
+
+/// An HTTP answer of 200 with a body no larger than any `what` response needs.
+fn answered_ok(status: Option<u16>, body: &[u8], what: &str) -> Result<(), FetchFailure> {
+    let status = status.ok_or(FetchFailure::NoResponse)?;
+    if body.len() > MAX_RESPONSE_BYTES {
+        return Err(invalid(format!(
+            "the response body is larger than the {MAX_RESPONSE_BYTES} bytes a {what} response can need"
+        )));
+    }
+    if status != 200 {
+        return Err(error_status(status, body));
+    }
+    Ok(())
+}
+
+/// Read `body` as `T`. serde's messages can quote the input (a secret): say
+/// only where it went wrong.
+fn read_json<T: for<'de> Deserialize<'de>>(body: &[u8], shape: &str) -> Result<T, FetchFailure> {
+    serde_json::from_slice(body).map_err(|e| {
+        invalid(format!(
+            "the response body is not {shape} ({} at line {}, column {})",
+            match e.classify() {
+                serde_json::error::Category::Data => "a field has the wrong type",
+                _ => "malformed JSON",
+            },
+            e.line(),
+            e.column()
+        ))
+    })
+}
+
+/// A value that goes into a header: bounded, and visible ASCII only.
+fn header_safe(value: &str, name: &str) -> Result<(), FetchFailure> {
+    if value.len() > MAX_TOKEN_BYTES {
+        return Err(invalid(format!(
+            "{name} has {} bytes, more than {MAX_TOKEN_BYTES}",
+            value.len()
+        )));
+    }
+    if !value.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(invalid(format!(
+            "{name} contains characters that cannot be sent in an HTTP header"
+        )));
+    }
+    Ok(())
+}
+
+/// An audience an answer names, if any, must be the one asked for.
+fn same_audience_or_refuse(answered: Option<&str>, asked: &str) -> Result<(), FetchFailure> {
+    match answered {
+        Some(got) if !same_audience(got, asked) => Err(FetchFailure::WrongAudience {
+            asked: asked.to_owned(),
+            got: safe::or(Some(got), safe::audience, "<not an audience URI>").to_owned(),
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// The expiry an answer names, as instants in seconds.
+struct Expiry {
+    /// `expires_on`.
+    on: Option<u64>,
+    /// now + `expires_in`.
+    within: Option<u64>,
+    /// The earliest of the two and the token's own `exp`.
+    earliest: Option<u64>,
+}
+
+impl Expiry {
+    fn read(
+        on: &Option<StringOrNumber>,
+        within: &Option<StringOrNumber>,
+        claims: Option<&Claims>,
+        now_s: u64,
+    ) -> Result<Expiry, FetchFailure> {
+        let seconds = |value: &Option<StringOrNumber>, name: &str| match value {
+            Some(v) => v
+                .seconds()
+                .map(Some)
+                .ok_or_else(|| invalid(format!("{name} is not a number of seconds"))),
+            None => Ok(None),
+        };
+        let on = seconds(on, "expires_on")?;
+        let within = seconds(within, "expires_in")?.map(|s| now_s.saturating_add(s));
+        let earliest = [on, within, claims.and_then(|c| c.exp)]
+            .into_iter()
+            .flatten()
+            .min();
+        Ok(Expiry {
+            on,
+            within,
+            earliest,
+        })
+    }
+}
+
+/// A `what` (token or credential) that expires at `expires_on_s` must still
+/// be valid and must not claim more than any Entra token lives.
+fn check_lifetime(expires_on_s: u64, now_s: u64, what: &str) -> Result<(), FetchFailure> {
+    if expires_on_s <= now_s {
+        return Err(invalid(format!(
+            "the {what} expired {} s before it arrived (expires_on {expires_on_s}); check the clocks of this host and the {what} endpoint",
+            now_s - expires_on_s
+        )));
+    }
+    if expires_on_s - now_s > MAX_LIFETIME_SECS {
+        return Err(invalid(format!(
+            "the {what} claims a lifetime of {} s, more than the {MAX_LIFETIME_SECS} s any Entra token has",
+            expires_on_s - now_s
+        )));
+    }
+    Ok(())
 }
 
 /// Audiences compare without case and without a trailing slash.
@@ -398,6 +537,99 @@ mod tests {
         let shown = format!("{token:?}");
         assert!(!shown.contains("eyJ0eXAi"), "{shown}");
         assert!(shown.contains("redacted"));
+    }
+
+    #[test]
+    fn a_key_without_expiry_is_polled_again_after_the_interval_and_stays_usable() {
+        let issued =
+            parse_credential(Some(200), br#"{"key":"k-1"}"#, NOW_MS, 300_000, None).unwrap();
+        let token = issued.token;
+        assert_eq!(token.secret.expose(), "k-1");
+        assert_eq!(token.refresh_after_ms, Some(NOW_MS + 300_000));
+        assert!(token.refresh_due(NOW_MS + 300_000));
+        assert!(!token.refresh_due(NOW_MS + 299_999));
+        assert!(
+            token.usable(NOW_MS + 24 * 3600 * 1000),
+            "a key service outage does not take the key away"
+        );
+    }
+
+    #[test]
+    fn a_dated_credential_follows_the_token_lifecycle() {
+        for body in [
+            &br#"{"token":"t-1","expires_in":3600}"#[..],
+            br#"{"access_token":"t-1","expires_in":"3600"}"#,
+            br#"{"key":"t-1","expires_on":1763755900}"#,
+        ] {
+            let token = parse_credential(Some(200), body, NOW_MS, 300_000, None)
+                .unwrap()
+                .token;
+            assert_eq!(token.secret.expose(), "t-1");
+            assert_eq!(
+                token.expires_at_ms,
+                NOW_MS + 3_600_000,
+                "{}",
+                String::from_utf8_lossy(body)
+            );
+            assert_eq!(token.refresh_after_ms, None);
+            assert!(token.refresh_due(NOW_MS + 1_800_000));
+        }
+    }
+
+    #[test]
+    fn bad_credential_answers_become_named_failures_that_never_quote_the_value() {
+        let cases: &[(Option<u16>, &[u8], &str)] = &[
+            (None, b"", "NoResponse"),
+            (Some(200), b"{}", "no non-empty"),
+            (Some(200), br#"{"key":""}"#, "no non-empty"),
+            (Some(200), br#"{"key":"sec ret"}"#, "cannot be sent"),
+            (
+                Some(200),
+                br#"{"key":"secret","expires_in":"soon"}"#,
+                "not a number",
+            ),
+            (Some(200), br#"{"key":"secret","expires_on":1}"#, "expired"),
+            (Some(200), b"secret", "not a JSON object"),
+            (Some(503), br#"{"error":"unavailable"}"#, "503"),
+        ];
+        for (status, body, needle) in cases {
+            let failure = parse_credential(*status, body, NOW_MS, 1000, None).unwrap_err();
+            let shown = format!("{failure:?}");
+            assert!(shown.contains(needle), "{needle}: {shown}");
+            assert!(!shown.contains("secret"), "{shown}");
+        }
+    }
+
+    #[test]
+    fn a_bearer_credential_for_another_audience_is_refused() {
+        use base64::Engine;
+        let b64 = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+        let jwt = format!(
+            "{}.{}.sig",
+            b64(r#"{"alg":"RS256"}"#),
+            b64(r#"{"aud":"https://management.azure.com","exp":1763755900}"#)
+        );
+        let body = format!(r#"{{"token":"{jwt}"}}"#);
+        assert!(matches!(
+            parse_credential(Some(200), body.as_bytes(), NOW_MS, 1000, Some(RES)),
+            Err(FetchFailure::WrongAudience { .. })
+        ));
+        // A JWT's own exp dates an answer that names no expiry.
+        let ok = format!(
+            "{}.{}.sig",
+            b64(r#"{"alg":"RS256"}"#),
+            b64(r#"{"aud":"https://cognitiveservices.azure.com","exp":1763755900}"#)
+        );
+        let token = parse_credential(
+            Some(200),
+            format!(r#"{{"token":"{ok}"}}"#).as_bytes(),
+            NOW_MS,
+            1000,
+            Some(RES),
+        )
+        .unwrap()
+        .token;
+        assert_eq!(token.expires_at_ms, 1_763_755_900_000);
     }
 
     #[test]

@@ -11,6 +11,9 @@ use serde_json::Value;
 /// Longest upstream error body worth reading; real ones are a few hundred bytes.
 pub const MAX_ERROR_BODY: usize = 16 * 1024;
 
+/// `error.code` of a token from another tenant (AZURE_FACTS.md §3): a sentence.
+const TENANT_MISMATCH_CODE: &str = "Tenant provided in token does not match resource token";
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum UpstreamFailure {
     /// 401 `statusCode` body: the token was not accepted as a token. The
@@ -27,6 +30,14 @@ pub enum UpstreamFailure {
     NetworkRule,
     /// 400: tokens need the resource's custom subdomain endpoint.
     SubdomainRequired,
+    /// 400 "Tenant provided in token does not match resource token": the
+    /// token comes from another tenant than the resource's. The message names
+    /// the token's tenant.
+    TenantMismatch { token_tenant: Option<String> },
+    /// 401 "invalid subscription key": a key the resource does not take.
+    /// Only the filter's own `api-key` credential (an `http` source) is
+    /// explained; an application's own key is the application's business.
+    KeyRejected,
 }
 
 /// Classify an upstream answer by status and body; `None` when it is not an
@@ -60,11 +71,22 @@ pub fn classify(status: u16, body: &[u8]) -> Option<UpstreamFailure> {
             data_action: between_backticks(message, 1),
         }),
         (403, "AuthenticationTypeDisabled") => Some(UpstreamFailure::KeyAuthDisabled),
+        (401, _) if message.contains("invalid subscription key") => {
+            Some(UpstreamFailure::KeyRejected)
+        }
         (403, _) if message.contains("Virtual Network/Firewall") => {
             Some(UpstreamFailure::NetworkRule)
         }
         (400, _) if message.to_ascii_lowercase().contains("custom subdomain") => {
             Some(UpstreamFailure::SubdomainRequired)
+        }
+        (400, _)
+            if code.eq_ignore_ascii_case(TENANT_MISMATCH_CODE)
+                || message.contains("does not match resource tenant") =>
+        {
+            Some(UpstreamFailure::TenantMismatch {
+                token_tenant: tenant_in(message),
+            })
         }
         _ => None,
     }
@@ -75,6 +97,13 @@ fn audience_in(message: &str) -> Option<String> {
     let (_, rest) = message.split_once("audience is incorrect (")?;
     let (audience, _) = rest.split_once(')')?;
     Some(audience.to_owned())
+}
+
+/// "Token tenant <tid> does not match resource tenant." → `<tid>`.
+fn tenant_in(message: &str) -> Option<String> {
+    let (_, rest) = message.split_once("Token tenant ")?;
+    let tenant = rest.split_whitespace().next()?;
+    Some(tenant.to_owned())
 }
 
 /// The `n`-th `quoted` span of a message such as
@@ -132,11 +161,51 @@ mod tests {
     }
 
     #[test]
+    fn a_token_from_another_tenant_names_its_tenant() {
+        let body = br#"{"error":{"code":"Tenant provided in token does not match resource token","message":"Token tenant 11111111-2222-4333-8444-555555555555 does not match resource tenant."}}"#;
+        assert_eq!(
+            classify(400, body),
+            Some(UpstreamFailure::TenantMismatch {
+                token_tenant: Some("11111111-2222-4333-8444-555555555555".into())
+            })
+        );
+        let terse = br#"{"error":{"code":"Tenant provided in token does not match resource token","message":""}}"#;
+        assert_eq!(
+            classify(400, terse),
+            Some(UpstreamFailure::TenantMismatch { token_tenant: None })
+        );
+    }
+
+    #[test]
+    fn permission_denied_without_a_principal_is_still_permission_denied() {
+        let body = br#"{"error":{"code":"PermissionDenied","message":"Principal does not have access to API/Operation."}}"#;
+        assert_eq!(
+            classify(401, body),
+            Some(UpstreamFailure::PermissionDenied {
+                principal: None,
+                data_action: None,
+            })
+        );
+    }
+
+    #[test]
+    fn a_wrong_key_is_told_from_a_wrong_token() {
+        let body = br#"{"error":{"code":"401","message":"Access denied due to invalid subscription key or wrong API endpoint. Make sure to provide a valid key for an active subscription and use a correct regional API endpoint for your resource."}}"#;
+        assert_eq!(classify(401, body), Some(UpstreamFailure::KeyRejected));
+    }
+
+    #[test]
     fn other_answers_are_not_authorization_failures() {
         assert_eq!(classify(200, b"{}"), None);
         assert_eq!(classify(401, b"not json"), None);
         assert_eq!(classify(429, br#"{"error":{"code":"429"}}"#), None);
-        assert_eq!(classify(401, br#"{"error":{"code":"401","message":"Access denied due to invalid subscription key"}}"#), None);
+        assert_eq!(
+            classify(
+                401,
+                br#"{"error":{"code":"401","message":"Access denied"}}"#
+            ),
+            None
+        );
         assert_eq!(classify(401, &vec![b' '; MAX_ERROR_BODY + 1]), None);
     }
 }

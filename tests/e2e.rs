@@ -469,51 +469,17 @@ fn the_built_module_does_not_export_callbacks_the_filter_does_not_use() {
     }
 }
 
-/// Every wasm plugin configuration in a parsed Envoy YAML document.
-fn plugin_configs(doc: &serde_yaml::Value, found: &mut Vec<String>) {
-    match doc {
-        serde_yaml::Value::Mapping(map) => {
-            let is_wasm = map
-                .get("@type")
-                .and_then(|t| t.as_str())
-                .is_some_and(|t| t.ends_with("filters.http.wasm.v3.Wasm"));
-            if is_wasm {
-                if let Some(value) = doc["config"]["configuration"]["value"].as_str() {
-                    found.push(value.to_owned());
-                }
-            }
-            for value in map.values() {
-                plugin_configs(value, found);
-            }
-        }
-        serde_yaml::Value::Sequence(items) => {
-            for item in items {
-                plugin_configs(item, found);
-            }
-        }
-        _ => {}
-    }
-}
-
 #[test]
 fn every_shipped_envoy_config_binds_its_targets_to_clusters_it_defines() {
     let mut checked = 0;
-    for entry in std::fs::read_dir(repo().join("envoy")).unwrap() {
-        let path = entry.unwrap().path();
-        if path.extension().is_none_or(|e| e != "yaml") {
-            continue;
-        }
-        let doc: serde_yaml::Value =
-            serde_yaml::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    for (path, doc) in shipped_configs() {
         let clusters: Vec<&str> = doc["static_resources"]["clusters"]
             .as_sequence()
             .into_iter()
             .flatten()
             .filter_map(|c| c["name"].as_str())
             .collect();
-        let mut configs = Vec::new();
-        plugin_configs(&doc, &mut configs);
-        for json in configs {
+        for json in plugin_configs(&doc) {
             let config =
                 aoai_msi_filter::config::Config::parse_with_env(json.as_bytes(), &validation_env)
                     .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
@@ -544,4 +510,26 @@ fn every_shipped_envoy_config_binds_its_targets_to_clusters_it_defines() {
         }
     }
     assert!(checked >= 8, "targets checked: {checked}");
+}
+
+#[test]
+fn every_shipped_envoy_config_turns_every_metric_label_into_a_prometheus_label() {
+    let mut checked = 0;
+    for (path, doc) in shipped_configs() {
+        let tags: Vec<(&str, &str)> = doc["stats_config"]["stats_tags"]
+            .as_sequence()
+            .into_iter()
+            .flatten()
+            .filter_map(|t| Some((t["tag_name"].as_str()?, t["regex"].as_str()?)))
+            .collect();
+        for (tag, regex) in aoai_msi_filter::metrics::STATS_TAGS {
+            assert!(
+                tags.contains(&(tag, regex)),
+                "{}: stats_config.stats_tags lacks {{ tag_name: {tag}, regex: \"{regex}\" }}",
+                path.display()
+            );
+        }
+        checked += 1;
+    }
+    assert!(checked >= 5, "configs checked: {checked}");
 }

@@ -377,7 +377,7 @@ proptest! {
             return Ok(());
         };
         let claims = Claims { oid: Some(oid), ..Claims::default() };
-        let facts = Facts { host: &host, token: Some(&claims) };
+        let facts = Facts { host: &host, token: Some(&claims), source: None };
         let a = annotate::explain(&failure, &facts, RESOURCE, NOW_MS, None);
         let command = a.fields["fix_command"].as_str().unwrap();
         let assignee = after(command, "--assignee-object-id");
@@ -386,6 +386,47 @@ proptest! {
         prop_assert!(name == "<resource" || safe::dns_label(name).is_some(), "{command}");
         let line = a.log_line(401, &host);
         prop_assert!(!line.chars().any(char::is_control), "{line:?}");
+    }
+
+    #[test]
+    fn credential_parser_never_panics_and_lets_through_only_header_safe_values(
+        status in prop::option::of(prop_oneof![Just(200u16), 100u16..600]),
+        body in prop_oneof![
+            prop::collection::vec(any::<u8>(), 0..256),
+            token_like().prop_map(|v| {
+                let mut v = v;
+                if let Some(map) = v.as_object_mut() {
+                    if let Some(t) = map.remove("access_token") {
+                        map.insert("key".into(), t);
+                    }
+                }
+                v.to_string().into_bytes()
+            }),
+        ],
+        interval in 1_000u64..100_000,
+    ) {
+        let result = aoai_msi_filter::token::parse_credential(status, &body, NOW_MS, interval, Some(RESOURCE));
+        check_token_result(result);
+    }
+
+    #[test]
+    fn query_keys_are_found_and_removed_without_panicking(path in "/[a-z/]{0,8}(\\?([a-zA-Z%+=&#-]|api-key|API%2dKEY){0,12})?") {
+        let found = aoai_msi_filter::rewrite::api_key_param(&path);
+        match aoai_msi_filter::rewrite::without_api_key_param(&path) {
+            Some(clean) => {
+                prop_assert!(aoai_msi_filter::rewrite::api_key_param(&clean).is_none(), "{clean}");
+                prop_assert!(aoai_msi_filter::rewrite::without_api_key_param(&clean).is_none(), "{clean}");
+            }
+            None => prop_assert!(found.is_none(), "{path}"),
+        }
+    }
+
+    #[test]
+    fn client_token_and_gateway_key_checks_never_panic(value in prop::collection::vec(any::<u8>(), 0..300), key in prop::option::of(prop::collection::vec(any::<u8>(), 0..64))) {
+        let _ = aoai_msi_filter::policy::keeps_client_token(Some(&value), RESOURCE, NOW_MS / 1000);
+        let keys = aoai_msi_filter::policy::ClientKeys::new(vec![("a".into(), [7u8; 32])]);
+        let check = keys.check(key.as_deref());
+        prop_assert_ne!(check, aoai_msi_filter::policy::KeyCheck::Known(0));
     }
 
     #[test]

@@ -130,3 +130,62 @@ fn an_unreachable_token_endpoint_raises_a_503_naming_the_cause() {
     assert!(printed.contains("169.254.169.254"), "{printed}");
     assert_eq!(result["body"]["code"], "TokenEndpointUnreachable");
 }
+
+#[test]
+fn a_token_from_another_tenant_raises_an_exception_naming_the_tenant_and_who_can_reach_the_resource(
+) {
+    let other_tenant = "5e1f0c2d-0000-4000-8000-00000000beef";
+    let emulator = Emulator::start(Settings {
+        resource_tenant: other_tenant.to_owned(),
+        ..Settings::default()
+    })
+    .unwrap();
+    let envoy = Envoy::start(LOCAL_HOSTS, &emulator, 2);
+    let result = sdk_call(&envoy, 0);
+    assert_eq!(result["ok"], false);
+    assert_eq!(result["status"], 400, "Azure's status is kept: {result}");
+    assert_eq!(result["diagnosis_header"], "UpstreamBadRequest");
+    assert_eq!(
+        result["body"]["code"],
+        "Tenant provided in token does not match resource token"
+    );
+    assert_eq!(result["body"]["diagnosis"], "TenantMismatch");
+    assert_eq!(result["body"]["token_tenant"], aoai_emulator::TENANT_ID);
+    let printed = result["printed"].as_str().unwrap();
+    for needle in [
+        &format!("Token tenant {}", aoai_emulator::TENANT_ID),
+        "[aoai-msi-filter]",
+        "belongs to another tenant",
+        "managed identity receives tokens only from its own tenant",
+        "client_credentials",
+    ] {
+        assert!(printed.contains(needle), "{needle} in: {printed}");
+    }
+    let seen = emulator.upstream_requests();
+    assert_eq!(seen[0].verdict, Verdict::TenantMismatch);
+}
+
+#[test]
+fn a_permission_denied_that_names_no_principal_still_names_the_identity_from_its_token() {
+    let emulator = Emulator::start(Settings {
+        role_holders: Default::default(),
+        permission_denied_names_principal: false,
+        ..Settings::default()
+    })
+    .unwrap();
+    let envoy = Envoy::start(LOCAL_HOSTS, &emulator, 2);
+    let result = sdk_call(&envoy, 0);
+    assert_eq!(result["status"], 401);
+    assert_eq!(result["body"]["diagnosis"], "RoleMissing");
+    let oid = aoai_emulator::Identity::system().object_id;
+    let printed = result["printed"].as_str().unwrap();
+    for needle in [
+        "Principal does not have access to API/Operation.",
+        &format!("the managed identity (principal id {oid}"),
+        &format!("--assignee-object-id {oid}"),
+        "Cognitive Services OpenAI User",
+    ] {
+        assert!(printed.contains(needle), "{needle} in: {printed}");
+    }
+    assert_eq!(result["body"]["principal_id"], oid);
+}

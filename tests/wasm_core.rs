@@ -100,6 +100,7 @@ fn skew_margin_boundary_holds_to_the_millisecond_in_wasm() {
         secret: Secret::new("t".into()),
         obtained_at_ms: 0,
         expires_at_ms: 86_400_000,
+        refresh_after_ms: None,
     };
     assert!(token.usable(86_100_000 - 1));
     assert!(!token.usable(86_100_000));
@@ -130,6 +131,7 @@ fn one_fetch_for_many_vms_in_wasm() {
         secret: Secret::new("tok".into()),
         obtained_at_ms: NOW_MS,
         expires_at_ms: NOW_MS + 3_600_000,
+        refresh_after_ms: None,
     };
     vms[leaders[0]].fetched(NOW_MS + 5, &mut shared, Ok(token));
     for vm in vms.iter_mut() {
@@ -142,4 +144,27 @@ fn one_fetch_for_many_vms_in_wasm() {
             }
         ));
     }
+}
+
+#[wasm_bindgen_test]
+fn gateway_keys_and_http_credentials_are_decided_in_wasm() {
+    use aoai_msi_filter::policy::KeyCheck;
+    // sha256("foo\n")
+    let config = Config::parse(
+        br#"{"client_keys":[{"name":"team-a","sha256":"b5bb9d8014a0f9b1d61e21e796d78dccdf1352f23cd32812f4850b878ae4944c"}]}"#,
+    )
+    .unwrap();
+    let keys = config.targets[0].policy.client_keys.as_ref().unwrap();
+    assert_eq!(keys.check(Some(b"foo\n")), KeyCheck::Known(0));
+    assert_eq!(keys.check(Some(b"foo")), KeyCheck::Unknown);
+    let issued = aoai_msi_filter::token::parse_credential(
+        Some(200),
+        br#"{"key":"k"}"#,
+        NOW_MS,
+        60_000,
+        None,
+    )
+    .unwrap();
+    assert_eq!(issued.token.refresh_after_ms, Some(NOW_MS + 60_000));
+    assert_eq!(issued.token.secret.fingerprint().len(), 6);
 }

@@ -379,3 +379,126 @@ fn fingerprint_changes_with_what_decides_the_token_and_only_that() {
         assert_ne!(parse(other).tokens[0].fingerprint(), base, "{other}");
     }
 }
+
+#[test]
+fn an_http_source_reads_its_service_and_how_the_value_is_sent() {
+    let c = parse(
+        r#"{"targets":[{"name":"legacy","hosts":["*"],"clusters":["aoai"],
+            "token_source":{"type":"http","cluster":"key_service","path":"/key","credential":"api_key"}}]}"#,
+    );
+    let Source::Http(http) = &c.tokens[0].source else {
+        panic!("{:?}", c.tokens[0].source)
+    };
+    assert_eq!(http.cluster, "key_service");
+    assert_eq!(http.path, "/key");
+    assert_eq!(http.authority, "localhost");
+    assert_eq!(http.credential, CredentialKind::ApiKey);
+    assert_eq!(http.refresh_interval_ms, DEFAULT_REFRESH_INTERVAL_MS);
+    let bearer = parse(
+        r#"{"hosts":["myres.openai.azure.com"],"token_source":{"type":"http","cluster":"tokens","path":"/token",
+            "authority":"token-proxy","refresh_interval_ms":60000}}"#,
+    );
+    let Source::Http(http) = &bearer.tokens[0].source else {
+        panic!()
+    };
+    assert_eq!(http.credential, CredentialKind::Bearer);
+    assert_eq!(http.refresh_interval_ms, 60_000);
+    assert_ne!(c.tokens[0].fingerprint(), bearer.tokens[0].fingerprint());
+}
+
+#[test]
+fn policies_are_read_per_target_and_default_to_todays_behaviour() {
+    let hash_a = "b5bb9d8014a0f9b1d61e21e796d78dccdf1352f23cd32812f4850b878ae4944c";
+    let c = parse(&format!(
+        r#"{{"targets":[
+            {{"name":"gw","hosts":["a.openai.azure.com"],"client_keys":[{{"name":"team-a","sha256":"{hash_a}"}}]}},
+            {{"name":"mig","hosts":["b.openai.azure.com"],"on_token_failure":"forward_key","client_token":"keep"}},
+            {{"name":"plain","hosts":["c.openai.azure.com"]}}]}}"#
+    ));
+    let keys = c.targets[0].policy.client_keys.as_ref().unwrap();
+    assert_eq!(keys.names().collect::<Vec<_>>(), ["team-a"]);
+    assert_eq!(
+        keys.check(Some(b"foo\n")),
+        crate::policy::KeyCheck::Known(0),
+        "sha256(\"foo\\n\")"
+    );
+    assert_eq!(
+        c.targets[1].policy.on_token_failure,
+        OnTokenFailure::ForwardKey
+    );
+    assert_eq!(c.targets[1].policy.client_token, ClientToken::Keep);
+    assert_eq!(c.targets[2].policy, Policy::default());
+    // The shorthand takes them too, for every target it stands for.
+    let short = parse(r#"{"on_token_failure":"forward_key"}"#);
+    assert!(short
+        .targets
+        .iter()
+        .all(|t| t.policy.on_token_failure == OnTokenFailure::ForwardKey));
+}
+
+#[test]
+fn bad_policies_and_http_sources_name_the_field_and_never_echo_a_key() {
+    let hash = "b5bb9d8014a0f9b1d61e21e796d78dccdf1352f23cd32812f4850b878ae4944c";
+    let cases = [
+        (
+            r#"{"targets":[{"hosts":["*.openai.azure.com"],"on_token_failure":"fallback"}]}"#.to_owned(),
+            "`targets[0].on_token_failure` is \"fallback\"; use \"reject\" or \"forward_key\"",
+        ),
+        (
+            r#"{"client_token":"trust"}"#.to_owned(),
+            "`client_token` is \"trust\"; use \"replace\" or \"keep\"",
+        ),
+        (
+            r#"{"client_keys":[]}"#.to_owned(),
+            "`client_keys` is empty",
+        ),
+        (
+            r#"{"client_keys":[{"name":"a","sha256":"sk-my-actual-secret-key"}]}"#.to_owned(),
+            "`client_keys[0].sha256` is not 64 hex digits (it has 23 characters); write the key's SHA-256",
+        ),
+        (
+            format!(r#"{{"client_keys":[{{"name":"a","sha256":"{hash}"}},{{"name":"a","sha256":"{}"}}]}}"#, hash.replace('b', "c")),
+            "`client_keys[1].name` is \"a\", which another client key already has",
+        ),
+        (
+            format!(r#"{{"client_keys":[{{"name":"a","sha256":"{hash}"}},{{"name":"b","sha256":"{}"}}]}}"#, hash.to_uppercase()),
+            "`client_keys[1].sha256` is the hash of a key another client already has",
+        ),
+        (
+            format!(r#"{{"client_keys":[{{"name":"a","sha256":"{hash}"}}],"on_token_failure":"forward_key"}}"#),
+            "`client_keys / on_token_failure` are set together",
+        ),
+        (
+            r#"{"client_keys":[{"name":"a","hash":"x"}]}"#.to_owned(),
+            "unknown field `client_keys[0].hash`",
+        ),
+        (
+            r#"{"targets":[{"hosts":["*"],"clusters":["c"]}],"client_token":"keep"}"#.to_owned(),
+            "`targets` and `client_token` are both set at the top level",
+        ),
+        (
+            r#"{"token_source":{"type":"http","path":"/key"}}"#.to_owned(),
+            "`token_source.cluster` is missing",
+        ),
+        (
+            r#"{"token_source":{"type":"http","cluster":"k"}}"#.to_owned(),
+            "`token_source.path` is missing",
+        ),
+        (
+            r#"{"token_source":{"type":"http","cluster":"k","path":"/key","credential":"header"}}"#.to_owned(),
+            "`token_source.credential` is \"header\"; use \"bearer\" or \"api_key\"",
+        ),
+        (
+            r#"{"token_source":{"type":"http","cluster":"k","path":"/key","refresh_interval_ms":10}}"#.to_owned(),
+            "`token_source.refresh_interval_ms` is 10; use a value from 1000 to 86400000",
+        ),
+    ];
+    for (json, expected) in cases {
+        let message = err(&json);
+        assert!(
+            message.contains(expected),
+            "{json}\n  got: {message}\n  want: {expected}"
+        );
+        assert!(!message.contains("sk-my-actual-secret-key"), "{message}");
+    }
+}

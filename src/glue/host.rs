@@ -5,6 +5,8 @@
 use std::time::Duration;
 
 use super::abi::{self, Buffer, Map};
+use crate::rewrite::{API_KEY_HEADER, AUTHORIZATION_HEADER};
+use crate::source::CredentialKind;
 use crate::store::{SharedStore, StoreError};
 use crate::wire;
 
@@ -125,15 +127,26 @@ pub fn replace_response_body(size: usize, body: &[u8]) -> Result<(), Status> {
     abi::set_buffer(Buffer::ResponseBody, 0, size, body).map_err(Status)
 }
 
-/// Remove `api-key` and set exactly one `authorization` on the current request.
-pub fn authorize_request(bearer: &str) -> Result<(), Status> {
-    abi::remove_header(Map::RequestHeaders, crate::rewrite::API_KEY_HEADER).map_err(Status)?;
-    abi::set_header(
-        Map::RequestHeaders,
-        crate::rewrite::AUTHORIZATION_HEADER,
-        bearer.as_bytes(),
-    )
-    .map_err(Status)
+/// Give the current request exactly one credential header: `authorization`
+/// (with `value` = `Bearer …`) without any `api-key`, or `api-key` without
+/// any `authorization`.
+pub fn send_credential(kind: CredentialKind, value: &str) -> Result<(), Status> {
+    let (set, remove) = match kind {
+        CredentialKind::Bearer => (AUTHORIZATION_HEADER, API_KEY_HEADER),
+        CredentialKind::ApiKey => (API_KEY_HEADER, AUTHORIZATION_HEADER),
+    };
+    abi::remove_header(Map::RequestHeaders, remove).map_err(Status)?;
+    abi::set_header(Map::RequestHeaders, set, value.as_bytes()).map_err(Status)
+}
+
+/// Remove a request header.
+pub fn remove_request_header(name: &str) -> Result<(), Status> {
+    abi::remove_header(Map::RequestHeaders, name).map_err(Status)
+}
+
+/// Replace a request header (or pseudo-header such as `:path`).
+pub fn set_request_header(name: &str, value: &str) -> Result<(), Status> {
+    abi::set_header(Map::RequestHeaders, name, value.as_bytes()).map_err(Status)
 }
 
 /// Make `context` the one later host calls act on.

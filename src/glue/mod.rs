@@ -26,11 +26,13 @@ use proxy_wasm::types::{Action, ContextType};
 use crate::agent::{Admission, Agent, Command, Event, Level, Replacement, Waiter};
 use crate::annotate::{self, BodyMode, BodyStep, Facts, Inspection, LogLimiter};
 use crate::config::Config;
-use crate::diagnose::DIAGNOSIS_HEADER;
+use crate::diagnose::{Diagnosis, DIAGNOSIS_HEADER};
 use crate::metrics as m;
+use crate::policy::{self, ClientToken, KeyCheck, OnTokenFailure, FALLBACK_HEADER};
+use crate::rewrite::{self, API_KEY_HEADER, AUTHORIZATION_HEADER};
 use crate::route::Routed;
 use crate::safe;
-use crate::source::TokenRequest;
+use crate::source::{CredentialKind, TokenRequest};
 use crate::store;
 use crate::token::MAX_RESPONSE_BYTES;
 use crate::upstream::{self, UpstreamFailure};
@@ -67,10 +69,19 @@ struct Vm {
     /// Token generation each resumed request left with, until it takes it.
     resumed: RefCell<HashMap<u32, u64>>,
     metrics: RefCell<Metrics>,
-    /// Per-request counts by target, kept here and flushed on tick: no host
-    /// call per request.
+    /// Per-request counts by target and gateway client, kept here and
+    /// flushed on tick: no host call per request. Target `t`'s counts start
+    /// at `slots[t]`: one without a client, then one per listed client.
     authorized: Vec<Cell<u64>>,
+    slots: Vec<usize>,
+    /// Requests that kept the application's own token, by target.
+    kept: Vec<Cell<u64>>,
     passed_through: Cell<u64>,
+    /// Gateway client of each parked request, for its count when resumed.
+    parked_clients: RefCell<HashMap<u32, usize>>,
+    /// Diagnosis code of each request the root sent on with its own key,
+    /// until its response headers take it.
+    fallbacks: RefCell<HashMap<u32, &'static str>>,
     /// This VM's share of the waiting-requests gauge, by target, as last reported.
     waiting_reported: Vec<Cell<i64>>,
     /// When this VM last renewed its queue in the registry.
@@ -91,6 +102,61 @@ impl Vm {
             .tokens
             .get(token)
             .map_or("", |t| t.label.as_str())
+    }
+
+    fn count_authorized(&self, target: u32, client: Option<usize>) {
+        let slot = self
+            .slots
+            .get(target as usize)
+            .map(|base| base + client.map_or(0, |c| c + 1));
+        if let Some(count) = slot.and_then(|slot| self.authorized.get(slot)) {
+            count.set(count.get() + 1);
+        }
+    }
+
+    fn forwards_key(&self, target: u32) -> bool {
+        self.config
+            .targets
+            .get(target as usize)
+            .is_some_and(|t| t.policy.on_token_failure == OnTokenFailure::ForwardKey)
+    }
+
+    fn credential_kind(&self, token: usize) -> CredentialKind {
+        self.config
+            .tokens
+            .get(token)
+            .map_or(CredentialKind::Bearer, |t| t.source.credential())
+    }
+
+    /// A request of `target` went on with its own key because no token
+    /// could be had: count it, and say so in the log (rate-limited).
+    fn note_fallback(&self, target: u32, code: &'static str) {
+        let name = self.target_name(target);
+        if let Ok(mut metrics) = self.metrics.try_borrow_mut() {
+            metrics.add(m::KEY_FALLBACKS, &[name, code], 1);
+        }
+        let now = host::now_ms();
+        if self
+            .log_limiter
+            .try_borrow_mut()
+            .is_ok_and(|mut l| l.allow(FALLBACK_HEADER, now))
+        {
+            log::warn!(
+                "target {name}: no token ({code}): requests go on with their own api-key \
+                 (on_token_failure: forward_key) until a token is back"
+            );
+        }
+    }
+
+    /// Answer the current request with `diagnosis` for `target`, counted.
+    fn reply(&self, target: u32, diagnosis: &Diagnosis) {
+        let owned = diagnosis.headers();
+        let headers: Vec<(&str, &str)> = owned.iter().map(|(n, v)| (*n, v.as_str())).collect();
+        let name = self.target_name(target);
+        let _ = host::send_local_reply(diagnosis.status, &headers, &diagnosis.body_for(name));
+        if let Ok(mut metrics) = self.metrics.try_borrow_mut() {
+            metrics.add(m::LOCAL_REPLIES, &[name, diagnosis.code], 1);
+        }
     }
 
     /// Let token `token`'s agent decide, then carry out what it decided.
@@ -158,20 +224,30 @@ impl Vm {
                 }
                 Command::Resume(waiters) => self.resume(token, waiters),
                 Command::Reject(waiters, diagnosis) => {
-                    let owned = diagnosis.headers();
-                    let headers: Vec<(&str, &str)> =
-                        owned.iter().map(|(n, v)| (*n, v.as_str())).collect();
+                    let mut forwarded = 0;
                     for waiter in &waiters {
-                        let target = self.target_name(waiter.target);
-                        if host::enter(waiter.request).is_ok() {
-                            let body = diagnosis.body_for(target);
-                            let _ = host::send_local_reply(diagnosis.status, &headers, &body);
+                        if let Ok(mut clients) = self.parked_clients.try_borrow_mut() {
+                            clients.remove(&waiter.request);
                         }
-                        if let Ok(mut metrics) = self.metrics.try_borrow_mut() {
-                            metrics.add(m::LOCAL_REPLIES, &[target, diagnosis.code], 1);
+                        if host::enter(waiter.request).is_err() {
+                            continue;
                         }
+                        // The way back to keys: the request goes on as it came.
+                        if self.forwards_key(waiter.target) && current_request_has_key(None) {
+                            if let Ok(mut fallbacks) = self.fallbacks.try_borrow_mut() {
+                                fallbacks.insert(waiter.request, diagnosis.code);
+                            }
+                            let _ = host::resume_request();
+                            self.note_fallback(waiter.target, diagnosis.code);
+                            forwarded += 1;
+                            continue;
+                        }
+                        self.reply(waiter.target, &diagnosis);
                     }
                     let _ = host::enter(self.root);
+                    if forwarded == waiters.len() {
+                        continue;
+                    }
                     // One line per diagnosis per interval, however many requests.
                     let now = host::now_ms();
                     if self
@@ -187,6 +263,32 @@ impl Vm {
                             diagnosis.code,
                             diagnosis.message
                         );
+                    }
+                }
+                Command::OfferFallback(waiters, code) => {
+                    let mut sent = Vec::new();
+                    for waiter in &waiters {
+                        if host::enter(waiter.request).is_ok() && current_request_has_key(None) {
+                            if let Ok(mut fallbacks) = self.fallbacks.try_borrow_mut() {
+                                fallbacks.insert(waiter.request, code);
+                            }
+                            let _ = host::resume_request();
+                            self.note_fallback(waiter.target, code);
+                            sent.push(waiter.request);
+                        }
+                    }
+                    let _ = host::enter(self.root);
+                    if let Ok(mut agents) = self.agents.try_borrow_mut() {
+                        if let Some(agent) = agents.get_mut(token) {
+                            for request in &sent {
+                                agent.forget(*request);
+                            }
+                        }
+                    }
+                    if let Ok(mut clients) = self.parked_clients.try_borrow_mut() {
+                        for request in &sent {
+                            clients.remove(request);
+                        }
                     }
                 }
                 Command::Log(level, line) => {
@@ -258,15 +360,24 @@ impl Vm {
         let Some((bearer, generation)) = credential else {
             return;
         };
+        let kind = self.credential_kind(token);
         for waiter in &waiters {
-            if host::enter(waiter.request).is_ok() && host::authorize_request(&bearer).is_ok() {
+            let client = self
+                .parked_clients
+                .try_borrow_mut()
+                .ok()
+                .and_then(|mut clients| clients.remove(&waiter.request));
+            if host::enter(waiter.request).is_ok() && host::send_credential(kind, &bearer).is_ok() {
+                remove_key_param(
+                    host::request_header(":path")
+                        .as_deref()
+                        .and_then(wire::text),
+                );
                 if let Ok(mut resumed) = self.resumed.try_borrow_mut() {
                     resumed.insert(waiter.request, generation);
                 }
                 let _ = host::resume_request();
-                if let Some(count) = self.authorized.get(waiter.target as usize) {
-                    count.set(count.get() + 1);
-                }
+                self.count_authorized(waiter.target, client);
             }
         }
         let _ = host::enter(self.root);
@@ -294,6 +405,7 @@ impl Vm {
             }
             Event::RefreshStarted => metrics.add(m::TOKEN_REFRESHES, &[label], 1),
             Event::Invalidated => metrics.add(m::TOKEN_INVALIDATIONS, &[label], 1),
+            Event::Rotated => metrics.add(m::CREDENTIAL_ROTATIONS, &[label], 1),
         }
     }
 
@@ -331,14 +443,26 @@ impl Vm {
         let Ok(mut metrics) = self.metrics.try_borrow_mut() else {
             return;
         };
-        for (target, count) in self.authorized.iter().enumerate() {
-            let n = count.replace(0);
-            if n > 0 {
-                metrics.add(
-                    m::REQUESTS_AUTHORIZED,
-                    &[self.target_name(target as u32)],
-                    n as i64,
-                );
+        for (target, base) in self.slots.iter().enumerate() {
+            let name = self.target_name(target as u32);
+            let clients = self
+                .config
+                .targets
+                .get(target)
+                .and_then(|t| t.policy.client_keys.as_ref());
+            let labels = std::iter::once("").chain(clients.into_iter().flat_map(|k| k.names()));
+            for (offset, client) in labels.enumerate() {
+                let n = self
+                    .authorized
+                    .get(base + offset)
+                    .map_or(0, |c| c.replace(0));
+                if n > 0 {
+                    metrics.add(m::REQUESTS_AUTHORIZED, &[name, client], n as i64);
+                }
+            }
+            let kept = self.kept.get(target).map_or(0, |c| c.replace(0));
+            if kept > 0 {
+                metrics.add(m::CLIENT_TOKENS_KEPT, &[name], kept as i64);
             }
         }
         let passed = self.passed_through.replace(0);
@@ -397,8 +521,17 @@ impl Root {
         let mut store = HostStore;
         let sequence = store::next_sequence(&mut store, SEQUENCE_KEY).unwrap_or(self.id);
         let mut agents = Vec::with_capacity(config.tokens.len());
-        for spec in &config.tokens {
-            let agent = Agent::new(spec.clone(), sequence, host::random_seed());
+        for (token, spec) in config.tokens.iter().enumerate() {
+            let mut agent = Agent::new(spec.clone(), sequence, host::random_seed());
+            agent.forward_keys_for(
+                (0u32..)
+                    .zip(&config.targets)
+                    .filter(|(_, t)| {
+                        t.token == token && t.policy.on_token_failure == OnTokenFailure::ForwardKey
+                    })
+                    .map(|(index, _)| index)
+                    .collect(),
+            );
             store::ensure_record(&mut store, agent.key()).map_err(|e| e.to_string())?;
             agents.push(agent);
         }
@@ -427,6 +560,14 @@ impl Root {
             );
         }
         let targets = config.targets.len();
+        // Counter slots: per target, one without a client and one per client.
+        let mut slots = Vec::with_capacity(targets + 1);
+        let mut next = 0;
+        for target in &config.targets {
+            slots.push(next);
+            next += 1 + target.policy.client_keys.as_ref().map_or(0, |k| k.len());
+        }
+        slots.push(next);
         Ok(Vm {
             root: self.id,
             queue,
@@ -434,8 +575,14 @@ impl Root {
             calls: RefCell::new(HashMap::new()),
             resumed: RefCell::new(HashMap::new()),
             metrics: RefCell::new(Metrics::default()),
-            authorized: (0..targets).map(|_| Cell::new(0)).collect(),
+            authorized: (0..slots.last().copied().unwrap_or(0))
+                .map(|_| Cell::new(0))
+                .collect(),
+            slots: slots[..targets].to_vec(),
+            kept: (0..targets).map(|_| Cell::new(0)).collect(),
             passed_through: Cell::new(0),
+            parked_clients: RefCell::new(HashMap::new()),
+            fallbacks: RefCell::new(HashMap::new()),
             waiting_reported: (0..targets).map(|_| Cell::new(0)).collect(),
             heartbeat_ms: Cell::new(now),
             log_limiter: RefCell::new(LogLimiter::default()),
@@ -526,6 +673,8 @@ impl RootContext for Root {
             target: None,
             parked: false,
             authorized: None,
+            client: None,
+            fallback: None,
             inspection: None,
         }))
     }
@@ -574,6 +723,10 @@ struct Request {
     parked: bool,
     /// Generation of the token this request left with, if it got one.
     authorized: Option<u64>,
+    /// The gateway client its key named (`client_keys`), if any.
+    client: Option<usize>,
+    /// It went on with its own key, for want of a token: the diagnosis code.
+    fallback: Option<&'static str>,
     inspection: Option<Inspection>,
 }
 
@@ -605,22 +758,28 @@ impl Request {
             return;
         };
         // Read the token's claims before a rejection changes the record.
-        let (claims, resource) = match vm.agents.try_borrow() {
+        let (claims, resource, source) = match vm.agents.try_borrow() {
             Ok(agents) => match agents.get(token) {
-                Some(agent) => (agent.claims().cloned(), agent.spec().resource.clone()),
+                Some(agent) => (
+                    agent.claims().cloned(),
+                    agent.spec().resource.clone(),
+                    agent.spec().source.clone(),
+                ),
                 None => return,
             },
             Err(_) => return,
         };
         let replacement = match (&failure, self.authorized) {
-            (UpstreamFailure::TokenRejected { .. }, Some(generation)) => {
-                self.token_rejected(vm, token, generation)
-            }
+            (
+                UpstreamFailure::TokenRejected { .. } | UpstreamFailure::KeyRejected,
+                Some(generation),
+            ) => self.token_rejected(vm, token, generation),
             _ => None,
         };
         let facts = Facts {
             host: &self.host,
             token: self.authorized.and(claims.as_ref()),
+            source: Some(&source),
         };
         let now = host::now_ms();
         let annotation = annotate::explain(&failure, &facts, &resource, now, replacement);
@@ -673,24 +832,75 @@ impl HttpContext for Request {
             vm.note_near_miss(host);
             return Action::Continue;
         };
-        let token = vm.config.targets[target].token;
+        let Some(spec) = vm.config.targets.get(target) else {
+            return Action::Continue;
+        };
+        let (token, policy) = (spec.token, &spec.policy);
         let target = target as u32;
         self.target = Some(target);
         self.host = host.to_owned();
+        let now = host::now_ms();
+        // The application's own Entra token for this audience stays (DESIGN,
+        // client_token: keep); only its key goes.
+        if policy.client_token == ClientToken::Keep {
+            let resource = vm
+                .config
+                .tokens
+                .get(token)
+                .map_or("", |t| t.resource.as_str());
+            let authorization = host::request_header(AUTHORIZATION_HEADER);
+            if policy::keeps_client_token(authorization.as_deref(), resource, now / 1000) {
+                let _ = host::remove_request_header(API_KEY_HEADER);
+                remove_key_param(lookups.path());
+                if let Some(kept) = vm.kept.get(target as usize) {
+                    kept.set(kept.get() + 1);
+                }
+                return Action::Continue;
+            }
+        }
+        // Gateway keys: the identity is lent only to listed callers.
+        if let Some(keys) = &policy.client_keys {
+            let header = host::request_header(API_KEY_HEADER);
+            let query = match header {
+                Some(_) => None,
+                None => lookups.path().and_then(rewrite::api_key_param),
+            };
+            match keys.check(header.as_deref().or(query.as_deref())) {
+                KeyCheck::Known(client) => self.client = Some(client),
+                check => {
+                    vm.reply(target, &Diagnosis::client_key(check == KeyCheck::Missing));
+                    return Action::Pause;
+                }
+            }
+        }
         let Ok(mut agents) = vm.agents.try_borrow_mut() else {
             return Action::Continue;
         };
         let Some(agent) = agents.get_mut(token) else {
             return Action::Continue;
         };
-        match agent.admit(host::now_ms(), self.id, target) {
+        // The way back to keys: with a failure already known, a request that
+        // brought a key goes on with it at once instead of waiting.
+        if policy.on_token_failure == OnTokenFailure::ForwardKey {
+            if let Some(code) = agent.unavailable(now) {
+                if current_request_has_key(Some(&mut lookups)) {
+                    drop(agents);
+                    self.fallback = Some(code);
+                    vm.note_fallback(target, code);
+                    return Action::Continue;
+                }
+            }
+        }
+        match agent.admit(now, self.id, target) {
             Admission::Authorize { bearer, generation } => {
-                match host::authorize_request(bearer) {
+                match host::send_credential(vm.credential_kind(token), bearer) {
                     Ok(()) => {
+                        drop(agents);
+                        // A key in the query (Realtime browser clients put it
+                        // there) never leaves with the credential.
+                        remove_key_param(lookups.path());
                         self.authorized = Some(generation);
-                        if let Some(count) = vm.authorized.get(target as usize) {
-                            count.set(count.get() + 1);
-                        }
+                        vm.count_authorized(target, self.client);
                     }
                     Err(status) => {
                         log::warn!("cannot rewrite request headers (host status {})", status.0)
@@ -702,6 +912,11 @@ impl HttpContext for Request {
                 let key = agent.key().as_bytes().to_vec();
                 drop(agents);
                 self.parked = true;
+                if let (Some(client), Ok(mut clients)) =
+                    (self.client, vm.parked_clients.try_borrow_mut())
+                {
+                    clients.insert(self.id, client);
+                }
                 vm.report_waiting();
                 if kick {
                     let _ = host::enqueue(vm.queue, &key);
@@ -737,6 +952,19 @@ impl HttpContext for Request {
         let Some(vm) = &self.vm else {
             return Action::Continue;
         };
+        if self.parked && self.fallback.is_none() {
+            self.fallback = vm
+                .fallbacks
+                .try_borrow_mut()
+                .ok()
+                .and_then(|mut f| f.remove(&self.id));
+        }
+        if let Some(code) = self.fallback {
+            // Sent with the application's own key: the answer is its own,
+            // marked so the fallback is visible where the app looks.
+            let _ = host::set_response_header(FALLBACK_HEADER, Some(code));
+            return Action::Continue;
+        }
         if self.parked {
             // Resumed by the root: learn which token this request carried.
             let taken = vm
@@ -809,6 +1037,39 @@ impl Drop for Request {
             if let Ok(mut resumed) = vm.resumed.try_borrow_mut() {
                 resumed.remove(&self.id);
             }
+            if let Ok(mut clients) = vm.parked_clients.try_borrow_mut() {
+                clients.remove(&self.id);
+            }
+            if let Ok(mut fallbacks) = vm.fallbacks.try_borrow_mut() {
+                fallbacks.remove(&self.id);
+            }
         }
     }
+}
+
+/// Remove any `api-key` query parameter from the current request's `path`.
+fn remove_key_param(path: Option<&str>) {
+    if let Some(path) = path.and_then(rewrite::without_api_key_param) {
+        if let Err(status) = host::set_request_header(":path", &path) {
+            log::warn!(
+                "cannot remove the api-key query parameter (host status {})",
+                status.0
+            );
+        }
+    }
+}
+
+/// Does the current request carry an `api-key`, in its headers or its query?
+fn current_request_has_key(lookups: Option<&mut Lookups>) -> bool {
+    if host::request_header(API_KEY_HEADER).is_some_and(|v| !v.is_empty()) {
+        return true;
+    }
+    let path = match lookups {
+        Some(lookups) => lookups.path().map(str::to_owned),
+        None => host::request_header(":path")
+            .as_deref()
+            .and_then(wire::text)
+            .map(str::to_owned),
+    };
+    path.as_deref().and_then(rewrite::api_key_param).is_some()
 }

@@ -212,6 +212,12 @@ impl Envoy {
         format!("http://{}{}", self.listener, path)
     }
 
+    /// Envoy's process id (the pip wrapper execs Envoy in place), for
+    /// reading its memory from `/proc`.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
@@ -624,4 +630,110 @@ pub fn token_file_listener(port: u16, file: &Path, dir: &Path) -> String {
 pub fn free_port() -> u16 {
     let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     probe.local_addr().unwrap().port()
+}
+
+// --- Helpers of the migration scenarios (tests/migration.rs).
+
+/// Lower-case hex SHA-256 of `value`, as `printf %s "$KEY" | sha256sum` prints it.
+pub fn sha256_hex_of(value: &str) -> String {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(value.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// How the filter's log names a credential: the first 6 hex digits of its SHA-256.
+pub fn credential_fingerprint(value: &str) -> String {
+    sha256_hex_of(value)[..6].to_owned()
+}
+
+/// The value of the series `name` whose labels are exactly `labels` (in any
+/// order) in the text of [`prometheus`]; `None` when there is no such series.
+pub fn metric_labeled(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let mut wanted: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
+    wanted.sort();
+    text.lines().find_map(|line| {
+        let (series, value) = line.rsplit_once(' ')?;
+        let (series_name, found) = match series.split_once('{') {
+            Some((n, rest)) => (n, rest.strip_suffix('}')?),
+            None => (series, ""),
+        };
+        let mut found: Vec<String> = found
+            .split(',')
+            .filter(|l| !l.is_empty())
+            .map(str::to_owned)
+            .collect();
+        found.sort();
+        (series_name == name && found == wanted).then(|| value.parse().ok())?
+    })
+}
+
+/// Replace `path` whole, as `mv` or kubelet's symlink swap does: a reader
+/// sees the old contents or the new, never half of either.
+pub fn replace_file_atomically(path: &Path, contents: &str) {
+    let dir = path.parent().unwrap();
+    let mut staged = tempfile::NamedTempFile::new_in(dir).unwrap();
+    staged.write_all(contents.as_bytes()).unwrap();
+    staged.persist(path).unwrap();
+}
+
+/// The project venv's Python, which has the pinned openai SDK (`SDK_PYTHON`
+/// overrides it).
+pub fn venv_python() -> PathBuf {
+    std::env::var_os("SDK_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo().join(".venv/bin/python"))
+}
+
+/// Every shipped Envoy config (`envoy/*.yaml`), parsed.
+pub fn shipped_configs() -> Vec<(PathBuf, serde_yaml::Value)> {
+    let mut configs: Vec<(PathBuf, serde_yaml::Value)> = std::fs::read_dir(repo().join("envoy"))
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .filter(|path| path.extension().is_some_and(|e| e == "yaml"))
+        .map(|path| {
+            let doc = serde_yaml::from_str(&std::fs::read_to_string(&path).unwrap())
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            (path, doc)
+        })
+        .collect();
+    configs.sort_by(|a, b| a.0.cmp(&b.0));
+    configs
+}
+
+/// Every mapping in `doc` whose `@type` ends with `type_suffix` (an
+/// `HttpConnectionManager`, a `…wasm.v3.Wasm` filter), in no particular order.
+pub fn typed_configs<'a>(
+    doc: &'a serde_yaml::Value,
+    type_suffix: &str,
+) -> Vec<&'a serde_yaml::Value> {
+    let mut found = Vec::new();
+    let mut pending = vec![doc];
+    while let Some(value) = pending.pop() {
+        match value {
+            serde_yaml::Value::Mapping(map) => {
+                if map
+                    .get("@type")
+                    .and_then(|t| t.as_str())
+                    .is_some_and(|t| t.ends_with(type_suffix))
+                {
+                    found.push(value);
+                }
+                pending.extend(map.values());
+            }
+            serde_yaml::Value::Sequence(items) => pending.extend(items.iter()),
+            _ => {}
+        }
+    }
+    found
+}
+
+/// The plugin configuration (JSON) of every aoai-msi-filter Wasm filter in `doc`.
+pub fn plugin_configs(doc: &serde_yaml::Value) -> Vec<String> {
+    typed_configs(doc, "filters.http.wasm.v3.Wasm")
+        .into_iter()
+        .filter_map(|wasm| wasm["config"]["configuration"]["value"].as_str())
+        .map(str::to_owned)
+        .collect()
 }
