@@ -81,6 +81,42 @@ pub fn serialize_pairs(pairs: &[(&str, &[u8])]) -> Vec<u8> {
     bytes
 }
 
+/// Header pairs as the host serialises them (the layout of
+/// [`serialize_pairs`]), borrowed from `bytes`; `None` when the bytes do not
+/// hold exactly that layout. Lengths are checked before any slice is taken.
+pub fn deserialize_pairs(bytes: &[u8]) -> Option<Vec<(&[u8], &[u8])>> {
+    let word = |at: usize| -> Option<usize> {
+        let raw: [u8; 4] = bytes.get(at..at.checked_add(4)?)?.try_into().ok()?;
+        usize::try_from(u32::from_le_bytes(raw)).ok()
+    };
+    let count = word(0)?;
+    // Each pair needs 8 bytes of lengths and 2 NULs: a count the bytes
+    // cannot hold is refused before anything is allocated for it.
+    if count > bytes.len() / 10 {
+        return if count == 0 { Some(Vec::new()) } else { None };
+    }
+    let mut pairs = Vec::with_capacity(count);
+    let mut at = 4 + count * 8;
+    for i in 0..count {
+        let name_len = word(4 + i * 8)?;
+        let value_len = word(8 + i * 8)?;
+        let name = bytes.get(at..at.checked_add(name_len)?)?;
+        at += name_len;
+        if bytes.get(at) != Some(&0) {
+            return None;
+        }
+        at += 1;
+        let value = bytes.get(at..at.checked_add(value_len)?)?;
+        at += value_len;
+        if bytes.get(at) != Some(&0) {
+            return None;
+        }
+        at += 1;
+        pairs.push((name, value));
+    }
+    (at == bytes.len()).then_some(pairs)
+}
+
 /// A property path (`["xds", "cluster_name"]`) as the host expects it: the
 /// segments, each NUL-ended.
 pub fn serialize_path(segments: &[&str]) -> Vec<u8> {
@@ -98,6 +134,28 @@ fn len32(n: usize) -> u32 {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn header_pairs_read_back_what_was_written_and_nothing_malformed() {
+        let pairs: Vec<(&str, &[u8])> =
+            vec![(":authority", b"myres"), ("api-key", b"k\xff"), ("", b"")];
+        let bytes = serialize_pairs(&pairs);
+        let back = deserialize_pairs(&bytes).unwrap();
+        assert_eq!(back.len(), 3);
+        assert_eq!(back[1], (&b"api-key"[..], &b"k\xff"[..]));
+        assert_eq!(deserialize_pairs(&serialize_pairs(&[])), Some(Vec::new()));
+        for bad in [
+            &bytes[..bytes.len() - 1],
+            &[0xff, 0xff, 0xff, 0x7f][..],
+            &[1, 0, 0, 0, 200, 0, 0, 0, 0, 0, 0, 0][..],
+            &[][..],
+        ] {
+            assert_eq!(deserialize_pairs(bad), None, "{bad:?}");
+        }
+        let mut trailing = bytes.clone();
+        trailing.push(0);
+        assert_eq!(deserialize_pairs(&trailing), None);
+    }
+
     use super::*;
 
     #[test]

@@ -320,6 +320,37 @@ proptest! {
     }
 
     #[test]
+    fn header_maps_from_the_host_decode_exactly_or_not_at_all(
+        pairs in prop::collection::vec((".{0,12}", prop::collection::vec(any::<u8>(), 0..24)), 0..8),
+        noise in prop::collection::vec(any::<u8>(), 0..96),
+        cut in any::<prop::sample::Index>(),
+    ) {
+        let borrowed: Vec<(&str, &[u8])> = pairs.iter().map(|(n, v)| (n.as_str(), v.as_slice())).collect();
+        let bytes = wire::serialize_pairs(&borrowed);
+        let back = wire::deserialize_pairs(&bytes);
+        let expected: Vec<(&[u8], &[u8])> = borrowed.iter().map(|(n, v)| (n.as_bytes(), *v)).collect();
+        prop_assert_eq!(back, Some(expected));
+        // A map cut short never decodes; arbitrary bytes decode only when
+        // they are exactly a map, which written back gives the same bytes.
+        let short = &bytes[..cut.index(bytes.len())];
+        prop_assert_eq!(wire::deserialize_pairs(short), None);
+        if let Some(decoded) = wire::deserialize_pairs(&noise) {
+            let mut again = (decoded.len() as u32).to_le_bytes().to_vec();
+            for (n, v) in &decoded {
+                again.extend((n.len() as u32).to_le_bytes());
+                again.extend((v.len() as u32).to_le_bytes());
+            }
+            for (n, v) in &decoded {
+                again.extend(*n);
+                again.push(0);
+                again.extend(*v);
+                again.push(0);
+            }
+            prop_assert_eq!(again, noise);
+        }
+    }
+
+    #[test]
     fn header_decoders_never_panic_and_accept_only_what_they_promise(value in header_bytes()) {
         if let Some(status) = wire::status(&value) {
             prop_assert!((100..600).contains(&status));

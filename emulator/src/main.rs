@@ -1,5 +1,5 @@
 //! `aoai-emulator [--listen 127.0.0.1:8080] [--token-lifetime SECONDS] [--imds-delay-ms MS]
-//!                [--token-padding BYTES] [--allow-keys] [--quiet]`
+//!                [--token-padding BYTES] [--allow-keys] [--entra-app CLIENT_ID=SECRET]... [--quiet]`
 //!
 //! Runs the local Azure (IMDS, Entra, and the Azure OpenAI, Foundry project and
 //! Azure ML scoring data planes; see the library's rooms) until interrupted.
@@ -7,9 +7,9 @@
 use std::net::SocketAddr;
 use std::process::ExitCode;
 
-use aoai_emulator::{Emulator, Settings};
+use aoai_emulator::{AppSecret, Emulator, EntraApp, Settings};
 
-const USAGE: &str = "usage: aoai-emulator [--listen ADDR] [--token-lifetime SECONDS] [--imds-delay-ms MS] [--token-padding BYTES] [--allow-keys] [--quiet]";
+const USAGE: &str = "usage: aoai-emulator [--listen ADDR] [--token-lifetime SECONDS] [--imds-delay-ms MS] [--token-padding BYTES] [--allow-keys] [--entra-app CLIENT_ID=SECRET]... [--quiet]";
 
 struct Args {
     listen: SocketAddr,
@@ -35,6 +35,20 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Option<Args>, St
             "--imds-delay-ms" => parsed.settings.imds_delay_ms = value(&arg, args.next())?,
             "--token-padding" => parsed.settings.token_padding = value(&arg, args.next())?,
             "--allow-keys" => parsed.settings.local_auth_disabled = false,
+            // An app registration the Entra room knows, with one secret: for
+            // client-credentials clients such as Envoy's credential_injector.
+            "--entra-app" => {
+                let spec: String = value(&arg, args.next())?;
+                let (client_id, secret) = spec
+                    .split_once('=')
+                    .filter(|(id, secret)| !id.is_empty() && !secret.is_empty())
+                    .ok_or_else(|| format!("{arg} needs CLIENT_ID=SECRET"))?;
+                let index = parsed.settings.entra_apps.len();
+                let mut app =
+                    EntraApp::new(client_id, &format!("0e0e0e0e-0000-4000-8000-{index:012x}"));
+                app.secrets.push(AppSecret::new(secret));
+                parsed.settings.entra_apps.push(app);
+            }
             "--quiet" => parsed.verbose = false,
             "-h" | "--help" => return Ok(None),
             other => return Err(format!("unknown argument `{other}`")),
@@ -99,4 +113,28 @@ fn main() -> ExitCode {
     });
     drop(emulator);
     ExitCode::SUCCESS
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Option<Args>, String> {
+        parse_args(args.iter().map(|a| (*a).to_owned()))
+    }
+
+    #[test]
+    fn entra_apps_are_registered_from_the_command_line_each_with_its_secret() {
+        let args = parse(&["--entra-app", "bench-client=s3", "--entra-app", "other=s4"])
+            .unwrap()
+            .unwrap();
+        let apps = &args.settings.entra_apps;
+        assert_eq!(apps.len(), 2);
+        assert_eq!(apps[0].client_id, "bench-client");
+        assert_eq!(apps[0].secrets, vec![AppSecret::new("s3")]);
+        assert_ne!(apps[0].object_id, apps[1].object_id);
+        for bad in ["bench-client", "=s3", "bench-client="] {
+            assert!(parse(&["--entra-app", bad]).is_err(), "{bad}");
+        }
+    }
 }

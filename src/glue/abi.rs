@@ -54,6 +54,7 @@ extern "C" {
         value_size: usize,
     ) -> u32;
     fn proxy_remove_header_map_value(kind: u32, key: *const u8, key_size: usize) -> u32;
+    fn proxy_get_header_map_pairs(kind: u32, data: *mut *mut u8, size: *mut usize) -> u32;
     fn proxy_get_property(
         path: *const u8,
         path_size: usize,
@@ -184,6 +185,15 @@ pub fn header(map: Map, name: &str) -> Result<Option<Vec<u8>>, u32> {
     let code = unsafe {
         proxy_get_header_map_value(map as u32, name.as_ptr(), name.len(), &mut data, &mut size)
     };
+    read(code, data, size)
+}
+
+/// The whole header map, serialised as the ABI does (see
+/// [`crate::wire::deserialize_pairs`]): one crossing for every header.
+pub fn header_pairs(map: Map) -> Result<Option<Vec<u8>>, u32> {
+    let (mut data, mut size) = (null_mut(), 0usize);
+    // SAFETY: the host writes a pointer and a length.
+    let code = unsafe { proxy_get_header_map_pairs(map as u32, &mut data, &mut size) };
     read(code, data, size)
 }
 

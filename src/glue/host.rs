@@ -81,6 +81,15 @@ pub fn plugin_configuration() -> Vec<u8> {
         .unwrap_or_default()
 }
 
+/// Every request header, serialised (decode with `wire::deserialize_pairs`);
+/// empty when the host cannot give them.
+pub fn request_headers() -> Vec<u8> {
+    abi::header_pairs(Map::RequestHeaders)
+        .ok()
+        .flatten()
+        .unwrap_or_default()
+}
+
 /// A request header's bytes, `None` when absent or unreadable.
 pub fn request_header(name: &str) -> Option<Vec<u8>> {
     abi::header(Map::RequestHeaders, name).ok().flatten()

@@ -7,6 +7,8 @@
 //! holds the `authorization` value.
 //!
 //! - `authority`: read `:authority` (the host copies it into the VM);
+//! - `headers`: read every request header in one call, as aoai-msi-filter
+//!   does;
 //! - `clock`: read the host's clock;
 //! - `remove`: remove `api-key`;
 //! - `set`: set `authorization`;
@@ -29,6 +31,7 @@ proxy_wasm::main! {{
 #[derive(Default)]
 struct Ops {
     authority: bool,
+    headers: bool,
     clock: bool,
     remove: bool,
     set: Option<String>,
@@ -45,6 +48,7 @@ impl Ops {
         for name in names.split_whitespace() {
             match name {
                 "authority" => ops.authority = true,
+                "headers" => ops.headers = true,
                 "clock" => ops.clock = true,
                 "remove" => ops.remove = true,
                 "set" => ops.set = Some(value.to_owned()),
@@ -103,6 +107,9 @@ impl HttpContext for Probe {
         if self.ops.authority {
             let host = hostcalls::get_map_value(MapType::HttpRequestHeaders, ":authority");
             std::hint::black_box(host.ok());
+        }
+        if self.ops.headers {
+            std::hint::black_box(hostcalls::get_map_bytes(MapType::HttpRequestHeaders).ok());
         }
         if self.ops.clock {
             std::hint::black_box(hostcalls::get_current_time().ok());
