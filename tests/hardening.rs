@@ -460,8 +460,10 @@ async fn configuration_reloads_under_traffic_leave_queues_and_memory_bounded() {
                 .timeout(Duration::from_secs(10))
                 .build()
                 .unwrap();
-            let mut statuses = Vec::new();
+            let (mut statuses, mut errors) = (Vec::new(), Vec::new());
+            let started = std::time::Instant::now();
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let sent = started.elapsed();
                 let response = fresh
                     .post(&url)
                     .header("host", AOAI_HOST)
@@ -469,10 +471,18 @@ async fn configuration_reloads_under_traffic_leave_queues_and_memory_bounded() {
                     .body(r#"{"messages":[{"role":"user","content":"hi"}]}"#)
                     .send()
                     .await;
-                statuses.push(response.map(|r| r.status().as_u16()).unwrap_or(0));
+                let status = response.as_ref().map_or(0, |r| r.status().as_u16());
+                if status != 200 {
+                    errors.push(format!(
+                        "at {sent:?}, after {:?}: {:?}",
+                        started.elapsed() - sent,
+                        response.map(|r| r.status())
+                    ));
+                }
+                statuses.push(status);
                 tokio::time::sleep(Duration::from_millis(40)).await;
             }
-            statuses
+            (statuses, errors)
         })
     };
     let memory = |envoy: &Envoy| -> u64 {
@@ -497,7 +507,7 @@ async fn configuration_reloads_under_traffic_leave_queues_and_memory_bounded() {
     ))
     .await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let statuses = traffic.await.unwrap();
+    let (statuses, errors) = traffic.await.unwrap();
     let metrics = prometheus(&envoy);
     let settled = memory(&envoy);
     let queues = metric(&metrics, "aoai_msi_notification_queues{}");
@@ -513,7 +523,18 @@ async fn configuration_reloads_under_traffic_leave_queues_and_memory_bounded() {
         settled as f64 / 1048576.0,
         emulator.imds_requests().len()
     );
-    assert_eq!(failed, 0, "no request failed across reloads: {statuses:?}");
+    let notable: Vec<String> = envoy
+        .log()
+        .lines()
+        .filter(|l| !l.contains("[wasm]") && !l.contains("wasm log"))
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(
+        failed,
+        0,
+        "no request failed across reloads: {errors:#?}\nEnvoy's log without the filter's lines:\n{}",
+        notable[notable.len().saturating_sub(80)..].join("\n")
+    );
     // The live configuration's VMs: one per worker and two on the main thread.
     assert!(
         queues <= f64::from(CONCURRENCY + 2),
