@@ -323,6 +323,28 @@ impl Agent {
         Some(Diagnosis::for_failure(failure, &self.spec, now_ms).code)
     }
 
+    /// This VM is going away (its configuration was reloaded or removed) and
+    /// its token call with it: give up the lease now, so another VM fetches
+    /// at once instead of waiting for the lease to lapse. The others must be
+    /// told ([`Command::NotifyOthers`]) when a lease was given up.
+    pub fn abandon(&mut self, store: &mut dyn SharedStore) -> Vec<Command> {
+        self.fetch_started_ms = None;
+        self.exchange = None;
+        let vm = self.vm;
+        let released = store::update(store, &self.key, |record| match record {
+            Some(mut record) if record.lease.is_some_and(|l| l.holder == vm) => {
+                record.lease = None;
+                Decision::Write(record, true)
+            }
+            _ => Decision::Keep(false),
+        });
+        match released {
+            Ok(true) => vec![Command::NotifyOthers],
+            Ok(false) => Vec::new(),
+            Err(e) => vec![Command::Log(Level::Warn, format!("token record: {e}"))],
+        }
+    }
+
     /// A parked request went away (client disconnect): forget it.
     pub fn forget(&mut self, request: u32) {
         self.parked.retain(|p| p.waiter.request != request);
@@ -1283,6 +1305,19 @@ mod tests {
         assert_eq!(lease, 12_000);
         assert_eq!(fetches(&agents[1].sync(T0 + lease - 1, &mut store)), 0);
         assert_eq!(fetches(&agents[1].sync(T0 + lease, &mut store)), 1);
+    }
+
+    #[test]
+    fn a_vm_going_away_gives_up_its_lease_and_another_fetches_at_once() {
+        let (mut agents, mut store) = vms(3);
+        assert_eq!(fetches(&agents[0].sync(T0, &mut store)), 1);
+        // A VM without the lease has nothing to give up and says nothing.
+        assert_eq!(agents[2].abandon(&mut store), Vec::new());
+        assert_eq!(fetches(&agents[1].sync(T0 + 1, &mut store)), 0);
+        // VM 0's configuration is reloaded away with its call in flight.
+        assert_eq!(agents[0].abandon(&mut store), vec![Command::NotifyOthers]);
+        assert_eq!(fetches(&agents[1].sync(T0 + 2, &mut store)), 1);
+        assert_eq!(agents[0].abandon(&mut store), Vec::new(), "only once");
     }
 
     #[test]

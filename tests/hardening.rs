@@ -412,6 +412,106 @@ async fn text_from_clients_and_upstreams_never_reaches_logs_or_commands_unchecke
     println!("sanitised command: {command}");
 }
 
+/// An Envoy whose listener (and the filter's configuration in it) comes from
+/// a file, so a test can reload it. Old listeners go away one second after a
+/// reload instead of Envoy's default ten minutes (`--drain-time-s 1`).
+struct Reloadable {
+    dir: tempfile::TempDir,
+    port: u16,
+    envoy: Envoy,
+}
+
+impl Reloadable {
+    fn start(emulator: &Emulator, filter_config: &str, concurrency: u32) -> Reloadable {
+        let port = {
+            let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            probe.local_addr().unwrap().port()
+        };
+        let dir = tempfile::tempdir().unwrap();
+        Reloadable::write(&dir, filter_config, port);
+        let bootstrap = envoy_yaml("{}", emulator.port(), emulator.port());
+        let static_clusters = bootstrap.split_once("  clusters:").unwrap().1;
+        let yaml = format!(
+            "{}node: {{ id: e2e, cluster: e2e }}\nadmin:\n  address: {{ socket_address: {{ address: 127.0.0.1, port_value: 0 }} }}\n\
+             dynamic_resources:\n  lds_config:\n    path_config_source: {{ path: \"{}\" }}\n    resource_api_version: V3\n\
+             static_resources:\n  clusters:{static_clusters}",
+            stats_tags_yaml(),
+            dir.path().join("lds.json").display()
+        );
+        let envoy = Envoy::start_yaml_with(&yaml, concurrency, &["--drain-time-s", "1"]);
+        Reloadable { dir, port, envoy }
+    }
+
+    /// Replace the listener with one whose filter has this configuration.
+    fn reload(&self, filter_config: &str) {
+        Reloadable::write(&self.dir, filter_config, self.port);
+    }
+
+    fn write(dir: &tempfile::TempDir, filter_config: &str, port: u16) {
+        let next = dir.path().join("lds.next");
+        std::fs::write(&next, lds_listener(filter_config, port)).unwrap();
+        std::fs::rename(&next, dir.path().join("lds.json")).unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_reload_that_ends_the_fetching_vm_leaves_no_one_waiting_for_its_lease() {
+    const CONCURRENCY: u32 = 2;
+    // A slow IMDS keeps the first configuration's fetch in flight while that
+    // configuration is reloaded away; a long call timeout would make its
+    // lease outlive every request's wait if nobody released it.
+    let emulator = Emulator::start(Settings {
+        imds_delay_ms: 3_000,
+        ..Settings::default()
+    })
+    .unwrap();
+    let config = |i: usize| {
+        format!(
+            r#"{{"token_wait_timeout_ms": {}, "token_source": {{"type": "imds", "timeout_ms": 60000}}}}"#,
+            30_000 + i
+        )
+    };
+    let reloadable = Reloadable::start(&emulator, &config(0), CONCURRENCY);
+    let envoy = &reloadable.envoy;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    // The first configuration fetches its token at start-up.
+    while emulator.imds_in_flight() == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the first configuration never fetched"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    reloadable.reload(&config(1));
+    // Once its listener has drained, the first configuration's VMs go away
+    // and Envoy cancels their token call, unanswered. (A request sent before
+    // that could land on the old listener and be cut by its drain.)
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while emulator.imds_in_flight() != 0 && emulator.imds_arrived() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the first call was never cancelled"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (status, _, body) = send_chat(envoy).await;
+    let (arrived, answered) = (emulator.imds_arrived(), emulator.imds_requests().len());
+    println!(
+        "after the fetching VM went away: {status}; IMDS calls {arrived}, answered {answered}"
+    );
+    assert_eq!(status, 200, "{body}");
+    // The abandoned call, and the new configuration's own at once: nobody
+    // waited for the abandoned call's 62 s lease to lapse (the request would
+    // have waited its 30 s and failed).
+    assert_eq!(
+        (arrived, answered),
+        (2, 1),
+        "{:?}",
+        emulator.imds_requests()
+    );
+    assert_no_crash(envoy);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn configuration_reloads_under_traffic_leave_queues_and_memory_bounded() {
     const RELOADS: usize = 24;
@@ -419,36 +519,16 @@ async fn configuration_reloads_under_traffic_leave_queues_and_memory_bounded() {
     let emulator = std::sync::Arc::new(
         Emulator::start(Settings {
             token_lifetime_s: 4,
+            // Calls in flight while their VM's configuration goes away.
+            imds_delay_ms: 300,
             ..Settings::default()
         })
         .unwrap(),
     );
-    let port = {
-        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        probe.local_addr().unwrap().port()
-    };
-    let dir = tempfile::tempdir().unwrap();
-    let lds = dir.path().join("lds.json");
-    let replace_lds = |content: String| {
-        let next = dir.path().join("lds.next");
-        std::fs::write(&next, content).unwrap();
-        std::fs::rename(&next, &lds).unwrap();
-    };
     // Each reload is a new plugin configuration (a different wait bound): new root contexts.
     let config = |i: usize| format!(r#"{{"token_wait_timeout_ms": {}}}"#, 5_000 + i);
-    replace_lds(lds_listener(&config(0), port));
-    let bootstrap = envoy_yaml("{}", emulator.port(), emulator.port());
-    let static_clusters = bootstrap.split_once("  clusters:").unwrap().1;
-    let yaml = format!(
-        "{}node: {{ id: e2e, cluster: e2e }}\nadmin:\n  address: {{ socket_address: {{ address: 127.0.0.1, port_value: 0 }} }}\n\
-         dynamic_resources:\n  lds_config:\n    path_config_source: {{ path: \"{}\" }}\n    resource_api_version: V3\n\
-         static_resources:\n  clusters:{static_clusters}",
-        stats_tags_yaml(),
-        lds.display()
-    );
-    // Old listeners (and the filter configurations in them) go away one second
-    // after a reload, instead of Envoy's default ten minutes.
-    let envoy = Envoy::start_yaml_with(&yaml, CONCURRENCY, &["--drain-time-s", "1"]);
+    let reloadable = Reloadable::start(&emulator, &config(0), CONCURRENCY);
+    let (envoy, port) = (&reloadable.envoy, reloadable.port);
     let url = format!("http://127.0.0.1:{port}{CHAT_PATH}");
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let traffic = {
@@ -491,16 +571,16 @@ async fn configuration_reloads_under_traffic_leave_queues_and_memory_bounded() {
         v["allocated"].as_str().unwrap().parse().unwrap()
     };
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let before = memory(&envoy);
+    let before = memory(envoy);
     let mut after_half = 0;
     for i in 1..=RELOADS {
-        replace_lds(lds_listener(&config(i), port));
+        reloadable.reload(&config(i));
         tokio::time::sleep(Duration::from_millis(750)).await;
         if i == RELOADS / 2 {
-            after_half = memory(&envoy);
+            after_half = memory(envoy);
         }
     }
-    let after_reloads = memory(&envoy);
+    let after_reloads = memory(envoy);
     // Let the last reload settle and old VMs' queues go stale (20 s).
     tokio::time::sleep(Duration::from_millis(
         aoai_msi_filter::store::QUEUE_STALE_MS + 6_000,
@@ -508,8 +588,8 @@ async fn configuration_reloads_under_traffic_leave_queues_and_memory_bounded() {
     .await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let (statuses, errors) = traffic.await.unwrap();
-    let metrics = prometheus(&envoy);
-    let settled = memory(&envoy);
+    let metrics = prometheus(envoy);
+    let settled = memory(envoy);
     let queues = metric(&metrics, "aoai_msi_notification_queues{}");
     let failed = statuses.iter().filter(|s| **s != 200).count();
     println!(
@@ -548,7 +628,7 @@ async fn configuration_reloads_under_traffic_leave_queues_and_memory_bounded() {
         settled < after_half + (16 << 20),
         "memory stays bounded: {after_half} after half the reloads, {settled} settled"
     );
-    assert_no_crash(&envoy);
+    assert_no_crash(envoy);
 }
 
 /// What Envoy's wasm failure policies do with a VM that crashed, shown with

@@ -70,6 +70,7 @@ impl InFlight {
     fn enter(shared: &Arc<Shared>) -> InFlight {
         let mut world = shared.world();
         world.imds_in_flight += 1;
+        world.imds_arrived += 1;
         world.imds_max_in_flight = world.imds_max_in_flight.max(world.imds_in_flight);
         InFlight(shared.clone())
     }

@@ -280,6 +280,8 @@ pub(crate) struct World {
     pub(crate) upstream: Vec<UpstreamRequest>,
     pub(crate) imds_in_flight: usize,
     pub(crate) imds_max_in_flight: usize,
+    /// Token requests that reached IMDS, answered or not.
+    pub(crate) imds_arrived: usize,
     pub(crate) minted: u64,
     /// Every token IMDS issued, so tests can look for them where they must not be.
     pub(crate) minted_tokens: Vec<String>,
@@ -338,6 +340,7 @@ impl Emulator {
                 upstream: Vec::new(),
                 imds_in_flight: 0,
                 imds_max_in_flight: 0,
+                imds_arrived: 0,
                 minted: 0,
                 minted_tokens: Vec::new(),
                 imds_cache: HashMap::new(),
@@ -455,6 +458,12 @@ impl Emulator {
     /// Requests IMDS is handling right now.
     pub fn imds_in_flight(&self) -> usize {
         self.shared.world().imds_in_flight
+    }
+
+    /// Token requests that reached IMDS, including those whose caller went
+    /// away before the answer ([`Emulator::imds_requests`] has the answered).
+    pub fn imds_arrived(&self) -> usize {
+        self.shared.world().imds_arrived
     }
 }
 

@@ -492,9 +492,22 @@ impl Vm {
 }
 
 impl Drop for Vm {
-    /// The VM's configuration went away (a reload): stop being notified, and
-    /// take this VM's share out of the waiting gauges.
+    /// The VM's configuration went away (a reload), and Envoy cancels its
+    /// token calls: give up their leases so that another VM fetches at once,
+    /// stop being notified, and take this VM's share out of the waiting
+    /// gauges.
     fn drop(&mut self) {
+        let abandoned: Vec<(usize, Vec<Command>)> = match self.agents.try_borrow_mut() {
+            Ok(mut agents) => agents
+                .iter_mut()
+                .enumerate()
+                .map(|(token, agent)| (token, agent.abandon(&mut HostStore)))
+                .collect(),
+            Err(_) => Vec::new(),
+        };
+        for (token, commands) in abandoned {
+            self.execute(token, commands);
+        }
         let _ = store::unregister_queue(&mut HostStore, QUEUES_KEY, self.queue);
         for (target, reported) in self.waiting_reported.iter().enumerate() {
             let waiting = reported.replace(0);
