@@ -125,6 +125,13 @@ pub fn sha256_hex(value: &str) -> Option<[u8; 32]> {
     Some(out)
 }
 
+/// Does a request bring its own key, so that `forward_key` can send it on
+/// with it: a non-empty `api-key` header or an `api-key` query parameter?
+pub fn carries_key(api_key_header: Option<&[u8]>, path: Option<&str>) -> bool {
+    api_key_header.is_some_and(|v| !v.is_empty())
+        || path.and_then(crate::rewrite::api_key_param).is_some()
+}
+
 /// May a request keep the `authorization` it came with? Only a JWT (three
 /// base64url segments) whose `aud` is the target's audience and whose `exp`
 /// lies ahead: an `sk-…` or an `api-key` sent as Bearer (openai-python does
@@ -168,6 +175,17 @@ mod tests {
 
     const RES: &str = "https://cognitiveservices.azure.com";
     const NOW_S: u64 = 1_763_752_300;
+
+    #[test]
+    fn a_key_in_the_header_or_the_query_can_be_forwarded_an_empty_one_cannot() {
+        assert!(carries_key(Some(b"k"), Some("/openai/x")));
+        assert!(carries_key(
+            None,
+            Some("/openai/realtime?api-key=k&deployment=d")
+        ));
+        assert!(!carries_key(Some(b""), Some("/openai/x?api-version=1")));
+        assert!(!carries_key(None, None));
+    }
 
     fn digest(key: &str) -> [u8; 32] {
         Sha256::digest(key.as_bytes()).into()

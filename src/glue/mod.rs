@@ -699,16 +699,16 @@ impl RootContext for Root {
 
 /// What routing may ask beyond the host: the path, and the routed cluster
 /// (read from the host at most once, and only if a target asks).
-struct Lookups {
+struct Lookups<'a> {
     /// `:path`, read with the other request headers.
-    path: Option<String>,
+    path: Option<&'a str>,
     /// The routed cluster, read only when a target names clusters.
     cluster: Option<Option<String>>,
 }
 
-impl Routed for Lookups {
+impl Routed for Lookups<'_> {
     fn path(&mut self) -> Option<&str> {
-        self.path.as_deref()
+        self.path
     }
 
     fn cluster(&mut self) -> Option<&str> {
@@ -843,7 +843,7 @@ impl HttpContext for Request {
             .and_then(wire::text)
             .unwrap_or_default();
         let mut lookups = Lookups {
-            path: header(":path").and_then(wire::text).map(str::to_owned),
+            path: header(":path").and_then(wire::text),
             cluster: None,
         };
         let Some(target) = vm.config.route(host, &mut lookups) else {
@@ -901,9 +901,7 @@ impl HttpContext for Request {
         // brought a key goes on with it at once instead of waiting.
         if policy.on_token_failure == OnTokenFailure::ForwardKey {
             if let Some(code) = agent.unavailable(now) {
-                let has_key = header(API_KEY_HEADER).is_some_and(|v| !v.is_empty())
-                    || lookups.path().and_then(rewrite::api_key_param).is_some();
-                if has_key {
+                if policy::carries_key(header(API_KEY_HEADER), lookups.path()) {
                     drop(agents);
                     self.fallback = Some(code);
                     vm.note_fallback(target, code);
@@ -1081,12 +1079,9 @@ fn remove_key_param(path: Option<&str>) {
 
 /// Does the current request carry an `api-key`, in its headers or its query?
 fn current_request_has_key() -> bool {
-    if host::request_header(API_KEY_HEADER).is_some_and(|v| !v.is_empty()) {
-        return true;
-    }
-    host::request_header(":path")
-        .as_deref()
-        .and_then(wire::text)
-        .and_then(rewrite::api_key_param)
-        .is_some()
+    let path = host::request_header(":path");
+    policy::carries_key(
+        host::request_header(API_KEY_HEADER).as_deref(),
+        path.as_deref().and_then(wire::text),
+    )
 }
