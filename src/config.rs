@@ -1268,20 +1268,7 @@ fn check_client_credentials(
         ));
     }
     let (cluster, authority) = entra_endpoint(raw.cluster, raw.authority, field, None)?;
-    let tenant_id = id_from(
-        raw.tenant_id,
-        env,
-        env::AZURE_TENANT_ID,
-        &sub("tenant_id"),
-        "tenant",
-    )?;
-    let client_id = id_from(
-        raw.client_id,
-        env,
-        env::AZURE_CLIENT_ID,
-        &sub("client_id"),
-        "application (client)",
-    )?;
+    let (tenant_id, client_id) = app_ids(raw.tenant_id, raw.client_id, field, env)?;
     let credential = match (raw.client_secret_env, raw.client_certificate_env) {
         (Some(_), Some(_)) => {
             return Err(invalid(
@@ -1346,20 +1333,7 @@ fn check_workload_identity(
     let injected =
         env(env::AZURE_AUTHORITY_HOST).and_then(|url| split_endpoint(&url).map(|(host, _)| host));
     let (cluster, authority) = entra_endpoint(raw.cluster, raw.authority, field, injected)?;
-    let tenant_id = id_from(
-        raw.tenant_id,
-        env,
-        env::AZURE_TENANT_ID,
-        &sub("tenant_id"),
-        "tenant",
-    )?;
-    let client_id = id_from(
-        raw.client_id,
-        env,
-        env::AZURE_CLIENT_ID,
-        &sub("client_id"),
-        "application (client)",
-    )?;
+    let (tenant_id, client_id) = app_ids(raw.tenant_id, raw.client_id, field, env)?;
     let assertion_cluster = match raw.assertion_cluster {
         Some(c) => non_empty(
             &c,
@@ -1443,6 +1417,32 @@ fn check_authority(a: &str, field: &str, fix: &str) -> Result<String, ConfigErro
         ));
     }
     Ok(a)
+}
+
+/// An Entra application's tenant and client ids: from the configuration,
+/// else from `AZURE_TENANT_ID` / `AZURE_CLIENT_ID` (as the Azure SDKs and the
+/// workload-identity webhook name them).
+fn app_ids(
+    tenant_id: Option<String>,
+    client_id: Option<String>,
+    field: &str,
+    env: Env<'_>,
+) -> Result<(String, String), ConfigError> {
+    let tenant_id = id_from(
+        tenant_id,
+        env,
+        env::AZURE_TENANT_ID,
+        &format!("{field}.tenant_id"),
+        "tenant",
+    )?;
+    let client_id = id_from(
+        client_id,
+        env,
+        env::AZURE_CLIENT_ID,
+        &format!("{field}.client_id"),
+        "application (client)",
+    )?;
+    Ok((tenant_id, client_id))
 }
 
 /// A tenant or client id from the configuration, else from `var`.

@@ -427,17 +427,13 @@ impl Source {
                 if let Some((name, value)) = s.identity.query_param() {
                     path.push_str(&format!("&{name}={}", percent_encode(value)));
                 }
-                Step::Call(TokenRequest {
-                    cluster: s.cluster.clone(),
-                    timeout_ms: s.timeout_ms,
-                    headers: vec![
-                        (":method", "GET".to_owned()),
-                        (":path", path),
-                        (":authority", s.authority.clone()),
-                        ("metadata", "true".to_owned()),
-                    ],
-                    body: Vec::new(),
-                })
+                Step::Call(TokenRequest::get(
+                    &s.cluster,
+                    s.timeout_ms,
+                    path,
+                    &s.authority,
+                    ("metadata", "true".to_owned()),
+                ))
             }
             Source::AppService(s) => {
                 let separator = if s.path.contains('?') { '&' } else { '?' };
@@ -449,17 +445,13 @@ impl Source {
                 if let Some((name, value)) = s.identity.app_service_param() {
                     path.push_str(&format!("&{name}={}", percent_encode(value)));
                 }
-                Step::Call(TokenRequest {
-                    cluster: s.cluster.clone(),
-                    timeout_ms: s.timeout_ms,
-                    headers: vec![
-                        (":method", "GET".to_owned()),
-                        (":path", path),
-                        (":authority", s.authority.clone()),
-                        ("x-identity-header", s.header.expose().to_owned()),
-                    ],
-                    body: Vec::new(),
-                })
+                Step::Call(TokenRequest::get(
+                    &s.cluster,
+                    s.timeout_ms,
+                    path,
+                    &s.authority,
+                    ("x-identity-header", s.header.expose().to_owned()),
+                ))
             }
             Source::ClientCredentials(s) => {
                 let proof = match &s.credential {
@@ -695,6 +687,28 @@ pub struct TokenRequest {
 }
 
 impl TokenRequest {
+    /// A GET of `path` on `cluster`, with the one header that proves where
+    /// it comes from (IMDS's `metadata`, App Service's `x-identity-header`).
+    fn get(
+        cluster: &str,
+        timeout_ms: u64,
+        path: String,
+        authority: &str,
+        proof: (&'static str, String),
+    ) -> TokenRequest {
+        TokenRequest {
+            cluster: cluster.to_owned(),
+            timeout_ms,
+            headers: vec![
+                (":method", "GET".to_owned()),
+                (":path", path),
+                (":authority", authority.to_owned()),
+                proof,
+            ],
+            body: Vec::new(),
+        }
+    }
+
     pub fn header(&self, name: &str) -> &str {
         self.headers
             .iter()
