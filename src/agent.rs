@@ -35,6 +35,8 @@ use crate::claims::Claims;
 use crate::config::TokenSpec;
 use crate::diagnose::Diagnosis;
 use crate::lifecycle::{retry_delay_ms, stepped_back};
+use crate::parked::Parked;
+pub use crate::parked::Waiter;
 use crate::rewrite::bearer_header;
 use crate::source::{CredentialKind, Exchange, Step, TokenRequest};
 use crate::store::{self, Decision, Failure, Lease, Record, SharedStore};
@@ -154,22 +156,6 @@ struct Local {
     claims: Option<Claims>,
 }
 
-/// A request held until a token exists, and the target it belongs to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Waiter {
-    pub request: u32,
-    pub target: u32,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Parked {
-    waiter: Waiter,
-    /// Monotonic.
-    since_ms: u64,
-    /// Already offered a fallback to its own key.
-    offered: bool,
-}
-
 #[derive(Debug)]
 pub struct Agent {
     spec: TokenSpec,
@@ -182,7 +168,7 @@ pub struct Agent {
     /// Kept fresh: from start-up for a prefetched token, else from the first
     /// request that needs it (or the first time another VM has fetched it).
     active: bool,
-    parked: Vec<Parked>,
+    parked: Parked,
     kicked: bool,
     /// Monotonic time this VM started the exchange in flight, and its step.
     fetch_started_ms: Option<u64>,
@@ -209,7 +195,7 @@ impl Agent {
             local: None,
             failure: None,
             replacement_wanted: false,
-            parked: Vec::new(),
+            parked: Parked::default(),
             kicked: false,
             fetch_started_ms: None,
             exchange: None,
@@ -254,10 +240,7 @@ impl Agent {
 
     /// Requests of `target` held right now.
     pub fn parked_for(&self, target: u32) -> usize {
-        self.parked
-            .iter()
-            .filter(|p| p.waiter.target == target)
-            .count()
+        self.parked.count_for(target)
     }
 
     /// Unverified claims of the VM-local token, to explain failures.
@@ -281,7 +264,7 @@ impl Agent {
     }
 
     pub fn is_parked(&self, request: u32) -> bool {
-        self.parked.iter().any(|p| p.waiter.request == request)
+        self.parked.contains(request)
     }
 
     /// The hot path: no shared data, no allocation when a token is usable.
@@ -298,11 +281,7 @@ impl Agent {
                 };
             }
         }
-        self.parked.push(Parked {
-            waiter: Waiter { request, target },
-            since_ms: mono,
-            offered: false,
-        });
+        self.parked.insert(Waiter { request, target }, mono);
         let kick = !self.kicked;
         self.kicked = true;
         Admission::Park { kick }
@@ -347,7 +326,7 @@ impl Agent {
 
     /// A parked request went away (client disconnect): forget it.
     pub fn forget(&mut self, request: u32) {
-        self.parked.retain(|p| p.waiter.request != request);
+        self.parked.remove(request);
     }
 
     /// Look at the shared record: adopt a newer token, lead a fetch if one is
@@ -733,21 +712,15 @@ impl Agent {
             return;
         }
         if self.local.as_ref().is_some_and(|l| l.token.usable(now_ms)) {
-            commands.push(Command::Resume(self.take_parked(|_| true)));
+            commands.push(Command::Resume(self.parked.take_all()));
             return;
         }
         if let Some(failure) = &self.failure {
             if failure.cause.class() != FailureClass::Transient {
                 let diagnosis = Diagnosis::for_failure(failure, &self.spec, now_ms);
-                commands.push(Command::Reject(self.take_parked(|_| true), diagnosis));
+                commands.push(Command::Reject(self.parked.take_all(), diagnosis));
             } else if !self.fallback_targets.is_empty() {
-                let mut offered = Vec::new();
-                for parked in &mut self.parked {
-                    if !parked.offered && self.fallback_targets.contains(&parked.waiter.target) {
-                        parked.offered = true;
-                        offered.push(parked.waiter);
-                    }
-                }
+                let offered = self.parked.offer(&self.fallback_targets);
                 if !offered.is_empty() {
                     let code = Diagnosis::for_failure(failure, &self.spec, now_ms).code;
                     commands.push(Command::OfferFallback(offered, code));
@@ -759,7 +732,10 @@ impl Agent {
     /// Answer requests that have waited `token_wait_timeout_ms` (monotonic).
     fn expire_parked(&mut self, mono_ms: u64, now_ms: u64, commands: &mut Vec<Command>) {
         let limit = self.spec.token_wait_timeout_ms;
-        let expired = self.take_parked(|p| mono_ms.saturating_sub(p.since_ms) >= limit);
+        let Some(cutoff) = mono_ms.checked_sub(limit) else {
+            return;
+        };
+        let expired = self.parked.take_arrived_by(cutoff);
         if expired.is_empty() {
             return;
         }
@@ -768,19 +744,6 @@ impl Agent {
             None => Diagnosis::waited(&self.spec),
         };
         commands.push(Command::Reject(expired, diagnosis));
-    }
-
-    fn take_parked(&mut self, pick: impl Fn(&Parked) -> bool) -> Vec<Waiter> {
-        let mut taken = Vec::new();
-        self.parked.retain(|p| {
-            if pick(p) {
-                taken.push(p.waiter);
-                false
-            } else {
-                true
-            }
-        });
-        taken
     }
 }
 

@@ -37,24 +37,15 @@ pub mod header {
 
 /// Precise diagnoses, read from the upstream body (`error.diagnosis`).
 pub mod diagnosis {
-    pub const ROLE_MISSING: &str = "RoleMissing";
-    pub const TOKEN_REJECTED: &str = "TokenRejected";
-    pub const KEY_AUTH_DISABLED: &str = "KeyAuthDisabled";
-    pub const NETWORK_RULE: &str = "NetworkRule";
-    pub const CUSTOM_SUBDOMAIN_REQUIRED: &str = "CustomSubdomainRequired";
-    pub const TENANT_MISMATCH: &str = "TenantMismatch";
-    pub const KEY_REJECTED: &str = "KeyRejected";
-
-    /// Every diagnosis above, for the checks that each one is documented.
-    pub const ALL: [&str; 7] = [
-        ROLE_MISSING,
-        TOKEN_REJECTED,
-        KEY_AUTH_DISABLED,
-        NETWORK_RULE,
-        CUSTOM_SUBDOMAIN_REQUIRED,
-        TENANT_MISMATCH,
-        KEY_REJECTED,
-    ];
+    crate::diagnose::codes! {
+        ROLE_MISSING = "RoleMissing";
+        TOKEN_REJECTED = "TokenRejected";
+        KEY_AUTH_DISABLED = "KeyAuthDisabled";
+        NETWORK_RULE = "NetworkRule";
+        CUSTOM_SUBDOMAIN_REQUIRED = "CustomSubdomainRequired";
+        TENANT_MISMATCH = "TenantMismatch";
+        KEY_REJECTED = "KeyRejected";
+    }
 }
 
 /// Roles that grant chat completions with a token (AZURE_FACTS.md §3).
@@ -454,7 +445,7 @@ pub fn explain(
                 Some(Source::Http(s)) => format!(
                     "the credential service (GET {}{} via cluster \"{}\")",
                     safe::or(Some(s.authority.as_str()), safe::host, placeholder::HOST),
-                    safe::free_text(&s.path, 200),
+                    safe::free_text(&safe::path_shown(&s.path), 200),
                     safe::free_text(&s.cluster, 200)
                 ),
                 _ => "the credential service".to_owned(),
@@ -1136,9 +1127,12 @@ mod tests {
             header::UPSTREAM_FORBIDDEN,
             header::UPSTREAM_BAD_REQUEST,
         ];
-        let codes: Vec<&str> = headers.into_iter().chain(diagnosis::ALL).collect();
-        let local = crate::diagnose::code::ALL;
-        for code in codes.iter().chain(local.iter()) {
+        let codes: Vec<&str> = headers
+            .into_iter()
+            .chain(diagnosis::ALL.iter().copied())
+            .chain(crate::diagnose::code::ALL.iter().copied())
+            .collect();
+        for code in &codes {
             assert!(readme.contains(&format!("`{code}`")), "README lacks {code}");
         }
     }

@@ -406,12 +406,22 @@ fn serde_error(prefix: &str, e: &serde_path_to_error::Error<serde_json::Error>) 
             .trim_start_matches(", expected one of ")
             .trim_start_matches(", expected ")
             .replace('`', "");
-        let field = if field.ends_with(name) {
-            field
-        } else if field == "configuration" {
+        // A key is shown only if it is shaped like one: a secret pasted as
+        // a key is not repeated.
+        let parent = match field.strip_suffix(name) {
+            Some(parent) => parent.trim_end_matches('.').to_owned(),
+            None if field == "configuration" => String::new(),
+            None => field,
+        };
+        let name = if field_name_shown(name) {
+            name
+        } else {
+            "<a key that is not a field name>"
+        };
+        let field = if parent.is_empty() {
             name.to_owned()
         } else {
-            format!("{field}.{name}")
+            format!("{parent}.{name}")
         };
         return ConfigError::UnknownField { field, expected };
     }
@@ -427,7 +437,7 @@ fn serde_error(prefix: &str, e: &serde_path_to_error::Error<serde_json::Error>) 
         if let Some((found, expected)) = rest.split_once(", expected ") {
             return ConfigError::WrongType {
                 expected: expected_words(&field, expected),
-                found: found.to_owned(),
+                found: json_kind_of(found).to_owned(),
                 field,
             };
         }
@@ -438,9 +448,62 @@ fn serde_error(prefix: &str, e: &serde_path_to_error::Error<serde_json::Error>) 
             .trim_start_matches(", expected one of ")
             .trim_start_matches(", expected ")
             .replace('`', "\"");
-        return invalid(field, format!("is \"{value}\""), format!("use {expected}"));
+        // A misspelt word is repeated; anything else may be a pasted secret.
+        let word = (1..=30).contains(&value.len())
+            && value.bytes().all(|b| b.is_ascii_lowercase() || b == b'_');
+        let problem = if word {
+            format!("is \"{value}\"")
+        } else {
+            "is not one of the words it takes".to_owned()
+        };
+        return invalid(field, problem, format!("use {expected}"));
     }
-    invalid(field, message, "see the configuration table in the README")
+    invalid(
+        field,
+        without_quoted(&message),
+        "see the configuration table in the README",
+    )
+}
+
+/// Is `name` shaped like a configuration key (so that repeating it cannot
+/// repeat a secret pasted where a key belongs)?
+fn field_name_shown(name: &str) -> bool {
+    (1..=40).contains(&name.len()) && name.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')
+}
+
+/// serde's description of a value it did not expect (`string "…"`,
+/// `integer `5``), reduced to the kind of value: the value itself may be a
+/// secret pasted into the wrong field.
+fn json_kind_of(found: &str) -> &'static str {
+    let word = found.split([' ', '`', '"']).next().unwrap_or(found);
+    match word {
+        "string" | "character" => "a string",
+        "integer" => "an integer",
+        "floating" => "a number",
+        "boolean" => "true or false",
+        "map" => "an object",
+        "sequence" => "a list",
+        "null" | "unit" => "null",
+        _ => "a value of another type",
+    }
+}
+
+/// serde's message with every quoted value (`"…"`, `` `…` ``) taken out.
+fn without_quoted(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut quote: Option<char> = None;
+    for c in message.chars() {
+        match (quote, c) {
+            (None, '"' | '`') => {
+                quote = Some(c);
+                out.push('…');
+            }
+            (Some(q), c) if c == q => quote = None,
+            (Some(_), _) => {}
+            (None, c) => out.push(c),
+        }
+    }
+    out
 }
 
 /// What a field must be, in the words of the README rather than serde's.
@@ -726,9 +789,20 @@ fn check_name(name: &str, field: &str) -> Result<String, ConfigError> {
     if ok {
         Ok(name.to_owned())
     } else {
+        // Repeated only if it is almost a name (a space, say): anything else
+        // may be something pasted by mistake.
+        let almost = (1..=64).contains(&name.len())
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b' ' | b'-' | b'_' | b'.'));
+        let problem = if almost {
+            format!("is \"{name}\"")
+        } else {
+            format!("is not a name ({} characters)", name.chars().count())
+        };
         Err(invalid(
             field,
-            format!("is \"{name}\""),
+            problem,
             "use 1 to 64 letters, digits, '-', '_' or '.', such as \"chat-east\"",
         ))
     }
@@ -749,10 +823,20 @@ fn check_clusters(clusters: Option<&[String]>, field: &str) -> Result<Vec<String
         if cluster.is_empty() || !cluster.bytes().all(|b| b.is_ascii_graphic()) {
             return Err(invalid(
                 format!("{field}[{i}]"),
-                format!("is \"{cluster}\", which is not an Envoy cluster name"),
+                "is not an Envoy cluster name (it is empty, or has spaces or other characters Envoy's names never have)",
                 "write the cluster name exactly as in the Envoy config (Istio: outbound|<port>||<host>)",
             ));
         }
+    }
+    if let Some(i) = clusters.iter().position(|c| crate::route::client_chosen(c)) {
+        return Err(invalid(
+            format!("{field}[{i}]"),
+            format!(
+                "is \"{}\", an original-destination cluster: the client picks where its requests go",
+                clusters[i]
+            ),
+            "name the cluster of a ServiceEntry or of the resource itself; never lend the identity to PassthroughCluster",
+        ));
     }
     Ok(clusters.to_vec())
 }
@@ -783,7 +867,7 @@ fn check_hosts(
         let pattern = HostPattern::parse(text).map_err(|problem| {
             invalid(
                 &field,
-                format!("is \"{text}\": {problem}"),
+                format!("is not a host pattern: {problem}"),
                 "write an exact host (\"myres.openai.azure.com\") or a suffix pattern (\"*.openai.azure.com\")",
             )
         })?;
@@ -817,9 +901,19 @@ fn check_paths(paths: Option<&[String]>, field: &str) -> Result<Vec<String>, Con
                 .bytes()
                 .all(|b| b.is_ascii_graphic() && !matches!(b, b'?' | b'#'));
         if !ok {
+            // Repeated only when it is a path without its leading '/'.
+            let relative = path.contains('/')
+                && path.len() <= 200
+                && path
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'/' | b'-' | b'_' | b'.'));
             return Err(invalid(
                 format!("{field}[{i}]"),
-                format!("is \"{path}\", which is not a path prefix"),
+                if relative {
+                    format!("is \"{path}\", which is not a path prefix")
+                } else {
+                    "is not a path prefix".to_owned()
+                },
                 "start it with '/', without query or fragment, such as \"/api/projects/\"",
             ));
         }
@@ -837,17 +931,21 @@ fn check_resource(r: &str, field: &str) -> Result<String, ConfigError> {
         ));
     }
     if let Some(bare) = r.strip_suffix("/.default") {
+        let fix = match crate::safe::audience(bare) {
+            Some(bare) => format!("write \"{bare}\""),
+            None => "write the App ID URI without /.default".to_owned(),
+        };
         return Err(invalid(
             field,
-            format!("is \"{r}\", a v2 scope; IMDS wants the bare App ID URI"),
-            format!("write \"{bare}\""),
+            "is a v2 scope (it ends in /.default); IMDS wants the bare App ID URI",
+            fix,
         ));
     }
     let scheme_ok = r.starts_with("https://") || r.starts_with("api://");
     if !scheme_ok || !r.bytes().all(|b| b.is_ascii_graphic()) {
         return Err(invalid(
             field,
-            format!("is \"{r}\", which is not an App ID URI"),
+            "is not an App ID URI",
             format!("use an https:// URI such as \"{DEFAULT_RESOURCE}\""),
         ));
     }
@@ -938,7 +1036,7 @@ fn check_source(
             return Err(ConfigError::WrongType {
                 field: format!("{field}.type"),
                 expected: "a string such as \"imds\"".to_owned(),
-                found: other.to_string(),
+                found: json_kind(other).to_owned(),
             })
         }
     };
@@ -956,9 +1054,9 @@ fn check_source(
                 .map(Source::WorkloadIdentity)
         }
         "http" => check_http(read(Value::Object(map), &prefix)?, field).map(Source::Http),
-        other => Err(invalid(
+        _ => Err(invalid(
             format!("{field}.type"),
-            format!("is \"{other}\", which this version does not support"),
+            "names a token source this version does not support",
             "use \"imds\", \"app_service\", \"client_credentials\", \"workload_identity\" or \"http\"",
         )),
     }
@@ -985,10 +1083,10 @@ fn check_http(raw: RawHttp, field: &str) -> Result<HttpSource, ConfigError> {
     };
     let path = match raw.path {
         Some(p) if p.starts_with('/') && p.bytes().all(|b| b.is_ascii_graphic()) => p,
-        Some(p) => {
+        Some(_) => {
             return Err(invalid(
                 sub("path"),
-                format!("is \"{p}\", which is not a path"),
+                "is not a path",
                 "start it with '/', such as \"/key\"",
             ))
         }
@@ -1190,9 +1288,8 @@ fn check_app_service(
         invalid(
             field,
             format!(
-                "reads {} from the environment, and it is not an http:// URL with a host (it starts \"{}\")",
+                "reads {} from the environment, and it is not an http:// URL with a host",
                 env::IDENTITY_ENDPOINT,
-                crate::safe::free_text(&endpoint, 12)
             ),
             "pass the variable App Service or Container Apps sets, unchanged",
         )
@@ -1292,7 +1389,7 @@ fn check_client_credentials(
             let key = SigningKey::from_pem_bundle(&pem).map_err(|problem| {
                 invalid(
                     sub("client_certificate_env"),
-                    format!("names {name}, which {problem}"),
+                    format!("names {}, which {problem}", shown_env(&name)),
                     "put the PEM certificate and its RSA private key (both blocks) in that variable",
                 )
             })?;
@@ -1352,10 +1449,10 @@ fn check_workload_identity(
     };
     let assertion_path = match raw.assertion_path {
         Some(p) if p.starts_with('/') && p.bytes().all(|b| b.is_ascii_graphic()) => p,
-        Some(p) => {
+        Some(_) => {
             return Err(invalid(
                 sub("assertion_path"),
-                format!("is \"{p}\", which is not a path"),
+                "is not a path",
                 "start it with '/', such as \"/\"",
             ))
         }
@@ -1410,11 +1507,7 @@ fn check_authority(a: &str, field: &str, fix: &str) -> Result<String, ConfigErro
         .bytes()
         .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':' | b'[' | b']'));
     if !ok {
-        return Err(invalid(
-            field,
-            format!("is \"{a}\", which is not a host[:port]"),
-            fix,
-        ));
+        return Err(invalid(field, "is not a host[:port]", fix));
     }
     Ok(a)
 }
@@ -1489,9 +1582,10 @@ fn env_name(name: &str, field: &str) -> Result<String, ConfigError> {
     if ok {
         Ok(name.to_owned())
     } else {
+        // Not repeated: a value pasted where its variable's name belongs.
         Err(invalid(
             field,
-            format!("is \"{name}\", which is not an environment variable name"),
+            "is not an environment variable name",
             "write the variable's name, such as \"AZURE_CLIENT_SECRET\", not its value",
         ))
     }
@@ -1501,11 +1595,42 @@ fn env_name(name: &str, field: &str) -> Result<String, ConfigError> {
 fn required_env(env: Env<'_>, var: &str, field: &str, what: &str) -> Result<String, ConfigError> {
     match env(var) {
         Some(v) if !v.trim().is_empty() => Ok(v.trim().to_owned()),
-        _ => Err(invalid(
-            field,
-            format!("reads {what} from the environment variable {var}, which the VM does not have (or is empty)"),
-            format!("add {var} to vm_config.environment_variables.host_env_keys (Istio: vmConfig.env) and set it in the proxy's environment"),
-        )),
+        _ => {
+            let var = shown_env(var);
+            Err(invalid(
+                field,
+                format!("reads {what} from the environment variable {var}, which the VM does not have (or is empty)"),
+                format!("add {var} to vm_config.environment_variables.host_env_keys (Istio: vmConfig.env) and set it in the proxy's environment"),
+            ))
+        }
+    }
+}
+
+/// A variable's name as a message may repeat it: conventional names
+/// (`AZURE_CLIENT_SECRET`) as they are; anything else may be a value pasted
+/// where its name belongs, and is not repeated.
+fn shown_env(name: &str) -> &str {
+    let conventional = (1..=64).contains(&name.len())
+        && name.starts_with(|c: char| c.is_ascii_uppercase())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_');
+    if conventional {
+        name
+    } else {
+        "it names (not repeated here: it is not an UPPER_CASE name)"
+    }
+}
+
+/// The kind of a JSON value, never the value.
+fn json_kind(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "true or false",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "a list",
+        Value::Object(_) => "an object",
     }
 }
 

@@ -15,50 +15,52 @@ use crate::token::{FailureClass, FetchFailure};
 
 pub const DIAGNOSIS_HEADER: &str = "x-aoai-msi-diagnosis";
 
-/// Codes of the filter's own local replies (README, "Diagnostics").
-pub mod code {
-    pub const MANAGED_IDENTITY_NOT_FOUND: &str = "ManagedIdentityNotFound";
-    pub const MANAGED_IDENTITY_AMBIGUOUS: &str = "ManagedIdentityAmbiguous";
-    pub const TOKEN_REQUEST_REJECTED: &str = "TokenRequestRejected";
-    pub const TOKEN_ENDPOINT_UNAVAILABLE: &str = "TokenEndpointUnavailable";
-    pub const TOKEN_ENDPOINT_UNREACHABLE: &str = "TokenEndpointUnreachable";
-    pub const TOKEN_ENDPOINT_CLUSTER_MISSING: &str = "TokenEndpointClusterMissing";
-    pub const TOKEN_RESPONSE_INVALID: &str = "TokenResponseInvalid";
-    pub const TOKEN_AUDIENCE_MISMATCH: &str = "TokenAudienceMismatch";
-    pub const TOKEN_WAIT_TIMEOUT: &str = "TokenWaitTimeout";
-    pub const CLIENT_SECRET_INVALID: &str = "ClientSecretInvalid";
-    pub const CLIENT_SECRET_EXPIRED: &str = "ClientSecretExpired";
-    pub const APPLICATION_NOT_FOUND: &str = "ApplicationNotFound";
-    pub const TENANT_NOT_FOUND: &str = "TenantNotFound";
-    pub const CERTIFICATE_NOT_REGISTERED: &str = "CertificateNotRegistered";
-    pub const FEDERATED_CREDENTIAL_MISMATCH: &str = "FederatedCredentialMismatch";
-    pub const FEDERATED_TOKEN_EXPIRED: &str = "FederatedTokenExpired";
-    pub const FEDERATED_TOKEN_UNAVAILABLE: &str = "FederatedTokenUnavailable";
-    pub const CLIENT_KEY_REQUIRED: &str = "ClientKeyRequired";
-    pub const CLIENT_KEY_UNKNOWN: &str = "ClientKeyUnknown";
+/// Declares codes as constants and lists them once, in [`ALL`]-named slices
+/// that the README check reads: a new code cannot be left out of the list.
+macro_rules! codes {
+    ($($(#[$doc:meta])* $name:ident = $value:literal;)*) => {
+        $($(#[$doc])* pub const $name: &str = $value;)*
+        /// Every code above, for the checks that each one is documented.
+        pub const ALL: &[&str] = &[$($name),*];
+    };
+}
+pub(crate) use codes;
 
-    /// Every code above, for the checks that each one is documented.
-    pub const ALL: [&str; 19] = [
-        MANAGED_IDENTITY_NOT_FOUND,
-        MANAGED_IDENTITY_AMBIGUOUS,
-        TOKEN_REQUEST_REJECTED,
-        TOKEN_ENDPOINT_UNAVAILABLE,
-        TOKEN_ENDPOINT_UNREACHABLE,
-        TOKEN_ENDPOINT_CLUSTER_MISSING,
-        TOKEN_RESPONSE_INVALID,
-        TOKEN_AUDIENCE_MISMATCH,
-        TOKEN_WAIT_TIMEOUT,
-        CLIENT_SECRET_INVALID,
-        CLIENT_SECRET_EXPIRED,
-        APPLICATION_NOT_FOUND,
-        TENANT_NOT_FOUND,
-        CERTIFICATE_NOT_REGISTERED,
-        FEDERATED_CREDENTIAL_MISMATCH,
-        FEDERATED_TOKEN_EXPIRED,
-        FEDERATED_TOKEN_UNAVAILABLE,
-        CLIENT_KEY_REQUIRED,
-        CLIENT_KEY_UNKNOWN,
-    ];
+/// Codes of the filter's own answers (README, "Diagnostics").
+pub mod code {
+    super::codes! {
+        MANAGED_IDENTITY_NOT_FOUND = "ManagedIdentityNotFound";
+        MANAGED_IDENTITY_AMBIGUOUS = "ManagedIdentityAmbiguous";
+        TOKEN_REQUEST_REJECTED = "TokenRequestRejected";
+        TOKEN_ENDPOINT_UNAVAILABLE = "TokenEndpointUnavailable";
+        TOKEN_ENDPOINT_UNREACHABLE = "TokenEndpointUnreachable";
+        TOKEN_ENDPOINT_CLUSTER_MISSING = "TokenEndpointClusterMissing";
+        TOKEN_RESPONSE_INVALID = "TokenResponseInvalid";
+        TOKEN_AUDIENCE_MISMATCH = "TokenAudienceMismatch";
+        TOKEN_WAIT_TIMEOUT = "TokenWaitTimeout";
+        CLIENT_SECRET_INVALID = "ClientSecretInvalid";
+        CLIENT_SECRET_EXPIRED = "ClientSecretExpired";
+        APPLICATION_NOT_FOUND = "ApplicationNotFound";
+        TENANT_NOT_FOUND = "TenantNotFound";
+        CERTIFICATE_NOT_REGISTERED = "CertificateNotRegistered";
+        FEDERATED_CREDENTIAL_MISMATCH = "FederatedCredentialMismatch";
+        FEDERATED_TOKEN_EXPIRED = "FederatedTokenExpired";
+        FEDERATED_TOKEN_UNAVAILABLE = "FederatedTokenUnavailable";
+        CLIENT_KEY_REQUIRED = "ClientKeyRequired";
+        CLIENT_KEY_UNKNOWN = "ClientKeyUnknown";
+        /// The filter could not write the credential into the request.
+        CREDENTIAL_NOT_WRITTEN = "CredentialNotWritten";
+        /// Envoy matched the route again after the filter's writes and sent
+        /// the request to a cluster the filter had not checked.
+        ROUTE_CHANGED_AFTER_REWRITE = "RouteChangedAfterRewrite";
+        /// An Azure 403 to a request no target took: a host no target lists.
+        HOST_NOT_IN_TARGETS = "HostNotInTargets";
+        /// … a host spelled with a port or trailing dot, for a target
+        /// without `clusters`.
+        HOST_SPELLING_NOT_ROUTED = "HostSpellingNotRouted";
+        /// … a request routed to a cluster whose destination the client picks.
+        CLIENT_CHOSEN_DESTINATION = "ClientChosenDestination";
+    }
 }
 
 /// Entra's AADSTS numbers the filter explains (AZURE_FACTS §2).
@@ -124,10 +126,14 @@ fn endpoint(source: &Source, cluster: &str) -> Endpoint {
         },
         Source::Http(s) => Endpoint {
             name: "The credential service",
-            reach: format!("pointing at the service that answers GET {}{}", s.authority, s.path),
+            reach: format!(
+                "pointing at the service that answers GET {}{}",
+                s.authority,
+                crate::safe::path_shown(&s.path)
+            ),
             unreachable: format!(
                 "Check that the credential service behind cluster \"{}\" is running and answers GET {}",
-                s.cluster, s.path
+                s.cluster, crate::safe::path_shown(&s.path)
             ),
         },
     }
@@ -316,6 +322,46 @@ impl Diagnosis {
         }
     }
 
+    /// The filter could not write the credential (or remove the key) on a
+    /// request it had decided to authorize: it fails closed rather than
+    /// send the request on half rewritten.
+    pub fn credential_not_written(status: u32) -> Diagnosis {
+        let mut details = Map::new();
+        details.insert("host_status".into(), Value::from(status));
+        Diagnosis {
+            status: 500,
+            code: code::CREDENTIAL_NOT_WRITTEN,
+            message: "The proxy could not rewrite this request's credential headers, so it was not sent \
+                      (it would have left with its api-key and without a token). This is a fault of the \
+                      proxy, not of the request: retry, and report it with the proxy's log if it persists."
+                .to_owned(),
+            retry_after_s: Some(1),
+            details,
+        }
+    }
+
+    /// Envoy sent an earlier request of this target, after the filter's
+    /// header writes, to a cluster the filter had not checked: every later
+    /// request of the target is refused until the routes are fixed.
+    pub fn route_changed(checked: &str, taken: &str) -> Diagnosis {
+        let mut details = Map::new();
+        details.insert("checked_cluster".into(), Value::from(checked));
+        details.insert("routed_cluster".into(), Value::from(taken));
+        Diagnosis {
+            status: 500,
+            code: code::ROUTE_CHANGED_AFTER_REWRITE,
+            message: format!(
+                "Envoy matched the route again after this proxy replaced the api-key with a token, and sent \
+                 a request to cluster \"{taken}\" instead of \"{checked}\", which the filter had checked. \
+                 A route that matches on the api-key or authorization header, or on the api-key query \
+                 parameter, does that. Requests of this target are refused until the routes match on host \
+                 and path only; then restart or reload the proxy."
+            ),
+            retry_after_s: None,
+            details,
+        }
+    }
+
     /// The JSON body for a request of `target`, in the error shape OpenAI
     /// SDKs print.
     pub fn body_for(&self, target: &str) -> String {
@@ -492,7 +538,7 @@ fn http_status(
         format!(
             "The credential service refused GET {}{} (cluster \"{}\"){said}. Check its path and what it needs \
              to hand out the credential.",
-            source.authority, source.path, source.cluster
+            source.authority, crate::safe::path_shown(&source.path), source.cluster
         ),
     )
 }

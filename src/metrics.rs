@@ -109,7 +109,14 @@ pub const NOTIFICATION_QUEUES: Metric = Metric {
     help: "Notification queues of live VMs (workers and main thread), renewed by heartbeat; queues of VMs that went away drop out.",
 };
 
-pub const ALL: [Metric; 14] = [
+pub const ROUTE_CHANGES: Metric = Metric {
+    name: "aoai_msi_route_changes_total",
+    kind: Kind::Counter,
+    labels: &["target"],
+    help: "Requests Envoy sent, after the filter's header writes, to a cluster other than the one the filter checked; the target is refused from then on.",
+};
+
+pub const ALL: [Metric; 15] = [
     TOKEN_FETCHES,
     TOKEN_FETCH_DURATION,
     TOKEN_EXPIRES_IN,
@@ -124,6 +131,7 @@ pub const ALL: [Metric; 14] = [
     CREDENTIAL_ROTATIONS,
     CLIENT_TOKENS_KEPT,
     NOTIFICATION_QUEUES,
+    ROUTE_CHANGES,
 ];
 
 /// Envoy `stats_config.stats_tags` entries that turn `;key=value` into labels.

@@ -3,12 +3,20 @@
 //! cluster Envoy routed it to. No target: the request is not ours.
 //!
 //! The path and the routed cluster cost a host call each, so they are asked
-//! for lazily ([`Routed`]), only when a target whose hosts matched needs them:
-//! the default configuration never reads the cluster, and reads the path
-//! only for `*.services.ai.azure.com`.
+//! for lazily ([`Routed`]), only when a target whose hosts matched needs them.
+//!
+//! A target without `clusters` trusts Envoy's virtual-host matching on a bare
+//! host name, but never a cluster whose destination the client picks: an
+//! `ORIGINAL_DST` cluster such as Istio's `PassthroughCluster` (the default
+//! under `ALLOW_ANY`) sends the request to the address the client dialled, or
+//! to the one it names in `x-envoy-original-dst-host`. Envoy 1.40 shows a
+//! filter the routed cluster's name, not its type, so such clusters are known
+//! by Istio's names; a request that names its own destination in that header
+//! is refused whatever the cluster.
 
 use crate::config::Config;
 use crate::rewrite::host_without_port;
+use crate::scope;
 
 /// What the glue can tell about a request beyond its `:authority`, on demand.
 pub trait Routed {
@@ -16,6 +24,22 @@ pub trait Routed {
     fn path(&mut self) -> Option<&str>;
     /// The cluster Envoy's route sends the request to.
     fn cluster(&mut self) -> Option<&str>;
+    /// Does the request name its own destination
+    /// (`x-envoy-original-dst-host`, read with the other headers)?
+    fn names_destination(&self) -> bool {
+        false
+    }
+}
+
+/// Header with which a client picks the destination of an `ORIGINAL_DST`
+/// cluster that has `use_http_header` set.
+pub const ORIGINAL_DST_HEADER: &str = "x-envoy-original-dst-host";
+
+/// Clusters whose destination the client picks: Istio's `ORIGINAL_DST`
+/// clusters (`PassthroughCluster` for outbound traffic under `ALLOW_ANY`, and
+/// `InboundPassthroughCluster`, `…Ipv4`, `…Ipv6` for inbound).
+pub fn client_chosen(cluster: &str) -> bool {
+    cluster == "PassthroughCluster" || cluster.starts_with("InboundPassthroughCluster")
 }
 
 /// A request no target took, though it looks like one a target meant to:
@@ -27,6 +51,9 @@ pub enum NearMiss {
     Spelling,
     /// An Azure AI host that no target lists.
     UnlistedAzureHost,
+    /// A target without `clusters` matches, but Envoy routes the request to a
+    /// cluster whose destination the client picks.
+    ClientChosenDestination,
 }
 
 /// Suffixes of Azure AI data-plane hosts, every cloud.
@@ -54,16 +81,29 @@ impl Config {
             host && (target.paths.is_empty()
                 || request
                     .path()
-                    .is_some_and(|path| target.paths.iter().any(|p| path.starts_with(p.as_str()))))
-                && (target.clusters.is_empty()
-                    || request
+                    .is_some_and(|path| scope::in_scope(path, &target.paths)))
+                && if target.clusters.is_empty() {
+                    !request.names_destination()
+                        && request.cluster().is_some_and(|c| !client_chosen(c))
+                } else {
+                    request
                         .cluster()
-                        .is_some_and(|cluster| target.clusters.iter().any(|c| c == cluster)))
+                        .is_some_and(|cluster| target.clusters.iter().any(|c| c == cluster))
+                }
         })
     }
 
-    /// Why a request that no target took might have been meant for one.
-    pub fn near_miss(&self, authority: &str) -> Option<NearMiss> {
+    /// Why a request that no target took might have been meant for one
+    /// (`request` answers from what [`Config::route`] already read).
+    pub fn near_miss(&self, authority: &str, request: &mut dyn Routed) -> Option<NearMiss> {
+        let unbound = self
+            .targets
+            .iter()
+            .any(|t| t.clusters.is_empty() && t.hosts.matches_bare(authority));
+        if unbound && (request.names_destination() || request.cluster().is_some_and(client_chosen))
+        {
+            return Some(NearMiss::ClientChosenDestination);
+        }
         let spelled = self
             .targets
             .iter()
@@ -97,6 +137,22 @@ impl NearMiss {
                 "is an Azure AI host that no target lists, so its api-key went out unchanged; add it \
                  to a target's hosts if the filter should authorize it"
             }
+            NearMiss::ClientChosenDestination => {
+                "matched a target without `clusters`, but Envoy routes it to a cluster whose destination \
+                 the client picks (Istio's PassthroughCluster under ALLOW_ANY, or x-envoy-original-dst-host), \
+                 so it got no token and its api-key went out unchanged. Give the host a ServiceEntry (or a \
+                 cluster of its own) and name that cluster in the target's `clusters`"
+            }
+        }
+    }
+
+    /// The `x-aoai-msi-diagnosis` code of an Azure 403 to such a request:
+    /// key authentication is off, and the filter did not authorize it.
+    pub fn code(self) -> &'static str {
+        match self {
+            NearMiss::Spelling => crate::diagnose::code::HOST_SPELLING_NOT_ROUTED,
+            NearMiss::UnlistedAzureHost => crate::diagnose::code::HOST_NOT_IN_TARGETS,
+            NearMiss::ClientChosenDestination => crate::diagnose::code::CLIENT_CHOSEN_DESTINATION,
         }
     }
 }
@@ -148,7 +204,7 @@ mod tests {
                 {"name":"east","hosts":["east.openai.azure.com"]},
                 {"name":"all","hosts":["*.openai.azure.com"]}]}"#,
         );
-        let mut r = Fixed::default();
+        let mut r = request("/", "aoai");
         assert_eq!(
             name(&c, c.route("east.openai.azure.com", &mut r)),
             Some("east")
@@ -158,11 +214,7 @@ mod tests {
             Some("all")
         );
         assert_eq!(c.route("api.example.com", &mut r), None);
-        assert_eq!(
-            (r.asked_path, r.asked_cluster),
-            (0, 0),
-            "nothing more was needed"
-        );
+        assert_eq!(r.asked_path, 0, "no target has paths");
     }
 
     #[test]
@@ -187,7 +239,6 @@ mod tests {
             plain.asked_path, 0,
             "an openai.azure.com request never reads its path"
         );
-        assert_eq!(plain.asked_cluster, 0);
     }
 
     #[test]
@@ -216,16 +267,40 @@ mod tests {
     fn port_and_dot_spellings_without_clusters_match_nothing_and_are_near_misses() {
         let c = Config::default();
         for host in ["myres.openai.azure.com:443", "myres.openai.azure.com."] {
-            assert_eq!(c.route(host, &mut Fixed::default()), None, "{host}");
-            assert_eq!(c.near_miss(host), Some(NearMiss::Spelling), "{host}");
+            let mut r = request("/", "aoai");
+            assert_eq!(c.route(host, &mut r), None, "{host}");
+            assert_eq!(
+                c.near_miss(host, &mut r),
+                Some(NearMiss::Spelling),
+                "{host}"
+            );
         }
         let only_east = config(r#"{"hosts":["east.openai.azure.com"]}"#);
+        let mut r = request("/", "aoai");
         assert_eq!(
-            only_east.near_miss("west.openai.azure.com"),
+            only_east.near_miss("west.openai.azure.com", &mut r),
             Some(NearMiss::UnlistedAzureHost)
         );
-        assert_eq!(only_east.near_miss("api.example.com"), None);
-        assert_eq!(only_east.near_miss("openai.azure.com.evil.example"), None);
+        assert_eq!(only_east.near_miss("api.example.com", &mut r), None);
+        assert_eq!(
+            only_east.near_miss("openai.azure.com.evil.example", &mut r),
+            None
+        );
+    }
+
+    #[test]
+    fn an_unbound_target_never_matches_a_cluster_the_client_picks() {
+        let c = Config::default();
+        for cluster in ["PassthroughCluster", "InboundPassthroughClusterIpv6"] {
+            let mut r = request("/openai/x", cluster);
+            assert_eq!(c.route("myres.openai.azure.com", &mut r), None, "{cluster}");
+            assert_eq!(
+                c.near_miss("myres.openai.azure.com", &mut r),
+                Some(NearMiss::ClientChosenDestination)
+            );
+        }
+        let mut unrouted = Fixed::default();
+        assert_eq!(c.route("myres.openai.azure.com", &mut unrouted), None);
     }
 
     #[test]

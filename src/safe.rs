@@ -113,6 +113,15 @@ pub fn free_text(value: &str, max_chars: usize) -> String {
     out
 }
 
+/// A token-service path as it may be shown: its query is `?…`, whatever it
+/// holds (an Azure Function's `?code=` is the service's own access key).
+pub fn path_shown(path: &str) -> std::borrow::Cow<'_, str> {
+    match path.split_once('?') {
+        Some((base, _)) => std::borrow::Cow::Owned(format!("{base}?…")),
+        None => std::borrow::Cow::Borrowed(path),
+    }
+}
+
 /// The value if `check` accepts it, else the placeholder.
 pub fn or<'a>(
     value: Option<&'a str>,
@@ -125,6 +134,13 @@ pub fn or<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_token_service_path_never_shows_its_query() {
+        assert_eq!(path_shown("/api/key?code=s3cr3t&x=1"), "/api/key?…");
+        assert_eq!(path_shown("/key"), "/key");
+        assert_eq!(path_shown("/?"), "/?…");
+    }
 
     #[test]
     fn guids_are_accepted_and_lookalikes_refused() {

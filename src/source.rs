@@ -318,7 +318,7 @@ impl Source {
             Source::AppService(s) => format!(
                 "the App Service identity endpoint {}{} via cluster {} for {}",
                 s.authority,
-                s.path,
+                crate::safe::path_shown(&s.path),
                 s.cluster,
                 s.identity.describe()
             ),
@@ -342,7 +342,7 @@ impl Source {
             Source::Http(s) => format!(
                 "the credential service {}{} via cluster {}, sent as {}",
                 s.authority,
-                s.path,
+                crate::safe::path_shown(&s.path),
                 s.cluster,
                 match s.credential {
                     CredentialKind::Bearer => "a bearer token",
@@ -729,7 +729,7 @@ impl fmt::Debug for TokenRequest {
             "TokenRequest({} {}{} via {}, headers {names:?}, body {} bytes)",
             self.header(":method"),
             self.header(":authority"),
-            self.path(),
+            crate::safe::path_shown(self.path()),
             self.cluster,
             self.body.len()
         )

@@ -129,10 +129,9 @@ async fn a_key_on_an_unlisted_host_reaches_the_app_exactly_as_azure_sent_it() {
     let envoy = Envoy::start(r#"{"hosts":["myres.openai.azure.com"]}"#, &emulator, 1);
     let answer = ask(&envoy, "other.openai.azure.com").await;
     assert_eq!(answer.status, 403);
-    assert_eq!(
-        answer.header, None,
-        "not the filter's request: not annotated"
-    );
+    // Not the filter's request: its body and length stay Azure's; only the
+    // header says why the filter did not step in (issue 18, item 6).
+    assert_eq!(answer.header.as_deref(), Some("HostNotInTargets"));
     assert!(answer.content_length.is_some(), "content-length kept");
     assert_eq!(
         answer.json(),

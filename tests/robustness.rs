@@ -297,10 +297,22 @@ proptest! {
     }
 
     #[test]
+    fn a_resolved_path_never_keeps_a_dot_segment_and_never_panics(path in "/[a-z./%2eE5cCfF\\\\;]{0,40}") {
+        for decode in [false, true] {
+            let resolved = aoai_msi_filter::scope::resolved(&path, decode);
+            prop_assert!(resolved.starts_with('/'), "{path} -> {resolved}");
+            for segment in resolved.split('/') {
+                prop_assert!(segment != ".." && segment != ".", "{path} -> {resolved}");
+            }
+        }
+        let _ = aoai_msi_filter::scope::in_scope(&path, &["/a/".to_owned()]);
+    }
+
+    #[test]
     fn host_matching_never_panics(authority in ".{0,64}") {
         let config = Config::default();
         let _ = config.route(&authority, &mut Given(authority.clone(), authority.clone()));
-        let _ = config.near_miss(&authority);
+        let _ = config.near_miss(&authority, &mut Given(authority.clone(), authority.clone()));
         let _ = HostPatterns::new(vec![]).matches_bare(&authority);
         let _ = HostPatterns::new(vec![]).matches_spelled(&authority);
     }

@@ -25,33 +25,6 @@ use support::*;
 
 // ---------------------------------------------------------------- helpers
 
-/// A shipped config (`envoy/<name>`) made to run here: every cluster reaches
-/// the emulator over plain HTTP, admin and listeners take free ports, and
-/// `YOUR-RESOURCE` becomes `myres`. Timeouts, upgrades, the filter chain and
-/// the plugin configuration stay as shipped.
-fn shipped_config_on(name: &str, emulator: &Emulator) -> String {
-    // The config loads the module from target/: fail clearly when it is missing.
-    wasm();
-    let text = std::fs::read_to_string(repo().join("envoy").join(name))
-        .unwrap()
-        .replace("YOUR-RESOURCE", "myres");
-    let mut doc: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
-    doc["admin"]["address"]["socket_address"]["port_value"] = 0.into();
-    let resources = &mut doc["static_resources"];
-    for listener in resources["listeners"].as_sequence_mut().unwrap() {
-        listener["address"]["socket_address"]["port_value"] = 0.into();
-    }
-    for cluster in resources["clusters"].as_sequence_mut().unwrap() {
-        let name = cluster["name"].as_str().unwrap().to_owned();
-        let port = emulator.port();
-        *cluster = serde_yaml::from_str(&format!(
-            "name: {name}\ntype: STATIC\nconnect_timeout: 1s\nload_assignment:\n  cluster_name: {name}\n  endpoints:\n  - lb_endpoints:\n    - endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {port} }} }} }}\n"
-        ))
-        .unwrap();
-    }
-    serde_yaml::to_string(&doc).unwrap()
-}
-
 /// Run `tests/sdk/<script>` with the venv's Python; the JSON it printed.
 fn run_script(script: &str, args: &[&str]) -> Value {
     let python = std::env::var("SDK_PYTHON")

@@ -502,3 +502,168 @@ fn bad_policies_and_http_sources_name_the_field_and_never_echo_a_key() {
         assert!(!message.contains("sk-my-actual-secret-key"), "{message}");
     }
 }
+
+/// Values a careless operator may paste into the wrong field: an Entra client
+/// secret, a PEM private key, a JWT, an Azure OpenAI key, an OpenAI key.
+const PASTED_SECRETS: [(&str, &str); 5] = [
+    ("Xy8Q~Zq3.abcDEF_ghiJKL-mnoPQRstuVWXyz0123", "abcDEF_ghiJKL"),
+    (
+        "-----BEGIN PRIVATE KEY-----\nMIIEvQIBADANBgkqhkiG9w0BAQEFAASCBKcwggSjAgEAAoIBAQC7\n-----END PRIVATE KEY-----",
+        "MIIEvQIBADAN",
+    ),
+    (
+        "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ4In0.c2lnbmF0dXJlc2lnbmF0dXJl",
+        "eyJzdWIiOiJ4In0",
+    ),
+    ("0123456789abcdef0123456789abcdef", "0123456789abcdef"),
+    ("sk-proj-AbC123xyzQRS456tuvWXY789", "AbC123xyzQRS"),
+];
+
+/// Every field a configuration can carry, as a JSON template in which `$`
+/// stands for the pasted value (as a JSON string).
+fn every_field() -> Vec<String> {
+    let mut fields: Vec<String> = [
+        r#"{"hosts":[$]}"#,
+        r#"{"resource":$}"#,
+        r#"{"token_wait_timeout_ms":$}"#,
+        r#"{"invalidation_interval_ms":$}"#,
+        r#"{"on_token_failure":$}"#,
+        r#"{"client_token":$}"#,
+        r#"{"client_keys":[{"name":$,"sha256":"9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"}]}"#,
+        r#"{"client_keys":[{"name":"a","sha256":$}]}"#,
+        r#"{"targets":[{"name":$,"hosts":["a.openai.azure.com"]}]}"#,
+        r#"{"targets":[{"hosts":["a.openai.azure.com"],"paths":[$]}]}"#,
+        r#"{"targets":[{"hosts":["a.openai.azure.com"],"clusters":[$]}]}"#,
+        r#"{"token_source":{"type":$}}"#,
+    ]
+    .iter()
+    .map(|t| (*t).to_owned())
+    .collect();
+    let sources: [(&str, &[&str]); 5] = [
+        (
+            "imds",
+            &[
+                "cluster",
+                "authority",
+                "client_id",
+                "object_id",
+                "msi_res_id",
+                "timeout_ms",
+            ],
+        ),
+        (
+            "app_service",
+            &[
+                "cluster",
+                "client_id",
+                "object_id",
+                "principal_id",
+                "mi_res_id",
+                "timeout_ms",
+            ],
+        ),
+        (
+            "client_credentials",
+            &[
+                "cluster",
+                "authority",
+                "tenant_id",
+                "client_id",
+                "client_secret_env",
+                "client_certificate_env",
+                "client_secret",
+                "timeout_ms",
+            ],
+        ),
+        (
+            "workload_identity",
+            &[
+                "cluster",
+                "authority",
+                "tenant_id",
+                "client_id",
+                "assertion_cluster",
+                "assertion_authority",
+                "assertion_path",
+                "timeout_ms",
+            ],
+        ),
+        (
+            "http",
+            &[
+                "cluster",
+                "authority",
+                "path",
+                "credential",
+                "refresh_interval_ms",
+                "timeout_ms",
+            ],
+        ),
+    ];
+    for (kind, names) in sources {
+        let base = if kind == "http" {
+            r#""cluster":"keys","path":"/key","#
+        } else {
+            ""
+        };
+        for name in names {
+            fields.push(format!(
+                r#"{{"token_source":{{{base}"type":"{kind}","{name}":$}}}}"#
+            ));
+        }
+    }
+    fields
+}
+
+#[test]
+fn a_secret_pasted_into_any_field_is_never_repeated_in_the_error() {
+    let env = |name: &str| match name {
+        "IDENTITY_ENDPOINT" => Some("http://localhost:42356/msi/token".to_owned()),
+        "IDENTITY_HEADER" | "AZURE_CLIENT_SECRET" => Some("environment-secret".to_owned()),
+        "AZURE_TENANT_ID" => Some("72f988bf-0000-4000-8000-00000000e1a0".to_owned()),
+        "AZURE_CLIENT_ID" => Some("c11e0000-0000-4000-8000-0000000000aa".to_owned()),
+        _ => None,
+    };
+    let mut refused = 0;
+    for template in every_field() {
+        for (secret, tell) in PASTED_SECRETS {
+            let json = template.replace('$', &serde_json::to_string(secret).unwrap());
+            let Err(e) = Config::parse_with_env(json.as_bytes(), &env) else {
+                continue;
+            };
+            refused += 1;
+            let message = e.to_string();
+            assert!(
+                !message.contains(tell) && !message.contains(secret),
+                "{template} with a pasted secret repeated it: {message}"
+            );
+        }
+    }
+    // Also where a key belongs.
+    for (secret, tell) in PASTED_SECRETS {
+        let json = format!("{{{}:1}}", serde_json::to_string(secret).unwrap());
+        let message = err(&json);
+        assert!(!message.contains(tell), "{message}");
+        assert!(message.contains("unknown field"), "{message}");
+        refused += 1;
+    }
+    assert!(refused > 120, "the sweep refused {refused} configurations");
+}
+
+#[test]
+fn values_that_cannot_be_secrets_are_still_named_in_errors() {
+    // Valid host patterns, cluster and target names, and enum words stay
+    // in the message: they are what the operator must find.
+    let message = err(
+        r#"{"targets":[{"name":"east","hosts":["*.openai.azure.com"]},{"name":"east","hosts":["b.openai.azure.com"]}]}"#,
+    );
+    assert!(message.contains("\"east\""), "{message}");
+    let message = err(r#"{"hosts":["a.openai.azure.us","b.openai.azure.com"]}"#);
+    assert!(message.contains("a.openai.azure.us"), "{message}");
+    let message = err(r#"{"on_token_failure":"forward"}"#);
+    assert!(message.contains("\"forward_key\""), "{message}");
+    let message = err(
+        r#"{"token_source":{"type":"client_credentials","tenant_id":"t","client_id":"c","client_secret_env":"MY_SP_SECRET"}}"#,
+    );
+    assert!(message.contains("MY_SP_SECRET"), "{message}");
+}

@@ -16,21 +16,22 @@ mod host;
 mod metrics;
 
 use std::cell::{Cell, RefCell};
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::rc::Rc;
 use std::time::Duration;
 
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType};
 
-use crate::agent::{Admission, Agent, Command, Event, Level, Replacement, Waiter};
+use crate::agent::{Agent, Command, Event, Level, Replacement, Waiter};
 use crate::annotate::{self, BodyMode, BodyStep, Facts, Inspection, LogLimiter};
 use crate::config::Config;
 use crate::diagnose::{Diagnosis, DIAGNOSIS_HEADER};
 use crate::metrics as m;
-use crate::policy::{self, ClientToken, KeyCheck, OnTokenFailure, FALLBACK_HEADER};
+use crate::policy::{self, OnTokenFailure, FALLBACK_HEADER};
+use crate::request::{self, Arrival, Decision, Refusal};
 use crate::rewrite::{self, API_KEY_HEADER, AUTHORIZATION_HEADER};
-use crate::route::Routed;
+use crate::route::{NearMiss, Routed, ORIGINAL_DST_HEADER};
 use crate::safe;
 use crate::source::{CredentialKind, TokenRequest};
 use crate::store;
@@ -50,6 +51,13 @@ const QUEUES_KEY: &str = "aoai-msi-filter/v2/queues";
 const DRAIN_LIMIT: usize = 64;
 /// The log limiter's key for requests no target took.
 const NEAR_MISS: &str = "near-miss";
+/// Waiting requests resumed or answered per VM entry. Each resumption runs
+/// Envoy's filter chain for that request inside the same VM call, and V8's
+/// stack does not survive thousands in one (measured: 1 000 fine, 2 500 a
+/// RangeError); the rest follow on the next entries, through this VM's queue.
+const BATCH: usize = 200;
+/// The queue message that says: carry on with the deferred batches.
+const DEFERRED: &[u8] = b"aoai-msi-filter/deferred";
 
 proxy_wasm::main! {{
     host::install_logger();
@@ -86,7 +94,16 @@ struct Vm {
     waiting_reported: Vec<Cell<i64>>,
     /// When this VM last renewed its queue in the registry.
     heartbeat_ms: Cell<u64>,
+    /// Targets whose requests Envoy was seen to send, after the filter's
+    /// writes, to a cluster other than the one checked: refused from then on.
+    refused: RefCell<Vec<Option<Refusal>>>,
     log_limiter: RefCell<LogLimiter>,
+    /// Batches of waiting requests still to resume or answer (see [`BATCH`]),
+    /// and the requests in them: still held, whatever their body does.
+    deferred: RefCell<VecDeque<(usize, Command)>>,
+    deferred_ids: RefCell<HashSet<u32>>,
+    /// Token clusters Envoy refused a call to, already reported.
+    undispatchable: RefCell<HashSet<String>>,
 }
 
 impl Vm {
@@ -222,8 +239,16 @@ impl Vm {
                 Command::Kick => {
                     let _ = host::enqueue(self.queue, self.record_key(token).as_bytes());
                 }
-                Command::Resume(waiters) => self.resume(token, waiters),
-                Command::Reject(waiters, diagnosis) => {
+                Command::Resume(mut waiters) => {
+                    if let Some(rest) = self.batch(&mut waiters) {
+                        self.defer(token, Command::Resume(rest));
+                    }
+                    self.resume(token, waiters)
+                }
+                Command::Reject(mut waiters, diagnosis) => {
+                    if let Some(rest) = self.batch(&mut waiters) {
+                        self.defer(token, Command::Reject(rest, diagnosis.clone()));
+                    }
                     let mut forwarded = 0;
                     for waiter in &waiters {
                         if let Ok(mut clients) = self.parked_clients.try_borrow_mut() {
@@ -265,7 +290,10 @@ impl Vm {
                         );
                     }
                 }
-                Command::OfferFallback(waiters, code) => {
+                Command::OfferFallback(mut waiters, code) => {
+                    if let Some(rest) = self.batch(&mut waiters) {
+                        self.defer(token, Command::OfferFallback(rest, code));
+                    }
                     let mut sent = Vec::new();
                     for waiter in &waiters {
                         if host::enter(waiter.request).is_ok() && current_request_has_key() {
@@ -304,6 +332,69 @@ impl Vm {
         }
     }
 
+    /// Keep the first [`BATCH`] waiters for now (no longer deferred, if
+    /// they were); the rest, if any, for later.
+    fn batch(&self, waiters: &mut Vec<Waiter>) -> Option<Vec<Waiter>> {
+        let rest = (waiters.len() > BATCH).then(|| waiters.split_off(BATCH));
+        if let Ok(mut ids) = self.deferred_ids.try_borrow_mut() {
+            if !ids.is_empty() {
+                for waiter in waiters.iter() {
+                    ids.remove(&waiter.request);
+                }
+            }
+        }
+        rest
+    }
+
+    /// Carry `command` out on a later entry into this VM.
+    fn defer(&self, token: usize, command: Command) {
+        if let (
+            Ok(mut ids),
+            Command::Resume(w) | Command::Reject(w, _) | Command::OfferFallback(w, _),
+        ) = (self.deferred_ids.try_borrow_mut(), &command)
+        {
+            ids.extend(w.iter().map(|w| w.request));
+        }
+        let first = match self.deferred.try_borrow_mut() {
+            Ok(mut deferred) => {
+                deferred.push_back((token, command));
+                deferred.len() == 1
+            }
+            Err(_) => false,
+        };
+        if first {
+            let _ = host::enqueue(self.queue, DEFERRED);
+        }
+    }
+
+    /// The next deferred batch, from a fresh VM entry; a reminder for the
+    /// one after it.
+    fn run_deferred(&self) {
+        let next = self
+            .deferred
+            .try_borrow_mut()
+            .ok()
+            .and_then(|mut d| d.pop_front());
+        if let Some((token, command)) = next {
+            self.execute(token, vec![command]);
+            self.report_waiting();
+        }
+        if self.deferred.try_borrow().is_ok_and(|d| !d.is_empty()) {
+            let _ = host::enqueue(self.queue, DEFERRED);
+        }
+    }
+
+    /// Is this request still held: parked, or in a deferred batch?
+    fn holds(&self, request: u32) -> bool {
+        self.agents
+            .try_borrow()
+            .map_or(true, |agents| agents.iter().any(|a| a.is_parked(request)))
+            || self
+                .deferred_ids
+                .try_borrow()
+                .map_or(true, |ids| ids.contains(&request))
+    }
+
     fn record_key(&self, token: usize) -> String {
         self.agents
             .try_borrow()
@@ -331,12 +422,24 @@ impl Vm {
                 Ok(())
             }
             Err(status) => {
-                log::warn!(
-                    "target {}: cannot dispatch the token call to cluster {} (host status {})",
+                let first = self
+                    .undispatchable
+                    .try_borrow_mut()
+                    .is_ok_and(|mut seen| seen.insert(request.cluster.clone()));
+                let line = format!(
+                    "target {}: cannot dispatch the token call to cluster \"{}\" (host status {}): \
+                     no such cluster in this Envoy? `envoy --mode validate` does not check it; \
+                     add the cluster or fix token_source.cluster",
                     self.token_label(token),
-                    request.cluster,
+                    safe::free_text(&request.cluster, 200),
                     status.0
                 );
+                // Once at critical level, so it stands out at start-up.
+                if first {
+                    host::log_critical(&line);
+                } else {
+                    log::warn!("{line}");
+                }
                 match self.agents.try_borrow_mut() {
                     Ok(mut agents) => match agents.get_mut(token) {
                         Some(agent) => Err(agent.dispatch_failed(
@@ -367,17 +470,30 @@ impl Vm {
                 .try_borrow_mut()
                 .ok()
                 .and_then(|mut clients| clients.remove(&waiter.request));
-            if host::enter(waiter.request).is_ok() && host::send_credential(kind, &bearer).is_ok() {
-                remove_key_param(
-                    host::request_header(":path")
-                        .as_deref()
-                        .and_then(wire::text),
-                );
-                if let Ok(mut resumed) = self.resumed.try_borrow_mut() {
-                    resumed.insert(waiter.request, generation);
+            if host::enter(waiter.request).is_err() {
+                continue;
+            }
+            let path = host::request_header(":path");
+            let written = host::send_credential(kind, &bearer).and_then(|()| {
+                rewrite_path(
+                    path.as_deref()
+                        .and_then(wire::text)
+                        .and_then(rewrite::without_api_key_param)
+                        .as_deref(),
+                )
+            });
+            match written {
+                Ok(()) => {
+                    if let Ok(mut resumed) = self.resumed.try_borrow_mut() {
+                        resumed.insert(waiter.request, generation);
+                    }
+                    let _ = host::resume_request();
+                    self.count_authorized(waiter.target, client);
                 }
-                let _ = host::resume_request();
-                self.count_authorized(waiter.target, client);
+                // Never sent half rewritten: closed, with the reason.
+                Err(status) => {
+                    self.reply(waiter.target, &Diagnosis::credential_not_written(status.0))
+                }
             }
         }
         let _ = host::enter(self.root);
@@ -474,11 +590,8 @@ impl Vm {
         }
     }
 
-    /// A request no target took: say why, if it looks like one a target meant.
-    fn note_near_miss(&self, authority: &str) {
-        let Some(miss) = self.config.near_miss(authority) else {
-            return;
-        };
+    /// A request no target took, though it looks like one a target meant: say why.
+    fn note_near_miss(&self, authority: &str, miss: NearMiss) {
         let now = host::now_ms();
         if self
             .log_limiter
@@ -598,7 +711,11 @@ impl Root {
             fallbacks: RefCell::new(HashMap::new()),
             waiting_reported: (0..targets).map(|_| Cell::new(0)).collect(),
             heartbeat_ms: Cell::new(now),
+            refused: RefCell::new(vec![None; targets]),
             log_limiter: RefCell::new(LogLimiter::default()),
+            deferred: RefCell::new(VecDeque::new()),
+            deferred_ids: RefCell::new(HashSet::new()),
+            undispatchable: RefCell::new(HashSet::new()),
             config,
         })
     }
@@ -676,6 +793,10 @@ impl RootContext for Root {
         for token in tokens {
             vm.drive(token, |agent, now| agent.sync(now, &mut HostStore));
         }
+        // One deferred batch per entry, however many reminders came.
+        if messages.iter().any(|m| m == DEFERRED) {
+            vm.run_deferred();
+        }
     }
 
     fn create_http_context(&self, id: u32) -> Option<Box<dyn HttpContext>> {
@@ -689,6 +810,8 @@ impl RootContext for Root {
             client: None,
             fallback: None,
             inspection: None,
+            checked: None,
+            near_miss: None,
         }))
     }
 
@@ -702,8 +825,10 @@ impl RootContext for Root {
 struct Lookups<'a> {
     /// `:path`, read with the other request headers.
     path: Option<&'a str>,
-    /// The routed cluster, read only when a target names clusters.
+    /// The routed cluster, read from the host at most once.
     cluster: Option<Option<String>>,
+    /// The request carries `x-envoy-original-dst-host`.
+    names_destination: bool,
 }
 
 impl Routed for Lookups<'_> {
@@ -717,6 +842,10 @@ impl Routed for Lookups<'_> {
                 host::routed_cluster().and_then(|bytes| String::from_utf8(bytes).ok())
             })
             .as_deref()
+    }
+
+    fn names_destination(&self) -> bool {
+        self.names_destination
     }
 }
 
@@ -735,6 +864,11 @@ struct Request {
     /// It went on with its own key, for want of a token: the diagnosis code.
     fallback: Option<&'static str>,
     inspection: Option<Inspection>,
+    /// The cluster Envoy routed it to when the filter decided.
+    checked: Option<String>,
+    /// No target took it, though it looked like one a target meant, and it
+    /// carried a key: an Azure 403 gets this reason as its diagnosis.
+    near_miss: Option<NearMiss>,
 }
 
 impl Request {
@@ -817,6 +951,54 @@ impl Request {
     }
 }
 
+impl Request {
+    /// A body chunk or the trailers must not release a request whose headers
+    /// still wait for a token: Envoy would continue the headers unrewritten.
+    /// (Envoy holds them itself while headers pause, unless the plugin sets
+    /// allow_on_headers_stop_iteration; this is the safety net.)
+    fn hold_while_parked(&self) -> Action {
+        let still_parked = self.parked && self.vm.as_ref().is_some_and(|vm| vm.holds(self.id));
+        if still_parked {
+            Action::Pause
+        } else {
+            Action::Continue
+        }
+    }
+
+    /// Envoy matched the route again after the filter's writes: did the
+    /// request go where the filter checked? If not, the target is refused
+    /// from now on, and this answer says why.
+    fn check_route(&self, vm: &Vm, target: u32) -> bool {
+        let taken = host::routed_cluster().and_then(|bytes| String::from_utf8(bytes).ok());
+        if request::went_where_checked(self.checked.as_deref(), taken.as_deref()) {
+            return true;
+        }
+        let refusal = Refusal {
+            checked: safe::free_text(self.checked.as_deref().unwrap_or("(none)"), 200),
+            taken: safe::free_text(taken.as_deref().unwrap_or("(none)"), 200),
+        };
+        let name = vm.target_name(target);
+        log::error!(
+            "target {name}: Envoy sent a request to cluster \"{}\" after the filter had checked \"{}\" and \
+             replaced its api-key with the token (a route matches on the api-key or authorization header, \
+             or on the api-key query parameter). Every further request of this target is refused \
+             ({}) until the routes match on host and path only and the configuration is reloaded",
+            refusal.taken,
+            refusal.checked,
+            crate::diagnose::code::ROUTE_CHANGED_AFTER_REWRITE
+        );
+        if let Ok(mut metrics) = vm.metrics.try_borrow_mut() {
+            metrics.add(m::ROUTE_CHANGES, &[name], 1);
+        }
+        if let Ok(mut refused) = vm.refused.try_borrow_mut() {
+            if let Some(slot) = refused.get_mut(target as usize) {
+                slot.get_or_insert(refusal);
+            }
+        }
+        false
+    }
+}
+
 impl Context for Request {}
 
 /// `make build` removes the module's `proxy_on_log` and `proxy_on_done`
@@ -824,7 +1006,7 @@ impl Context for Request {}
 /// overriding `on_log` or `on_done` here would have no effect.
 impl HttpContext for Request {
     fn on_http_request_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
-        let Some(vm) = &self.vm else {
+        let Some(vm) = self.vm.clone() else {
             return Action::Continue;
         };
         // Every request header in one host call: each separate read costs
@@ -839,104 +1021,126 @@ impl HttpContext for Request {
                 .map(|(_, v)| *v)
         };
         // An authority that is not plain text matches nothing.
-        let host = header(":authority")
-            .and_then(wire::text)
-            .unwrap_or_default();
+        let arrival = Arrival {
+            authority: header(":authority")
+                .and_then(wire::text)
+                .unwrap_or_default(),
+            api_key: header(API_KEY_HEADER),
+            authorization: header(AUTHORIZATION_HEADER),
+        };
         let mut lookups = Lookups {
             path: header(":path").and_then(wire::text),
             cluster: None,
+            names_destination: header(ORIGINAL_DST_HEADER).is_some(),
         };
-        let Some(target) = vm.config.route(host, &mut lookups) else {
-            vm.passed_through.set(vm.passed_through.get() + 1);
-            vm.note_near_miss(host);
-            return Action::Continue;
-        };
-        let Some(spec) = vm.config.targets.get(target) else {
-            return Action::Continue;
-        };
-        let (token, policy) = (spec.token, &spec.policy);
-        let target = target as u32;
-        self.target = Some(target);
-        self.host = host.to_owned();
         let now = host::now_ms();
-        // The application's own Entra token for this audience stays (DESIGN,
-        // client_token: keep); only its key goes.
-        if policy.client_token == ClientToken::Keep {
-            let resource = vm
-                .config
-                .tokens
-                .get(token)
-                .map_or("", |t| t.resource.as_str());
-            if policy::keeps_client_token(header(AUTHORIZATION_HEADER), resource, now / 1000) {
-                let _ = host::remove_request_header(API_KEY_HEADER);
-                remove_key_param(lookups.path());
-                if let Some(kept) = vm.kept.get(target as usize) {
-                    kept.set(kept.get() + 1);
-                }
-                return Action::Continue;
-            }
-        }
-        // Gateway keys: the identity is lent only to listed callers.
-        if let Some(keys) = &policy.client_keys {
-            let key = header(API_KEY_HEADER);
-            let query = match key {
-                Some(_) => None,
-                None => lookups.path().and_then(rewrite::api_key_param),
-            };
-            match keys.check(key.or(query.as_deref())) {
-                KeyCheck::Known(client) => self.client = Some(client),
-                check => {
-                    vm.reply(target, &Diagnosis::client_key(check == KeyCheck::Missing));
-                    return Action::Pause;
-                }
-            }
-        }
         let Ok(mut agents) = vm.agents.try_borrow_mut() else {
             return Action::Continue;
         };
-        let Some(agent) = agents.get_mut(token) else {
-            return Action::Continue;
-        };
-        // The way back to keys: with a failure already known, a request that
-        // brought a key goes on with it at once instead of waiting.
-        if policy.on_token_failure == OnTokenFailure::ForwardKey {
-            if let Some(code) = agent.unavailable(now) {
-                if policy::carries_key(header(API_KEY_HEADER), lookups.path()) {
-                    drop(agents);
-                    self.fallback = Some(code);
-                    vm.note_fallback(target, code);
-                    return Action::Continue;
-                }
-            }
-        }
-        match agent.admit(now, self.id, target) {
-            Admission::Authorize { bearer, generation } => {
-                match host::send_credential(vm.credential_kind(token), bearer) {
-                    Ok(()) => {
-                        drop(agents);
-                        // A key in the query (Realtime browser clients put it
-                        // there) never leaves with the credential.
-                        remove_key_param(lookups.path());
-                        self.authorized = Some(generation);
-                        vm.count_authorized(target, self.client);
-                    }
-                    Err(status) => {
-                        log::warn!("cannot rewrite request headers (host status {})", status.0)
+        let refused = vm.refused.try_borrow();
+        let decision = request::decide(
+            &vm.config,
+            &mut agents,
+            refused.as_ref().map_or(&[][..], |r| r.as_slice()),
+            &arrival,
+            &mut lookups,
+            self.id,
+            now,
+        );
+        drop(refused);
+        // What the filter checked: the response tells where Envoy really sent it.
+        self.checked = lookups.cluster.take().flatten();
+        match decision {
+            Decision::Pass { miss } => {
+                drop(agents);
+                vm.passed_through.set(vm.passed_through.get() + 1);
+                if let Some(miss) = miss {
+                    vm.note_near_miss(arrival.authority, miss);
+                    // Only a key can meet Azure's AuthenticationTypeDisabled.
+                    if arrival.api_key.is_some()
+                        || lookups
+                            .path
+                            .is_some_and(|p| rewrite::api_key_param(p).is_some())
+                    {
+                        self.near_miss = Some(miss);
                     }
                 }
                 Action::Continue
             }
-            Admission::Park { kick } => {
-                let key = agent.key().as_bytes().to_vec();
+            Decision::Reply { target, diagnosis } => {
                 drop(agents);
+                self.target = Some(target);
+                vm.reply(target, &diagnosis);
+                Action::Pause
+            }
+            Decision::KeepClientToken { target, path } => {
+                drop(agents);
+                self.target = Some(target);
+                self.host = arrival.authority.to_owned();
+                if let Err(status) = host::remove_request_header(API_KEY_HEADER)
+                    .and_then(|()| rewrite_path(path.as_deref()))
+                {
+                    vm.reply(target, &Diagnosis::credential_not_written(status.0));
+                    return Action::Pause;
+                }
+                if let Some(kept) = vm.kept.get(target as usize) {
+                    kept.set(kept.get() + 1);
+                }
+                Action::Continue
+            }
+            Decision::ForwardKey { target, code } => {
+                drop(agents);
+                self.target = Some(target);
+                self.host = arrival.authority.to_owned();
+                self.fallback = Some(code);
+                vm.note_fallback(target, code);
+                Action::Continue
+            }
+            Decision::Authorize {
+                target,
+                kind,
+                credential,
+                generation,
+                client,
+                path,
+            } => {
+                let written = host::send_credential(kind, credential)
+                    .and_then(|()| rewrite_path(path.as_deref()));
+                drop(agents);
+                self.target = Some(target);
+                self.host = arrival.authority.to_owned();
+                if let Err(status) = written {
+                    vm.reply(target, &Diagnosis::credential_not_written(status.0));
+                    return Action::Pause;
+                }
+                self.authorized = Some(generation);
+                self.client = client;
+                vm.count_authorized(target, client);
+                Action::Continue
+            }
+            Decision::Park {
+                target,
+                client,
+                kick,
+            } => {
+                let key = vm
+                    .config
+                    .targets
+                    .get(target as usize)
+                    .and_then(|t| agents.get(t.token))
+                    .map(|a| a.key().as_bytes().to_vec());
+                drop(agents);
+                self.target = Some(target);
+                self.host = arrival.authority.to_owned();
                 self.parked = true;
+                self.client = client;
                 if let (Some(client), Ok(mut clients)) =
-                    (self.client, vm.parked_clients.try_borrow_mut())
+                    (client, vm.parked_clients.try_borrow_mut())
                 {
                     clients.insert(self.id, client);
                 }
                 vm.report_waiting();
-                if kick {
+                if let (true, Some(key)) = (kick, key) {
                     let _ = host::enqueue(vm.queue, &key);
                 }
                 Action::Pause
@@ -945,29 +1149,27 @@ impl HttpContext for Request {
     }
 
     fn on_http_request_body(&mut self, _size: usize, _end_of_stream: bool) -> Action {
-        // A body chunk must not release a request whose headers are still
-        // waiting for a token: Envoy would continue the headers unrewritten.
-        // (Envoy holds the body itself while headers pause, unless the plugin
-        // sets allow_on_headers_stop_iteration; this is the safety net.)
-        let still_parked = self.parked
-            && self.vm.as_ref().is_some_and(|vm| {
-                vm.agents
-                    .try_borrow()
-                    .map_or(true, |agents| agents.iter().any(|a| a.is_parked(self.id)))
-            });
-        if still_parked {
-            Action::Pause
-        } else {
-            Action::Continue
-        }
+        self.hold_while_parked()
+    }
+
+    fn on_http_request_trailers(&mut self, _trailers: usize) -> Action {
+        self.hold_while_parked()
     }
 
     fn on_http_response_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
-        // Answers to requests no target matched are not ours: untouched.
-        if self.target.is_none() {
+        let Some(target) = self.target else {
+            // Answers to requests no target matched are not ours: untouched,
+            // but for the one hint users need most. A 403 to a key sent to an
+            // Azure AI host that no target took is Azure refusing the key
+            // (AuthenticationTypeDisabled): say why the filter did not step in.
+            if let Some(miss) = self.near_miss {
+                if host::response_status() == Some(403) {
+                    let _ = host::set_response_header(DIAGNOSIS_HEADER, Some(miss.code()));
+                }
+            }
             return Action::Continue;
-        }
-        let Some(vm) = &self.vm else {
+        };
+        let Some(vm) = self.vm.clone() else {
             return Action::Continue;
         };
         if self.parked && self.fallback.is_none() {
@@ -993,6 +1195,11 @@ impl HttpContext for Request {
             if taken.is_some() {
                 self.authorized = taken;
             }
+        }
+        if self.authorized.is_some() && !self.check_route(&vm, target) {
+            let code = crate::diagnose::code::ROUTE_CHANGED_AFTER_REWRITE;
+            let _ = host::set_response_header(DIAGNOSIS_HEADER, Some(code));
+            return Action::Continue;
         }
         let Some(status) = host::response_status() else {
             return Action::Continue;
@@ -1061,19 +1268,19 @@ impl Drop for Request {
             if let Ok(mut fallbacks) = vm.fallbacks.try_borrow_mut() {
                 fallbacks.remove(&self.id);
             }
+            if let Ok(mut ids) = vm.deferred_ids.try_borrow_mut() {
+                ids.remove(&self.id);
+            }
         }
     }
 }
 
-/// Remove any `api-key` query parameter from the current request's `path`.
-fn remove_key_param(path: Option<&str>) {
-    if let Some(path) = path.and_then(rewrite::without_api_key_param) {
-        if let Err(status) = host::set_request_header(":path", &path) {
-            log::warn!(
-                "cannot remove the api-key query parameter (host status {})",
-                status.0
-            );
-        }
+/// Give the current request this `:path` (its query without the api-key),
+/// if there is one to give.
+fn rewrite_path(path: Option<&str>) -> Result<(), host::Status> {
+    match path {
+        Some(path) => host::set_request_header(":path", path),
+        None => Ok(()),
     }
 }
 

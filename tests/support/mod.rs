@@ -50,8 +50,13 @@ pub fn envoy_bin() -> PathBuf {
     bin
 }
 
+/// The filter under test: the build of this tree, or the module named by
+/// `AOAI_MSI_WASM` (to run a suite against another build, such as the one a
+/// fix replaced).
 pub fn wasm() -> PathBuf {
-    let path = repo().join("target/wasm32-wasip1/release/aoai_msi_filter.wasm");
+    let path = std::env::var_os("AOAI_MSI_WASM")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo().join("target/wasm32-wasip1/release/aoai_msi_filter.wasm"));
     assert!(
         path.exists(),
         "{} is missing: run `make build` (make test does) before the end-to-end tests",
@@ -736,4 +741,208 @@ pub fn plugin_configs(doc: &serde_yaml::Value) -> Vec<String> {
         .filter_map(|wasm| wasm["config"]["configuration"]["value"].as_str())
         .map(str::to_owned)
         .collect()
+}
+
+// --- Helpers of the README checks (tests/readme.rs).
+
+/// README.md as it is in the work tree.
+pub fn readme() -> String {
+    std::fs::read_to_string(repo().join("README.md")).unwrap()
+}
+
+/// A fenced code block of a Markdown text.
+#[derive(Debug, Clone)]
+pub struct Fenced {
+    /// The info string after the opening fence (`json`, `sh`, or empty).
+    pub info: String,
+    /// 1-based line number of the opening fence.
+    pub line: usize,
+    /// The lines between the fences, each ending in `\n`.
+    pub text: String,
+}
+
+/// Every fenced (```) code block of `markdown`, in order. Fences indented by
+/// up to three spaces count, as in CommonMark; a block left open runs to the end.
+pub fn fenced_blocks(markdown: &str) -> Vec<Fenced> {
+    let mut blocks = Vec::new();
+    let mut open: Option<Fenced> = None;
+    for (index, line) in markdown.lines().enumerate() {
+        let trimmed = line.trim_start();
+        let indent = line.len() - trimmed.len();
+        let fence = indent <= 3 && trimmed.starts_with("```");
+        match open.take() {
+            None if fence => {
+                open = Some(Fenced {
+                    info: trimmed.trim_start_matches('`').trim().to_owned(),
+                    line: index + 1,
+                    text: String::new(),
+                });
+            }
+            None => {}
+            Some(block) if fence && trimmed.trim_end_matches('`').is_empty() => blocks.push(block),
+            Some(mut block) => {
+                block.text.push_str(line);
+                block.text.push('\n');
+                open = Some(block);
+            }
+        }
+    }
+    blocks.extend(open);
+    blocks
+}
+
+/// The variables whose names `json` gives in a `*_env` field
+/// (`client_secret_env`, `client_certificate_env`), with the field's name.
+pub fn env_fields(json: &serde_json::Value) -> Vec<(String, String)> {
+    let mut found = Vec::new();
+    let mut pending = vec![json];
+    while let Some(value) = pending.pop() {
+        match value {
+            serde_json::Value::Object(map) => {
+                for (key, v) in map {
+                    match v.as_str() {
+                        Some(name) if key.ends_with("_env") => {
+                            found.push((key.clone(), name.to_owned()))
+                        }
+                        _ => pending.push(v),
+                    }
+                }
+            }
+            serde_json::Value::Array(items) => pending.extend(items),
+            _ => {}
+        }
+    }
+    found.sort();
+    found
+}
+
+/// A plugin configuration parsed by the filter's own parser with stand-in
+/// values for every variable the parser asks for (a PEM certificate and RSA
+/// key for the variables named by `client_certificate_env`, the
+/// [`VALIDATION_ENV`] value where it has one, a placeholder otherwise), and
+/// those variables, sorted by name: the environment the VM must get.
+pub fn parse_with_stand_in_env(
+    json: &str,
+) -> (
+    Result<aoai_msi_filter::config::Config, aoai_msi_filter::config::ConfigError>,
+    Vec<(String, String)>,
+) {
+    let value: serde_json::Value = serde_json::from_str(json).unwrap_or_default();
+    let certificates: Vec<String> = env_fields(&value)
+        .into_iter()
+        .filter(|(field, _)| field == "client_certificate_env")
+        .map(|(_, name)| name)
+        .collect();
+    let asked = std::cell::RefCell::new(std::collections::BTreeMap::<String, String>::new());
+    let lookup = |name: &str| -> Option<String> {
+        let mut asked = asked.borrow_mut();
+        let value = asked
+            .entry(name.to_owned())
+            .or_insert_with(|| {
+                if certificates.iter().any(|c| c == name) {
+                    let c = aoai_emulator::new_certificate().unwrap();
+                    format!("{}\n{}", c.cert_pem, c.key_pem)
+                } else {
+                    validation_env(name).unwrap_or_else(|| format!("stand-in-value-of-{name}"))
+                }
+            })
+            .clone();
+        Some(value)
+    };
+    let parsed = aoai_msi_filter::config::Config::parse_with_env(json.as_bytes(), &lookup);
+    let env = asked.into_inner().into_iter().collect();
+    (parsed, env)
+}
+
+/// Every Envoy cluster a parsed configuration names: its targets' `clusters`
+/// and the clusters its token calls go to (the token endpoint's, and the
+/// token-file listener's for workload identity), sorted, without repeats.
+pub fn clusters_named_by(config: &aoai_msi_filter::config::Config) -> Vec<String> {
+    let mut clusters: Vec<String> = config
+        .targets
+        .iter()
+        .flat_map(|t| t.clusters.iter().cloned())
+        .collect();
+    for token in &config.tokens {
+        clusters.push(token.source.cluster().to_owned());
+        if let aoai_msi_filter::source::Source::WorkloadIdentity(s) = &token.source {
+            clusters.push(s.assertion_cluster.clone());
+        }
+    }
+    clusters.sort();
+    clusters.dedup();
+    clusters
+}
+
+/// `envoy --mode validate -c <config>` with `env` (and nothing of
+/// [`VALIDATION_ENV`]) added to Envoy's environment: (passed, everything
+/// Envoy printed).
+pub fn validate_with_env(config: &Path, env: &[(String, String)]) -> (bool, String) {
+    let out = Command::new(envoy_bin())
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .args(["--mode", "validate", "-c"])
+        .arg(config)
+        .args(["-l", "info", "--component-log-level", "wasm:trace"])
+        .arg("--use-dynamic-base-id")
+        .current_dir(repo())
+        .stdin(Stdio::null())
+        .output()
+        .expect("cannot run envoy --mode validate");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+/// Run the openai SDK once against Envoy (`tests/sdk/call.py`, with the
+/// project venv's Python): what it returned or raised, as JSON.
+pub fn openai_sdk_call(envoy: &Envoy, max_retries: u32) -> serde_json::Value {
+    let python = venv_python();
+    let out = Command::new(&python)
+        .arg(repo().join("tests/sdk/call.py"))
+        .arg(format!("http://{}", envoy.listener))
+        .arg(max_retries.to_string())
+        .output()
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot run {}: {e}; `make test` installs the openai SDK",
+                python.display()
+            )
+        });
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "the SDK script failed (is openai installed in .venv? `make test` installs it):\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_str(stdout.trim()).unwrap()
+}
+
+/// A shipped config (`envoy/<name>`) made to run here: every cluster reaches
+/// the emulator over plain HTTP, admin and listeners take free ports, and
+/// `YOUR-RESOURCE` becomes `myres`. Timeouts, upgrades, the filter chain and
+/// the plugin configuration stay as shipped.
+pub fn shipped_config_on(name: &str, emulator: &Emulator) -> String {
+    // The config loads the module from target/: fail clearly when it is missing.
+    wasm();
+    let text = std::fs::read_to_string(repo().join("envoy").join(name))
+        .unwrap()
+        .replace("YOUR-RESOURCE", "myres");
+    let mut doc: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
+    doc["admin"]["address"]["socket_address"]["port_value"] = 0.into();
+    let resources = &mut doc["static_resources"];
+    for listener in resources["listeners"].as_sequence_mut().unwrap() {
+        listener["address"]["socket_address"]["port_value"] = 0.into();
+    }
+    for cluster in resources["clusters"].as_sequence_mut().unwrap() {
+        let name = cluster["name"].as_str().unwrap().to_owned();
+        let port = emulator.port();
+        *cluster = serde_yaml::from_str(&format!(
+            "name: {name}\ntype: STATIC\nconnect_timeout: 1s\nload_assignment:\n  cluster_name: {name}\n  endpoints:\n  - lb_endpoints:\n    - endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {port} }} }} }}\n"
+        ))
+        .unwrap();
+    }
+    serde_yaml::to_string(&doc).unwrap()
 }

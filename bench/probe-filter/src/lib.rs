@@ -13,6 +13,10 @@
 //! - `remove`: remove `api-key`;
 //! - `set`: set `authorization`;
 //! - `status`: read `:status` of the response;
+//! - `cluster`: read the routed cluster (`xds.cluster_name`) before the
+//!   writes above and again after them, and send both to the upstream as
+//!   `x-probe-cluster-before` / `x-probe-cluster-after`: what a filter can
+//!   learn of Envoy matching the route again after its own header writes;
 //! - `content_type_as_string`: read the response's `content-type` through the
 //!   SDK's `String` getter, as aoai-msi-filter once did. The getter unwraps
 //!   UTF-8, so a non-UTF-8 value aborts the VM: `make test` uses this to show
@@ -36,6 +40,7 @@ struct Ops {
     remove: bool,
     set: Option<String>,
     status: bool,
+    cluster: bool,
     content_type_as_string: bool,
 }
 
@@ -53,12 +58,22 @@ impl Ops {
                 "remove" => ops.remove = true,
                 "set" => ops.set = Some(value.to_owned()),
                 "status" => ops.status = true,
+                "cluster" => ops.cluster = true,
                 "content_type_as_string" => ops.content_type_as_string = true,
                 other => return Err(format!("unknown probe operation `{other}`")),
             }
         }
         Ok(ops)
     }
+}
+
+/// The cluster Envoy's route sends the current request to, as bytes
+/// (`-` when the host has none).
+fn routed_cluster() -> Vec<u8> {
+    hostcalls::get_property(vec!["xds", "cluster_name"])
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| b"-".to_vec())
 }
 
 struct ProbeRoot {
@@ -114,12 +129,23 @@ impl HttpContext for Probe {
         if self.ops.clock {
             std::hint::black_box(hostcalls::get_current_time().ok());
         }
+        let before = self.ops.cluster.then(routed_cluster);
         if self.ops.remove {
             let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, "api-key", None);
         }
         if let Some(value) = &self.ops.set {
             let _ =
                 hostcalls::set_map_value(MapType::HttpRequestHeaders, "authorization", Some(value));
+        }
+        if let Some(before) = before {
+            let after = routed_cluster();
+            for (name, value) in [
+                ("x-probe-cluster-before", before),
+                ("x-probe-cluster-after", after),
+            ] {
+                let _ =
+                    hostcalls::set_map_value_bytes(MapType::HttpRequestHeaders, name, Some(&value));
+            }
         }
         Action::Continue
     }
