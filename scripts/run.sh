@@ -99,11 +99,10 @@ cat <<TXT
     -H 'api-key: anything' -H 'content-type: application/json' \\
     -d '{"messages":[{"role":"user","content":"hi"}]}'
 
-  # pip install openai
-  from openai import AzureOpenAI
-  client = AzureOpenAI(azure_endpoint="http://$APP", api_key="anything", api_version="2024-10-21")
-  print(client.chat.completions.create(model="gpt-4o-mini",
-        messages=[{"role": "user", "content": "hi"}]).choices[0].message.content)
+  # The openai SDK goes into the project venv (make test installs it there too),
+  # and the project venv's Python runs it:
+  .venv/bin/pip install openai${OPENAI_VERSION:+==$OPENAI_VERSION}
+  .venv/bin/python -c 'from openai import AzureOpenAI; client = AzureOpenAI(azure_endpoint="http://$APP", api_key="anything", api_version="2024-10-21"); print(client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}]).choices[0].message.content)'
 
   Envoy admin: http://$ADMIN   logs: $RUN/envoy.log, $RUN/emulator.log
   Press Ctrl-C to stop Envoy and the emulator.

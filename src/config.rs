@@ -618,11 +618,13 @@ impl<'a> TryFrom<(RawConfig, Env<'a>)> for Config {
                 !clusters.is_empty(),
             )?;
             let paths = check_paths(draft.paths.as_deref(), &field("paths"))?;
+            let source = check_source(draft.token_source, &field("token_source"), env)?;
             let resource = match draft.resource.as_deref() {
                 Some(r) => check_resource(r, &field("resource"))?,
-                None => default_resource(&hosts, &paths, &draft.prefix)?,
+                None => default_resource(&hosts, &paths, &draft.prefix)?
+                    .unwrap_or_else(|| Cloud::audience(Cloud::of_source(&source)).to_owned()),
             };
-            let source = check_source(draft.token_source, &field("token_source"), env)?;
+            check_cloud(&source, &resource, &draft.prefix, draft.resource.is_some())?;
             let spec = TokenSpec {
                 source,
                 resource,
@@ -987,13 +989,14 @@ fn known_audience(pattern: &HostPattern, paths: &[String]) -> Option<Result<&'st
     None
 }
 
-/// `resource` from the hosts and paths, by cloud and service; hosts that
-/// call for different audiences in one target are an error.
+/// `resource` from the hosts and paths, by cloud and service (`None` when
+/// no host names a cloud); hosts that call for different audiences in one
+/// target are an error.
 fn default_resource(
     hosts: &HostPatterns,
     paths: &[String],
     prefix: &str,
-) -> Result<String, ConfigError> {
+) -> Result<Option<String>, ConfigError> {
     let mut chosen: Option<(&'static str, &HostPattern)> = None;
     for pattern in hosts.patterns() {
         match known_audience(pattern, paths) {
@@ -1020,7 +1023,111 @@ fn default_resource(
             },
         }
     }
-    Ok(chosen.map_or(DEFAULT_RESOURCE, |(a, _)| a).to_owned())
+    Ok(chosen.map(|(a, _)| a.to_owned()))
+}
+
+/// The sovereign cloud a token comes from, or an audience belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cloud {
+    Public,
+    UsGov,
+    China,
+}
+
+impl Cloud {
+    /// The cloud of an Entra authority host, if it is one of the three.
+    pub fn of_authority(authority: &str) -> Option<Cloud> {
+        match authority.to_ascii_lowercase().as_str() {
+            "login.microsoftonline.com" => Some(Cloud::Public),
+            "login.microsoftonline.us" => Some(Cloud::UsGov),
+            "login.chinacloudapi.cn" => Some(Cloud::China),
+            _ => None,
+        }
+    }
+
+    /// The cloud a token source signs in to: known for Entra sources by their
+    /// authority; a managed identity's is the machine's own, not known here.
+    pub fn of_source(source: &Source) -> Option<Cloud> {
+        match source {
+            Source::ClientCredentials(s) => Cloud::of_authority(&s.authority),
+            Source::WorkloadIdentity(s) => Cloud::of_authority(&s.authority),
+            Source::Imds(_) | Source::AppService(_) | Source::Http(_) => None,
+        }
+    }
+
+    /// The cloud of an Azure audience URI, if it is an Azure one.
+    pub fn of_audience(resource: &str) -> Option<Cloud> {
+        let host = resource
+            .strip_prefix("https://")?
+            .split('/')
+            .next()
+            .unwrap_or_default()
+            .to_ascii_lowercase();
+        if host.ends_with(".azure.us") || host.ends_with(".usgovcloudapi.net") {
+            Some(Cloud::UsGov)
+        } else if host.ends_with(".azure.cn") || host.ends_with(".chinacloudapi.cn") {
+            Some(Cloud::China)
+        } else if host.ends_with(".azure.com") {
+            Some(Cloud::Public)
+        } else {
+            None
+        }
+    }
+
+    /// Azure OpenAI's audience in this cloud (public when unknown).
+    pub fn audience(cloud: Option<Cloud>) -> &'static str {
+        match cloud {
+            Some(Cloud::UsGov) => audience::COGNITIVE_SERVICES_US,
+            Some(Cloud::China) => audience::COGNITIVE_SERVICES_CN,
+            Some(Cloud::Public) | None => audience::COGNITIVE_SERVICES,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Cloud::Public => "the public cloud",
+            Cloud::UsGov => "Azure US Government",
+            Cloud::China => "Azure China",
+        }
+    }
+}
+
+/// A source signs in to one cloud; Entra refuses to issue it a token for an
+/// audience of another. Both fields are named.
+fn check_cloud(
+    source: &Source,
+    resource: &str,
+    prefix: &str,
+    explicit: bool,
+) -> Result<(), ConfigError> {
+    let (Some(from), Some(to)) = (Cloud::of_source(source), Cloud::of_audience(resource)) else {
+        return Ok(());
+    };
+    if from == to {
+        return Ok(());
+    }
+    let audience_field = if explicit {
+        format!("{prefix}resource")
+    } else {
+        format!("{prefix}hosts")
+    };
+    Err(invalid(
+        format!("{audience_field} / {prefix}token_source.authority"),
+        format!(
+            "ask for an audience of {} ({resource}) from an authority of {}",
+            to.name(),
+            from.name()
+        ),
+        format!(
+            "use a token source of the resource's cloud (authority {}), or the audience of the source's cloud ({})",
+            match to {
+                Cloud::Public => ENTRA_AUTHORITIES[0],
+                Cloud::UsGov => ENTRA_AUTHORITIES[1],
+                Cloud::China => ENTRA_AUTHORITIES[2],
+            },
+            Cloud::audience(Some(from))
+        ),
+    ))
 }
 
 fn check_source(

@@ -872,3 +872,48 @@ async fn no_secret_assertion_key_or_token_appears_in_the_log_at_trace_level() {
     );
     assert!(checked >= 20, "{checked}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_us_gov_service_principal_bound_to_a_cluster_asks_entra_for_the_us_gov_audience() {
+    let emulator = Emulator::start(Settings {
+        accepted_audience: aoai_emulator::US_GOV_RESOURCE.to_owned(),
+        ..with_app(app(
+            vec![AppSecret {
+                value: SECRET.into(),
+                expired: false,
+            }],
+            vec![],
+            vec![],
+        ))
+    })
+    .unwrap();
+    // The README's gov target: every host routed to its cluster, a service
+    // principal of the US Gov cloud, no `resource`.
+    let config = format!(
+        r#"{{"targets":[{{"name":"gov","hosts":["*"],"clusters":["upstream"],
+            "token_source":{{"type":"client_credentials","cluster":"entra",
+              "authority":"login.microsoftonline.us","tenant_id":"{TENANT_ID}",
+              "client_id":"{APP_CLIENT}","client_secret_env":"GOV_SP_SECRET"}}}}]}}"#
+    );
+    let envoy = envoy_with(
+        &emulator,
+        &config,
+        &["GOV_SP_SECRET"],
+        &[("GOV_SP_SECRET", SECRET)],
+        None,
+    );
+    let (status, _, body) = send_chat(&envoy).await;
+    assert_eq!(status, 200, "{body}");
+    let calls = emulator.entra_requests();
+    assert_eq!(calls.len(), 1);
+    assert_eq!(calls[0].host, "login.microsoftonline.us");
+    assert_eq!(
+        form_field(&calls[0].form, "scope"),
+        Some("https://cognitiveservices.azure.us/.default")
+    );
+    let upstream = emulator.upstream_requests();
+    assert_eq!(
+        upstream[0].token_aud.as_deref(),
+        Some(aoai_emulator::US_GOV_RESOURCE)
+    );
+}

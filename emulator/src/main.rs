@@ -1,5 +1,6 @@
 //! `aoai-emulator [--listen 127.0.0.1:8080] [--token-lifetime SECONDS] [--imds-delay-ms MS]
-//!                [--token-padding BYTES] [--allow-keys] [--entra-app CLIENT_ID=SECRET]... [--quiet]`
+//!                [--token-padding BYTES] [--allow-keys] [--entra-app CLIENT_ID=SECRET]...
+//!                [--key-file PATH [--key-expires-in SECONDS]] [--quiet]`
 //!
 //! Runs the local Azure (IMDS, Entra, and the Azure OpenAI, Foundry project and
 //! Azure ML scoring data planes; see the library's rooms) until interrupted.
@@ -9,7 +10,11 @@ use std::process::ExitCode;
 
 use aoai_emulator::{AppSecret, Emulator, EntraApp, Settings};
 
-const USAGE: &str = "usage: aoai-emulator [--listen ADDR] [--token-lifetime SECONDS] [--imds-delay-ms MS] [--token-padding BYTES] [--allow-keys] [--entra-app CLIENT_ID=SECRET]... [--quiet]";
+const USAGE: &str = "usage: aoai-emulator [--listen ADDR] [--token-lifetime SECONDS] [--imds-delay-ms MS] [--token-padding BYTES] [--allow-keys] [--entra-app CLIENT_ID=SECRET]... [--key-file PATH [--key-expires-in SECONDS]] [--quiet]
+
+  --key-file PATH         the key service, GET /keyservice/key, answers {\"key\": <the file's contents>},
+                          read anew on every request (without it: 404)
+  --key-expires-in SECS   and adds \"expires_in\": SECS to that answer";
 
 struct Args {
     listen: SocketAddr,
@@ -49,10 +54,25 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Option<Args>, St
                 app.secrets.push(AppSecret::new(secret));
                 parsed.settings.entra_apps.push(app);
             }
+            // The reference key service (`GET /keyservice/key`) of the
+            // filter's `http` source serves this file, read on every request.
+            "--key-file" => {
+                let path: std::path::PathBuf = value(&arg, args.next())?;
+                if path.as_os_str().is_empty() {
+                    return Err(format!("{arg} needs a path"));
+                }
+                parsed.settings.key_file = Some(path);
+            }
+            "--key-expires-in" => {
+                parsed.settings.key_expires_in_s = Some(value(&arg, args.next())?)
+            }
             "--quiet" => parsed.verbose = false,
             "-h" | "--help" => return Ok(None),
             other => return Err(format!("unknown argument `{other}`")),
         }
+    }
+    if parsed.settings.key_expires_in_s.is_some() && parsed.settings.key_file.is_none() {
+        return Err("--key-expires-in needs --key-file".to_owned());
     }
     Ok(Some(parsed))
 }
@@ -74,6 +94,7 @@ fn main() -> ExitCode {
         }
     };
     let lifetime = settings.token_lifetime_s;
+    let key_file = settings.key_file.clone();
     let keys = if settings.local_auth_disabled {
         "refused (disableLocalAuth=true)"
     } else {
@@ -90,6 +111,12 @@ fn main() -> ExitCode {
         "[emulator] listening on http://{}: IMDS tokens for {lifetime} s, Azure OpenAI keys {keys}",
         emulator.addr()
     );
+    if let Some(path) = &key_file {
+        println!(
+            "[emulator] key service: GET /keyservice/key serves {}",
+            path.display()
+        );
+    }
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -135,6 +162,30 @@ mod tests {
         assert_ne!(apps[0].object_id, apps[1].object_id);
         for bad in ["bench-client", "=s3", "bench-client="] {
             assert!(parse(&["--entra-app", bad]).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_key_service_serves_the_file_named_on_the_command_line() {
+        let args = parse(&["--key-file", "/run/keys/aoai"]).unwrap().unwrap();
+        assert_eq!(
+            args.settings.key_file,
+            Some(std::path::PathBuf::from("/run/keys/aoai"))
+        );
+        assert_eq!(args.settings.key_expires_in_s, None);
+        let args = parse(&["--key-expires-in", "300", "--key-file", "k"])
+            .unwrap()
+            .unwrap();
+        assert_eq!(args.settings.key_expires_in_s, Some(300));
+        // Without the option there is no key file: the service answers 404.
+        assert_eq!(parse(&[]).unwrap().unwrap().settings.key_file, None);
+        for bad in [
+            &["--key-file"][..],
+            &["--key-file", ""],
+            &["--key-expires-in", "300"],
+            &["--key-file", "k", "--key-expires-in", "soon"],
+        ] {
+            assert!(parse(bad).is_err(), "{bad:?}");
         }
     }
 }

@@ -138,3 +138,69 @@ fn a_secondary_key_is_accepted_beside_the_primary_as_key1_and_key2_are() {
         ]
     );
 }
+
+/// The standalone binary, as the README runs it: `--key-file` makes
+/// `GET /keyservice/key` serve the file, read anew on every request; without
+/// it the key service answers 404.
+#[test]
+fn the_binary_serves_the_key_file_named_by_its_option() {
+    use std::io::{Read, Write};
+    use std::net::{SocketAddr, TcpListener, TcpStream};
+    use std::process::{Command, Stdio};
+    use std::time::{Duration, Instant};
+
+    struct Running(std::process::Child);
+    impl Drop for Running {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    fn get(addr: SocketAddr) -> Option<(u16, Value)> {
+        let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()?;
+        stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        write!(
+            stream,
+            "GET /keyservice/key HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+        )
+        .ok()?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response).ok()?;
+        let status = response.split_whitespace().nth(1)?.parse().ok()?;
+        let body = response.split_once("\r\n\r\n")?.1;
+        Some((status, serde_json::from_str(body).ok()?))
+    }
+    fn start(extra: &[&str]) -> (Running, SocketAddr) {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let child = Command::new(env!("CARGO_BIN_EXE_aoai-emulator"))
+            .args(["--listen", &addr.to_string(), "--quiet"])
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        let running = Running(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while TcpStream::connect(addr).is_err() {
+            assert!(Instant::now() < deadline, "aoai-emulator did not listen");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        (running, addr)
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("key");
+    rotate(&path, "key-one\n");
+    let (_emulator, addr) = start(&["--key-file", path.to_str().unwrap()]);
+    assert_eq!(get(addr), Some((200, json!({"key": "key-one"}))));
+    rotate(&path, "key-two\n");
+    assert_eq!(get(addr), Some((200, json!({"key": "key-two"}))));
+
+    let (_plain, addr) = start(&[]);
+    assert_eq!(get(addr), Some((404, json!({"error": "not_found"}))));
+}

@@ -667,3 +667,66 @@ fn values_that_cannot_be_secrets_are_still_named_in_errors() {
     );
     assert!(message.contains("MY_SP_SECRET"), "{message}");
 }
+
+#[test]
+fn a_target_whose_hosts_name_no_cloud_takes_the_audience_of_its_sources_cloud() {
+    let sp = |authority: &str, resource: &str| {
+        format!(
+            r#"{{"targets":[{{"name":"gov","hosts":["*"],"clusters":["gov"]{resource},
+              "token_source":{{"type":"client_credentials","cluster":"entra_us","authority":"{authority}",
+                "tenant_id":"72f988bf-0000-4000-8000-00000000e1a0","client_id":"c11e0000-0000-4000-8000-0000000000aa",
+                "client_secret_env":"GOV_SP_SECRET"}}}}]}}"#
+        )
+    };
+    let env = |name: &str| (name == "GOV_SP_SECRET").then(|| "s".to_owned());
+    for (authority, audience) in [
+        (
+            "login.microsoftonline.us",
+            "https://cognitiveservices.azure.us",
+        ),
+        (
+            "login.chinacloudapi.cn",
+            "https://cognitiveservices.azure.cn",
+        ),
+        (
+            "login.microsoftonline.com",
+            "https://cognitiveservices.azure.com",
+        ),
+    ] {
+        let c = Config::parse_with_env(sp(authority, "").as_bytes(), &env).unwrap();
+        assert_eq!(resource_of(&c, 0), audience, "{authority}");
+    }
+    // A source of one cloud and an audience of another: both fields named.
+    let e = Config::parse_with_env(
+        sp(
+            "login.microsoftonline.us",
+            r#","resource":"https://cognitiveservices.azure.com""#,
+        )
+        .as_bytes(),
+        &env,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("targets[0].resource / targets[0].token_source.authority"),
+        "{e}"
+    );
+    assert!(
+        e.contains("Azure US Government") && e.contains("the public cloud"),
+        "{e}"
+    );
+    let e = Config::parse_with_env(
+        sp("login.microsoftonline.us", "")
+            .replace(r#""hosts":["*"]"#, r#""hosts":["*.openai.azure.com"]"#)
+            .as_bytes(),
+        &env,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("targets[0].hosts / targets[0].token_source.authority"),
+        "{e}"
+    );
+    // A managed identity's cloud is the machine's: nothing to compare.
+    assert!(Config::parse(br#"{"hosts":["*.openai.azure.us"]}"#).is_ok());
+}
