@@ -128,16 +128,18 @@ dist: build
 	cd dist && sha256sum aoai_msi_filter.wasm > aoai_msi_filter.wasm.sha256
 	@ls -l $(WASM) dist/aoai_msi_filter.wasm | awk '{print $$5 " bytes  " $$NF}'
 	@cat dist/aoai_msi_filter.wasm.sha256
+	@echo "sha256 (the bare hash, for WasmPlugin.sha256, vm_config.code.remote.sha256, Envoy Gateway's sha256):"
+	@cut -d' ' -f1 dist/aoai_msi_filter.wasm.sha256
 
 test: lint test-unit test-wasm test-fuzz test-e2e test-demo
 
 test-unit: .targets
 	cargo test --workspace --lib --bins
 	cargo test -p aoai-emulator --tests
-	cargo test --test istio
+	cargo test --test istio --test envoy_gateway
 
-test-wasm: .targets $(WASM_BINDGEN_STAMP)
-	CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUNNER=$(abspath $(WASM_BINDGEN_RUNNER)) \
+test-wasm: .targets $(WASM_BINDGEN_STAMP) $(NODE)
+	PATH="$(abspath $(NODE_DIR)):$$PATH" CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUNNER=$(abspath $(WASM_BINDGEN_RUNNER)) \
 	  cargo test --target wasm32-unknown-unknown --no-default-features --test wasm_core
 
 # Parsers of what others wrote (token responses, configs, shared records,

@@ -2,6 +2,11 @@
 //! every pluginConfig passes the filter's own parser, the clusters it names
 //! are the ones Istio generates from the ServiceEntries, and every host it
 //! gives a token to is one the mesh routes with TLS, never PassthroughCluster.
+//! Sidecar recipes select pods (`selector`, mode CLIENT, clusters
+//! `outbound|<port>||<host>`); the ambient recipe attaches to a waypoint
+//! (`targetRefs`, clusters `inbound-vip|<port>|http|<host>` of the services
+//! bound to it: istio/istio pilot/pkg/networking/core/cluster_waypoint.go,
+//! buildWaypointInboundVIP, named by model.BuildSubsetKey).
 #![cfg(not(target_arch = "wasm32"))]
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -12,9 +17,13 @@ use serde::Deserialize;
 use serde_yaml::Value;
 
 fn manifests() -> Vec<(PathBuf, Value)> {
+    // The recipes, and the example workloads kept apart from them.
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("envoy/istio");
     let mut docs = Vec::new();
-    for entry in std::fs::read_dir(&dir).unwrap() {
+    let files = std::fs::read_dir(&dir)
+        .unwrap()
+        .chain(std::fs::read_dir(dir.join("examples")).unwrap());
+    for entry in files {
         let path = entry.unwrap().path();
         if path.extension().is_some_and(|e| e == "yaml") {
             let text = std::fs::read_to_string(&path).unwrap();
@@ -26,6 +35,7 @@ fn manifests() -> Vec<(PathBuf, Value)> {
         }
     }
     assert!(docs.len() >= 6, "the Istio manifests are shipped");
+    docs.sort_by(|a, b| a.0.cmp(&b.0));
     docs
 }
 
@@ -83,6 +93,103 @@ fn istio_cluster(entry: &Value, port: u64) -> String {
     format!("outbound|{port}||{}", text(&entry["spec"]["hosts"][0]))
 }
 
+/// The cluster a waypoint generates for the HTTP port of a service bound to
+/// it: `inbound-vip|<port>|http|<host>` (cluster_waypoint.go,
+/// buildWaypointInboundVIPCluster; listener_waypoint.go routes to the same name).
+fn waypoint_cluster(host: &str, port: u64) -> String {
+    format!("inbound-vip|{port}|http|{host}")
+}
+
+/// The waypoint (a Gateway of class istio-waypoint) a WasmPlugin or
+/// EnvoyFilter attaches to with `targetRefs`; None for a sidecar recipe.
+fn waypoint_of(policy: &Value) -> Option<String> {
+    policy["spec"]["targetRefs"]
+        .as_sequence()
+        .into_iter()
+        .flatten()
+        .find(|r| r["kind"] == "Gateway" && r["group"] == "gateway.networking.k8s.io")
+        .map(|r| text(&r["name"]).to_owned())
+}
+
+/// The waypoint Gateway `name` in `namespace`.
+fn waypoint_gateway(docs: &[(PathBuf, Value)], namespace: &Value, name: &str) -> Value {
+    of_kind(docs, "Gateway")
+        .into_iter()
+        .find(|g| g["metadata"]["namespace"] == *namespace && g["metadata"]["name"] == name)
+        .unwrap_or_else(|| panic!("no Gateway {name} in {namespace:?}"))
+}
+
+/// The clusters of TLS-originated services bound to waypoint `waypoint` in
+/// `namespace` (label istio.io/use-waypoint): only these reach a waypoint.
+fn waypoint_tls_clusters(
+    docs: &[(PathBuf, Value)],
+    namespace: &Value,
+    waypoint: &str,
+) -> Vec<String> {
+    let safe = tls_originated_hosts(docs);
+    let mut clusters = Vec::new();
+    for entry in of_kind(docs, "ServiceEntry") {
+        if entry["metadata"]["namespace"] != *namespace
+            || entry["metadata"]["labels"]["istio.io/use-waypoint"] != waypoint
+        {
+            continue;
+        }
+        for host in entry["spec"]["hosts"].as_sequence().into_iter().flatten() {
+            let host = text(host);
+            if !safe.iter().any(|h| h == host) {
+                continue;
+            }
+            for port in entry["spec"]["ports"].as_sequence().into_iter().flatten() {
+                if port["protocol"] == "HTTP" {
+                    clusters.push(waypoint_cluster(host, port["number"].as_u64().unwrap()));
+                }
+            }
+        }
+    }
+    clusters
+}
+
+/// The clusters EnvoyFilters add to the proxies a plugin runs in: the pods it
+/// selects, or its waypoint. A waypoint takes a CLUSTER ADD only with context
+/// SIDECAR_INBOUND (pilot/pkg/networking/core/envoyfilter/cluster_patch.go,
+/// InsertedClusters: without a context, only sidecar outbound and gateways).
+fn clusters_added_for(docs: &[(PathBuf, Value)], plugin: &Value) -> Vec<String> {
+    let namespace = &plugin["metadata"]["namespace"];
+    let waypoint = waypoint_of(plugin);
+    let mut added = Vec::new();
+    for filter in of_kind(docs, "EnvoyFilter") {
+        if filter["metadata"]["namespace"] != *namespace {
+            continue;
+        }
+        let applies = match &waypoint {
+            Some(w) => waypoint_of(&filter).as_deref() == Some(w.as_str()),
+            None => {
+                filter["spec"]["targetRefs"].is_null()
+                    && (filter["spec"]["workloadSelector"].is_null()
+                        || filter["spec"]["workloadSelector"]["labels"]
+                            == plugin["spec"]["selector"]["matchLabels"])
+            }
+        };
+        if !applies {
+            continue;
+        }
+        for patch in filter["spec"]["configPatches"]
+            .as_sequence()
+            .into_iter()
+            .flatten()
+        {
+            if patch["applyTo"] != "CLUSTER" || patch["patch"]["operation"] != "ADD" {
+                continue;
+            }
+            if waypoint.is_some() && patch["match"]["context"] != "SIDECAR_INBOUND" {
+                continue;
+            }
+            added.push(text(&patch["patch"]["value"]["name"]).to_owned());
+        }
+    }
+    added
+}
+
 #[test]
 fn every_plugin_config_is_accepted_by_the_filters_parser() {
     let docs = manifests();
@@ -91,11 +198,20 @@ fn every_plugin_config_is_accepted_by_the_filters_parser() {
     for plugin in plugins {
         let config = plugin_config(&plugin);
         assert_eq!(text(&plugin["spec"]["type"]), "HTTP");
-        assert_eq!(
-            text(&plugin["spec"]["match"][0]["mode"]),
-            "CLIENT",
-            "outbound side"
-        );
+        if waypoint_of(&plugin).is_some() {
+            // A waypoint builds its HTTP filters as listener class
+            // SidecarInbound (mode SERVER): a CLIENT match never attaches there
+            // (listener_waypoint.go, buildWaypointHTTPFilters).
+            for m in plugin["spec"]["match"].as_sequence().into_iter().flatten() {
+                assert_ne!(m["mode"], "CLIENT", "a waypoint plugin is never CLIENT");
+            }
+        } else {
+            assert_eq!(
+                text(&plugin["spec"]["match"][0]["mode"]),
+                "CLIENT",
+                "outbound side"
+            );
+        }
         assert!(!config.targets.is_empty());
     }
 }
@@ -116,49 +232,39 @@ fn every_token_call_goes_to_a_cluster_the_mesh_defines() {
     let imds_port = imds["spec"]["ports"][0]["number"].as_u64().unwrap();
     assert_eq!(imds_port, 80);
     let safe = tls_originated_hosts(&docs);
-    // Clusters EnvoyFilters add, by namespace.
-    let added: Vec<(String, String)> = of_kind(&docs, "EnvoyFilter")
-        .iter()
-        .flat_map(|f| {
-            let namespace = text(&f["metadata"]["namespace"]).to_owned();
-            f["spec"]["configPatches"]
-                .as_sequence()
-                .into_iter()
-                .flatten()
-                .filter(|p| p["applyTo"] == "CLUSTER" && p["patch"]["operation"] == "ADD")
-                .map(move |p| {
-                    (
-                        namespace.clone(),
-                        text(&p["patch"]["value"]["name"]).to_owned(),
-                    )
-                })
-                .collect::<Vec<_>>()
-        })
-        .collect();
+    let mut checked = 0;
     for plugin in of_kind(&docs, "WasmPlugin") {
-        let namespace = text(&plugin["metadata"]["namespace"]);
+        let namespace = &plugin["metadata"]["namespace"];
         let config = plugin_config(&plugin);
+        let added = clusters_added_for(&docs, &plugin);
+        let waypoint = waypoint_of(&plugin);
         for token in &config.tokens {
             let mut clusters = vec![token.source.cluster().to_owned()];
             if let aoai_msi_filter::source::Source::WorkloadIdentity(s) = &token.source {
                 clusters.push(s.assertion_cluster.clone());
             }
             for cluster in clusters {
-                let by_filter = added
-                    .iter()
-                    .any(|(ns, name)| ns == namespace && *name == cluster);
-                let imds_cluster = cluster == istio_cluster(imds, imds_port);
-                // Entra and friends: only with TLS the sidecar originates.
-                let tls = cluster
-                    .strip_prefix("outbound|80||")
-                    .is_some_and(|host| safe.iter().any(|h| h == host));
+                let by_filter = added.contains(&cluster);
+                let by_mesh = match &waypoint {
+                    // A sidecar: IMDS, or Entra and friends with TLS the sidecar originates.
+                    None => {
+                        cluster == istio_cluster(imds, imds_port)
+                            || cluster
+                                .strip_prefix("outbound|80||")
+                                .is_some_and(|host| safe.iter().any(|h| h == host))
+                    }
+                    // A waypoint has clusters only for services bound to it.
+                    Some(w) => waypoint_tls_clusters(&docs, namespace, w).contains(&cluster),
+                };
                 assert!(
-                    by_filter || imds_cluster || tls,
-                    "{namespace}: token calls go to {cluster}, which no ServiceEntry with TLS (or EnvoyFilter) defines"
+                    by_filter || by_mesh,
+                    "{namespace:?}: token calls go to {cluster}, which no ServiceEntry with TLS (or EnvoyFilter) gives that proxy"
                 );
+                checked += 1;
             }
         }
     }
+    assert!(checked >= 5, "every recipe's token clusters were checked");
 }
 
 /// The hosts of ServiceEntries whose HTTP port the sidecar sends on to 443
@@ -225,12 +331,23 @@ fn every_target_is_bound_to_the_cluster_istio_generates_for_its_tls_host() {
     let safe = tls_originated_hosts(&docs);
     for plugin in of_kind(&docs, "WasmPlugin") {
         let config = plugin_config(&plugin);
+        let waypoint = waypoint_of(&plugin);
         for target in &config.targets {
             assert!(
                 !target.clusters.is_empty(),
                 "{}: the token follows Istio's routing, never the Host header alone",
                 target.name
             );
+            if let Some(w) = &waypoint {
+                let bound = waypoint_tls_clusters(&docs, &plugin["metadata"]["namespace"], w);
+                for cluster in &target.clusters {
+                    assert!(
+                        bound.contains(cluster),
+                        "{cluster} is not a TLS service bound to waypoint {w} (its clusters: {bound:?})"
+                    );
+                }
+                continue;
+            }
             for cluster in &target.clusters {
                 // outbound|<port>||<host>
                 let (port, host) = cluster
@@ -255,7 +372,12 @@ fn every_target_is_bound_to_the_cluster_istio_generates_for_its_tls_host() {
 fn the_plugins_namespace_refuses_hosts_without_a_service_entry() {
     let docs = manifests();
     let sidecars = of_kind(&docs, "Sidecar");
-    for plugin in of_kind(&docs, "WasmPlugin") {
+    // Ambient pods have no sidecar (the Sidecar resource does not apply to
+    // them); a waypoint only ever sees services bound to it.
+    for plugin in of_kind(&docs, "WasmPlugin")
+        .into_iter()
+        .filter(|p| waypoint_of(p).is_none())
+    {
         let namespace = &plugin["metadata"]["namespace"];
         assert!(
             sidecars
@@ -321,6 +443,22 @@ fn the_token_file_listener_serves_the_file_the_pod_mounts_into_the_proxy() {
                 file.starts_with(watched),
                 "{file} is in {watched}: rotation is seen"
             );
+            if let Some(waypoint) = waypoint_of(&filter) {
+                // The webhook mounts the token into the waypoint pod itself, at
+                // its TokenFileMountPath/TokenFilePathName.
+                assert_eq!(
+                    patch["match"]["context"], "SIDECAR_INBOUND",
+                    "a waypoint patches its listeners in context SIDECAR_INBOUND"
+                );
+                assert_eq!(file, "/var/run/secrets/azure/tokens/azure-identity-token");
+                let gateway = waypoint_gateway(&docs, namespace, &waypoint);
+                assert_eq!(
+                    gateway["spec"]["infrastructure"]["labels"]["azure.workload.identity/use"],
+                    "true",
+                    "the webhook mutates the waypoint pod"
+                );
+                continue;
+            }
             let job = of_kind(&docs, "Job")
                 .into_iter()
                 .find(|j| j["metadata"]["namespace"] == *namespace)
@@ -366,9 +504,24 @@ fn every_example_app_calls_a_host_its_namespace_routes_and_its_plugin_selects() 
         });
         assert!(routed, "{endpoint} has a ServiceEntry in {namespace:?}");
         let label = &app["spec"]["template"]["metadata"]["labels"]["app"];
+        let ambient = of_kind(&docs, "Namespace").iter().any(|n| {
+            n["metadata"]["name"] == *namespace
+                && n["metadata"]["labels"]["istio.io/dataplane-mode"] == "ambient"
+        });
         let selected = of_kind(&docs, "WasmPlugin").iter().any(|p| {
             p["metadata"]["namespace"] == *namespace
-                && p["spec"]["selector"]["matchLabels"]["app"] == *label
+                && match waypoint_of(p) {
+                    // Ambient: the endpoint's ServiceEntry uses the plugin's waypoint.
+                    Some(w) => {
+                        ambient
+                            && of_kind(&docs, "ServiceEntry").iter().any(|e| {
+                                e["metadata"]["namespace"] == *namespace
+                                    && text(&e["spec"]["hosts"][0]) == endpoint
+                                    && e["metadata"]["labels"]["istio.io/use-waypoint"] == w
+                            })
+                    }
+                    None => p["spec"]["selector"]["matchLabels"]["app"] == *label,
+                }
         });
         assert!(
             selected,
@@ -390,5 +543,246 @@ fn the_oci_recipe_follows_istios_wasm_image_convention() {
     assert_eq!(
         instructions,
         ["FROM scratch", "COPY dist/plugin.wasm ./plugin.wasm"]
+    );
+}
+
+/// Ports Istio's proxies and ztunnel listen on themselves.
+const ISTIO_RESERVED_PORTS: [u64; 10] = [
+    15000, 15001, 15004, 15006, 15008, 15009, 15020, 15021, 15053, 15090,
+];
+
+/// Every port number in a document: keys that hold one in Kubernetes, Istio
+/// and Envoy config (`port_value`, `number`, `port`, `targetPort`,
+/// `containerPort`), at any depth, with the path that leads to it.
+fn port_numbers(value: &Value, path: &str, out: &mut Vec<(String, u64)>) {
+    match value {
+        Value::Mapping(map) => {
+            for (key, child) in map {
+                let key = key.as_str().unwrap_or_default();
+                let here = format!("{path}/{key}");
+                if matches!(
+                    key,
+                    "port_value" | "number" | "port" | "targetPort" | "containerPort"
+                ) {
+                    if let Some(n) = child.as_u64() {
+                        out.push((here.clone(), n));
+                    }
+                }
+                port_numbers(child, &here, out);
+            }
+        }
+        Value::Sequence(items) => {
+            for (i, child) in items.iter().enumerate() {
+                port_numbers(child, &format!("{path}/{i}"), out);
+            }
+        }
+        _ => {}
+    }
+}
+
+#[test]
+fn no_manifest_puts_a_listener_or_port_on_one_istio_reserves() {
+    let docs = manifests();
+    let mut offenders = Vec::new();
+    let mut seen = 0;
+    for (path, doc) in &docs {
+        let mut ports = Vec::new();
+        port_numbers(doc, "", &mut ports);
+        for (at, port) in ports {
+            seen += 1;
+            // The waypoint's own HBONE listener is Istio's port, declared as
+            // Istio requires it (class istio-waypoint, protocol HBONE, 15008).
+            let waypoint_hbone = doc["kind"] == "Gateway"
+                && doc["spec"]["gatewayClassName"] == "istio-waypoint"
+                && at.starts_with("/spec/listeners/")
+                && port == 15008
+                && doc["spec"]["listeners"]
+                    .as_sequence()
+                    .into_iter()
+                    .flatten()
+                    .any(|l| l["port"].as_u64() == Some(15008) && l["protocol"] == "HBONE");
+            if ISTIO_RESERVED_PORTS.contains(&port) && !waypoint_hbone {
+                offenders.push(format!(
+                    "{} {} {}{at} = {port}",
+                    path.file_name().unwrap().to_string_lossy(),
+                    text(&doc["kind"]),
+                    text(&doc["metadata"]["name"]),
+                ));
+            }
+        }
+    }
+    assert!(seen > 20, "the walk finds the manifests' ports");
+    assert!(
+        offenders.is_empty(),
+        "ports Istio reserves for itself ({ISTIO_RESERVED_PORTS:?}): {offenders:#?}"
+    );
+}
+
+#[test]
+fn the_waypoint_runs_the_filter_as_its_own_workload_identity() {
+    let docs = manifests();
+    let plugins: Vec<Value> = of_kind(&docs, "WasmPlugin")
+        .into_iter()
+        .filter(|p| waypoint_of(p).is_some())
+        .collect();
+    assert!(
+        !plugins.is_empty(),
+        "the ambient recipe ships a waypoint plugin"
+    );
+    for plugin in plugins {
+        let namespace = &plugin["metadata"]["namespace"];
+        let name = waypoint_of(&plugin).unwrap();
+        assert!(
+            plugin["spec"]["selector"].is_null(),
+            "waypoints never use a selector: only targetRefs attach"
+        );
+        let gateway = waypoint_gateway(&docs, namespace, &name);
+        assert_eq!(gateway["spec"]["gatewayClassName"], "istio-waypoint");
+        let listener = &gateway["spec"]["listeners"][0];
+        assert_eq!(listener["port"].as_u64(), Some(15008));
+        assert_eq!(listener["protocol"], "HBONE");
+        // The labels reach the waypoint pod and its ServiceAccount, the
+        // annotations the ServiceAccount (Istio's waypoint template).
+        let infrastructure = &gateway["spec"]["infrastructure"];
+        assert_eq!(
+            infrastructure["labels"]["azure.workload.identity/use"],
+            "true"
+        );
+        assert!(infrastructure["annotations"]["azure.workload.identity/client-id"].is_string());
+        // The webhook's variables reach the VM from the proxy's environment.
+        let config = plugin_config(&plugin);
+        for token in &config.tokens {
+            assert!(
+                matches!(
+                    token.source,
+                    aoai_msi_filter::source::Source::WorkloadIdentity(_)
+                ),
+                "the waypoint's identity is its workload identity"
+            );
+        }
+        let passed: Vec<&str> = plugin["spec"]["vmConfig"]["env"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .map(|e| {
+                assert_eq!(e["valueFrom"], "HOST");
+                text(&e["name"])
+            })
+            .collect();
+        for variable in ["AZURE_CLIENT_ID", "AZURE_TENANT_ID"] {
+            assert!(passed.contains(&variable), "{variable} reaches the VM");
+        }
+        // Every service bound to the waypoint is in the plugin's namespace.
+        assert!(!waypoint_tls_clusters(&docs, namespace, &name).is_empty());
+    }
+}
+
+#[test]
+fn every_secret_comes_from_a_kubernetes_secret_never_from_a_manifest() {
+    let docs = manifests();
+    for (path, doc) in &docs {
+        assert_ne!(
+            doc["kind"],
+            "Secret",
+            "{}: no Secret is shipped with its value",
+            path.display()
+        );
+        let containers = doc["spec"]["template"]["spec"]["containers"]
+            .as_sequence()
+            .cloned()
+            .unwrap_or_default();
+        for container in containers {
+            for entry in container["env"].as_sequence().into_iter().flatten() {
+                let name = text(&entry["name"]);
+                if name.contains("SECRET") || name.contains("CERTIFICATE") {
+                    assert!(
+                        entry["valueFrom"]["secretKeyRef"].is_mapping(),
+                        "{}: {name} comes from a Kubernetes Secret",
+                        path.display()
+                    );
+                    assert!(entry["value"].is_null());
+                }
+            }
+        }
+        // A waypoint's pod template is Istio's: what it carries comes from the
+        // Gateway, which holds ids (client id), never a credential.
+        for (key, _) in doc["spec"]["infrastructure"]["annotations"]
+            .as_mapping()
+            .into_iter()
+            .flatten()
+        {
+            let key = key.as_str().unwrap();
+            assert!(
+                !key.contains("secret") && !key.contains("key"),
+                "{key}: no credential in a Gateway's annotations"
+            );
+        }
+    }
+}
+
+#[test]
+fn imds_is_reachable_only_from_the_namespaces_whose_plugin_uses_it() {
+    let docs = manifests();
+    let imds_entries: Vec<Value> = of_kind(&docs, "ServiceEntry")
+        .into_iter()
+        .filter(|e| {
+            e["spec"]["endpoints"]
+                .as_sequence()
+                .into_iter()
+                .flatten()
+                .any(|ep| ep["address"] == "169.254.169.254")
+        })
+        .collect();
+    assert!(!imds_entries.is_empty(), "the IMDS recipe is shipped");
+    for entry in &imds_entries {
+        let namespace = text(&entry["metadata"]["namespace"]);
+        assert_ne!(
+            namespace, "istio-system",
+            "an IMDS entry in the root namespace is visible to every namespace"
+        );
+        let export: Vec<&str> = entry["spec"]["exportTo"]
+            .as_sequence()
+            .map(|s| s.iter().map(text).collect())
+            .unwrap_or_default();
+        assert_eq!(export, ["."], "IMDS is exported to its own namespace only");
+    }
+    // Every plugin that calls IMDS has the entry in its own namespace.
+    for plugin in of_kind(&docs, "WasmPlugin") {
+        let config = plugin_config(&plugin);
+        let calls_imds = config.tokens.iter().any(|t| t.imds().is_some());
+        if calls_imds {
+            let namespace = &plugin["metadata"]["namespace"];
+            assert!(
+                imds_entries
+                    .iter()
+                    .any(|e| &e["metadata"]["namespace"] == namespace),
+                "{:?} calls IMDS without an entry in its namespace",
+                plugin["metadata"]["name"]
+            );
+        }
+    }
+}
+
+#[test]
+fn applying_the_recipe_directory_installs_no_application() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("envoy/istio");
+    let mut workloads = Vec::new();
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "yaml") {
+            let text = std::fs::read_to_string(&path).unwrap();
+            for doc in serde_yaml::Deserializer::from_str(&text) {
+                let value = Value::deserialize(doc).unwrap();
+                if ["Job", "Deployment", "Pod", "StatefulSet"]
+                    .contains(&value["kind"].as_str().unwrap_or(""))
+                {
+                    workloads.push(path.display().to_string());
+                }
+            }
+        }
+    }
+    assert!(
+        workloads.is_empty(),
+        "`kubectl apply -f envoy/istio/` would start these workloads: {workloads:?}; keep them in envoy/istio/examples/"
     );
 }
