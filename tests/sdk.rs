@@ -6,34 +6,13 @@
 
 mod support;
 
-use std::process::Command;
 
 use serde_json::Value;
 use support::*;
 
 /// Run the SDK once against Envoy; what it returned or raised.
 fn sdk_call(envoy: &Envoy, max_retries: u32) -> Value {
-    let python = std::env::var("SDK_PYTHON")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|_| repo().join(".venv/bin/python"));
-    let out = Command::new(&python)
-        .arg(repo().join("tests/sdk/call.py"))
-        .arg(format!("http://{}", envoy.listener))
-        .arg(max_retries.to_string())
-        .output()
-        .unwrap_or_else(|e| {
-            panic!(
-                "cannot run {}: {e}; `make test` installs the openai SDK",
-                python.display()
-            )
-        });
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "the SDK script failed (is openai installed in .venv? `make test` installs it):\n{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let result: Value = serde_json::from_str(stdout.trim()).unwrap();
+    let result = openai_sdk_call(envoy, max_retries);
     println!("openai {}: {}", result["sdk"], result);
     result
 }

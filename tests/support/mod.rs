@@ -272,22 +272,11 @@ pub fn validation_env(name: &str) -> Option<String> {
 
 /// `envoy --mode validate -c <file>`: (passed, everything Envoy printed).
 pub fn validate(config: &Path) -> (bool, String) {
-    let out = Command::new(envoy_bin())
-        .envs(VALIDATION_ENV)
-        .args(["--mode", "validate", "-c"])
-        .arg(config)
-        .args(["-l", "info", "--component-log-level", "wasm:trace"])
-        .arg("--use-dynamic-base-id")
-        .current_dir(repo())
-        .stdin(Stdio::null())
-        .output()
-        .expect("cannot run envoy --mode validate");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
+    let env: Vec<(String, String)> = VALIDATION_ENV
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
+    validate_with_env(config, &env)
 }
 
 /// A plain HTTP/1.1 GET for the admin endpoint: (status, body).
