@@ -29,12 +29,14 @@
 //! snapshot), so VM-local waits (parked requests, the call in flight) run on a
 //! monotonic clock derived from it ([`Monotonic`]), and a time in the shared
 //! record that lies in the future was written before a backward step: the
-//! wait it implies is void ([`crate::lifecycle::stepped_back`]).
+//! wait it implies is void ([`crate::clock::stepped_back`]).
 
 use crate::claims::Claims;
+use crate::clock::{stepped_back, Monotonic};
 use crate::config::TokenSpec;
 use crate::diagnose::Diagnosis;
-use crate::lifecycle::{retry_delay_ms, stepped_back};
+use crate::lifecycle::retry_delay_ms;
+pub use crate::lifecycle::Replacement;
 use crate::parked::Parked;
 pub use crate::parked::Waiter;
 use crate::rewrite::bearer_header;
@@ -104,45 +106,6 @@ pub enum Event {
     Invalidated,
     /// An `http` source handed out a different value than the one serving.
     Rotated,
-}
-
-/// What became of a token the upstream rejected.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Replacement {
-    /// One replacement fetch was asked for; the token serves until it lands.
-    Requested,
-    /// A replacement for this token is already on its way.
-    Pending,
-    /// Asked recently (at most once per `invalidation_interval_ms`): asks
-    /// again in this many ms.
-    RateLimited { again_in_ms: u64 },
-    /// Asked, and the endpoint answered with the very same token (managed
-    /// identity endpoints cache tokens for hours): kept, not asked again for
-    /// this many ms.
-    SameTokenReturned { again_in_ms: u64 },
-    /// A newer token already serves; nothing to do.
-    AlreadyReplaced,
-}
-
-/// A clock that never runs backwards, derived from a wall clock that may:
-/// it advances by every forward step of the wall clock and ignores backward
-/// ones, so durations measured on it stay true across a step.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Monotonic {
-    last_wall_ms: Option<u64>,
-    now_ms: u64,
-}
-
-impl Monotonic {
-    /// Advance to the wall clock's `wall_ms`; the monotonic time.
-    pub fn observe(&mut self, wall_ms: u64) -> u64 {
-        match self.last_wall_ms {
-            None => self.now_ms = wall_ms,
-            Some(last) => self.now_ms += wall_ms.saturating_sub(last),
-        }
-        self.last_wall_ms = Some(wall_ms);
-        self.now_ms
-    }
 }
 
 #[derive(Debug)]

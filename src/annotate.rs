@@ -13,12 +13,10 @@
 //! client's `Host` into a message, a log line or a command is validated first
 //! ([`crate::safe`]).
 
-use std::collections::HashMap;
-
 use serde_json::{json, Map, Value};
 
-use crate::agent::Replacement;
 use crate::claims::Claims;
+use crate::lifecycle::Replacement;
 use crate::rewrite::host_without_port as strip_port;
 use crate::safe;
 use crate::source::Source;
@@ -592,27 +590,6 @@ pub fn annotated_body(original: &[u8], annotation: &Annotation, target: &str) ->
     }
     top.insert("error".into(), Value::Object(error));
     Some(body.to_string())
-}
-
-/// One log line per diagnosis per interval: a storm of 401s must not flood
-/// the log. Per VM, time passed in.
-#[derive(Debug, Default)]
-pub struct LogLimiter {
-    last: HashMap<&'static str, u64>,
-}
-
-impl LogLimiter {
-    pub const INTERVAL_MS: u64 = 10_000;
-
-    pub fn allow(&mut self, diagnosis: &'static str, now_ms: u64) -> bool {
-        match self.last.get(diagnosis) {
-            Some(last) if now_ms < last + Self::INTERVAL_MS && *last <= now_ms => false,
-            _ => {
-                self.last.insert(diagnosis, now_ms);
-                true
-            }
-        }
-    }
 }
 
 #[cfg(test)]
@@ -1206,20 +1183,6 @@ mod tests {
         assert_eq!(big.body(&chunk, 2 << 20, false), BodyStep::Pass);
         assert_eq!(big.wants(2 << 20, true), 0);
         assert_eq!(big.body(b"", 2 << 20, true), BodyStep::Pass);
-    }
-
-    #[test]
-    fn a_storm_of_one_diagnosis_logs_once_per_interval() {
-        let mut limiter = LogLimiter::default();
-        assert!(limiter.allow(diagnosis::ROLE_MISSING, 0));
-        assert!(!limiter.allow(diagnosis::ROLE_MISSING, 9_999));
-        assert!(
-            limiter.allow(diagnosis::NETWORK_RULE, 5_000),
-            "each diagnosis has its own budget"
-        );
-        assert!(limiter.allow(diagnosis::ROLE_MISSING, 10_000));
-        // A clock that stepped back does not silence a diagnosis for long.
-        assert!(limiter.allow(diagnosis::ROLE_MISSING, 5_000));
     }
 
     #[test]

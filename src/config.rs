@@ -830,7 +830,10 @@ fn check_clusters(clusters: Option<&[String]>, field: &str) -> Result<Vec<String
             ));
         }
     }
-    if let Some(i) = clusters.iter().position(|c| crate::route::client_chosen(c)) {
+    if let Some(i) = clusters
+        .iter()
+        .position(|c| crate::rewrite::client_chosen(c))
+    {
         return Err(invalid(
             format!("{field}[{i}]"),
             format!(

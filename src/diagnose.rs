@@ -142,6 +142,18 @@ fn endpoint(source: &Source, cluster: &str) -> Endpoint {
 use crate::source::ClientCredentialsSource as ClientCredentialsLike;
 use crate::source::WorkloadIdentitySource as WorkloadLike;
 
+/// The `x-aoai-msi-diagnosis` code of an Azure 403 to a request no target
+/// took although it looked like one a target meant: key authentication is
+/// off, and the filter did not authorize it.
+pub fn near_miss_code(miss: crate::route::NearMiss) -> &'static str {
+    use crate::route::NearMiss;
+    match miss {
+        NearMiss::Spelling => code::HOST_SPELLING_NOT_ROUTED,
+        NearMiss::UnlistedAzureHost => code::HOST_NOT_IN_TARGETS,
+        NearMiss::ClientChosenDestination => code::CLIENT_CHOSEN_DESTINATION,
+    }
+}
+
 impl Diagnosis {
     /// Why a request that waited for a token gets none: the last failure.
     pub fn for_failure(failure: &Failure, spec: &TokenSpec, now_ms: u64) -> Diagnosis {

@@ -9,9 +9,11 @@
 pub mod agent;
 pub mod annotate;
 pub mod claims;
+pub mod clock;
 pub mod config;
 pub mod diagnose;
 pub mod lifecycle;
+pub mod limiter;
 pub mod metrics;
 pub mod parked;
 pub mod policy;

@@ -10,8 +10,9 @@
 //!   refresh has to succeed before any request has to wait.
 //! * A time written into shared data that lies in the future was written
 //!   before the wall clock stepped back; whatever wait it implies is void
-//!   ([`stepped_back`]), so a step can cost an extra fetch but never a stall.
+//!   ([`crate::clock::stepped_back`]), so a step can cost an extra fetch but never a stall.
 
+use crate::clock::stepped_back;
 use crate::token::{FailureClass, Token};
 
 /// The largest clock-skew margin, as in the Azure SDKs.
@@ -27,13 +28,23 @@ pub const URGENT_CAP_MS: u64 = 4_000;
 /// Delay between retries when the token endpoint refused the request (no
 /// identity yet, ambiguous identity): an identity may be assigned a minute later.
 pub const REFUSED_RETRY_MS: u64 = 30_000;
-/// How far in the future a recorded time may lie (threads reading the clock
-/// a moment apart) before it means the clock stepped back.
-pub const CLOCK_STEP_TOLERANCE_MS: u64 = 1_000;
 
-/// Was `recorded_ms` written under a wall clock that has since stepped back?
-pub fn stepped_back(recorded_ms: u64, now_ms: u64) -> bool {
-    recorded_ms > now_ms.saturating_add(CLOCK_STEP_TOLERANCE_MS)
+/// What became of a token the upstream rejected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Replacement {
+    /// One replacement fetch was asked for; the token serves until it lands.
+    Requested,
+    /// A replacement for this token is already on its way.
+    Pending,
+    /// Asked recently (at most once per `invalidation_interval_ms`): asks
+    /// again in this many ms.
+    RateLimited { again_in_ms: u64 },
+    /// Asked, and the endpoint answered with the very same token (managed
+    /// identity endpoints cache tokens for hours): kept, not asked again for
+    /// this many ms.
+    SameTokenReturned { again_in_ms: u64 },
+    /// A newer token already serves; nothing to do.
+    AlreadyReplaced,
 }
 
 impl Token {
@@ -82,7 +93,7 @@ pub fn retry_delay_ms(class: FailureClass, attempt: u32, seed: u64) -> u64 {
         FailureClass::Refused | FailureClass::Misconfigured => REFUSED_RETRY_MS,
     };
     let half = full / 2;
-    half + jitter(seed) % (full - half + 1)
+    half + crate::clock::splitmix64(seed) % (full - half + 1)
 }
 
 impl crate::store::Failure {
@@ -101,14 +112,6 @@ impl crate::store::Failure {
             scheduled
         }
     }
-}
-
-/// A few rounds of splitmix64: good enough to spread retries, and pure.
-fn jitter(seed: u64) -> u64 {
-    let mut z = seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
 }
 
 #[cfg(test)]

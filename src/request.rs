@@ -164,7 +164,7 @@ pub fn decide<'a>(
 pub fn went_where_checked(checked: Option<&str>, taken: Option<&str>) -> bool {
     match (checked, taken) {
         (Some(checked), Some(taken)) => checked == taken,
-        (None, Some(taken)) => !crate::route::client_chosen(taken),
+        (None, Some(taken)) => !crate::rewrite::client_chosen(taken),
         // No cluster at all: Envoy answered itself (no route, no upstream).
         (_, None) => true,
     }

@@ -151,6 +151,13 @@ impl HostPatterns {
     }
 }
 
+/// Clusters whose destination the client picks: Istio's `ORIGINAL_DST`
+/// clusters (`PassthroughCluster` for outbound traffic under `ALLOW_ANY`, and
+/// `InboundPassthroughCluster`, `…Ipv4`, `…Ipv6` for inbound).
+pub fn client_chosen(cluster: &str) -> bool {
+    cluster == "PassthroughCluster" || cluster.starts_with("InboundPassthroughCluster")
+}
+
 /// `host:port` → `host`; `[v6]:port` → `[v6]`.
 pub fn host_without_port(authority: &str) -> &str {
     if authority.starts_with('[') {

@@ -15,7 +15,7 @@
 //! is refused whatever the cluster.
 
 use crate::config::Config;
-use crate::rewrite::host_without_port;
+use crate::rewrite::{client_chosen, host_without_port};
 use crate::scope;
 
 /// What the glue can tell about a request beyond its `:authority`, on demand.
@@ -34,13 +34,6 @@ pub trait Routed {
 /// Header with which a client picks the destination of an `ORIGINAL_DST`
 /// cluster that has `use_http_header` set.
 pub const ORIGINAL_DST_HEADER: &str = "x-envoy-original-dst-host";
-
-/// Clusters whose destination the client picks: Istio's `ORIGINAL_DST`
-/// clusters (`PassthroughCluster` for outbound traffic under `ALLOW_ANY`, and
-/// `InboundPassthroughCluster`, `…Ipv4`, `…Ipv6` for inbound).
-pub fn client_chosen(cluster: &str) -> bool {
-    cluster == "PassthroughCluster" || cluster.starts_with("InboundPassthroughCluster")
-}
 
 /// A request no target took, though it looks like one a target meant to:
 /// worth a line in the log, since its `api-key` goes out untouched.
@@ -143,16 +136,6 @@ impl NearMiss {
                  so it got no token and its api-key went out unchanged. Give the host a ServiceEntry (or a \
                  cluster of its own) and name that cluster in the target's `clusters`"
             }
-        }
-    }
-
-    /// The `x-aoai-msi-diagnosis` code of an Azure 403 to such a request:
-    /// key authentication is off, and the filter did not authorize it.
-    pub fn code(self) -> &'static str {
-        match self {
-            NearMiss::Spelling => crate::diagnose::code::HOST_SPELLING_NOT_ROUTED,
-            NearMiss::UnlistedAzureHost => crate::diagnose::code::HOST_NOT_IN_TARGETS,
-            NearMiss::ClientChosenDestination => crate::diagnose::code::CLIENT_CHOSEN_DESTINATION,
         }
     }
 }

@@ -591,8 +591,8 @@ fn client_assertion(
 
 /// A UUID-shaped `jti` from a random per-VM seed, a counter and the time.
 fn jti(nonce: u64, now_ms: u64) -> String {
-    let a = mix(nonce);
-    let b = mix(nonce ^ now_ms.rotate_left(17));
+    let a = crate::clock::splitmix64(nonce);
+    let b = crate::clock::splitmix64(nonce ^ now_ms.rotate_left(17));
     format!(
         "{:08x}-{:04x}-4{:03x}-{:04x}-{:012x}",
         a >> 32,
@@ -601,13 +601,6 @@ fn jti(nonce: u64, now_ms: u64) -> String {
         0x8000 | (b >> 48) & 0x3fff,
         b & 0xffff_ffff_ffff
     )
-}
-
-fn mix(seed: u64) -> u64 {
-    let mut z = seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
 }
 
 /// The projected service-account token, as the token-file listener serves it.

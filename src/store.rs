@@ -12,7 +12,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::lifecycle::stepped_back;
+use crate::clock::stepped_back;
 use crate::token::{FetchFailure, Token};
 
 /// Bumped whenever the record's encoding changes incompatibly.

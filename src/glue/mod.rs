@@ -24,9 +24,10 @@ use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType};
 
 use crate::agent::{Agent, Command, Event, Level, Replacement, Waiter};
-use crate::annotate::{self, BodyMode, BodyStep, Facts, Inspection, LogLimiter};
+use crate::annotate::{self, BodyMode, BodyStep, Facts, Inspection};
 use crate::config::Config;
 use crate::diagnose::{Diagnosis, DIAGNOSIS_HEADER};
+use crate::limiter::LogLimiter;
 use crate::metrics as m;
 use crate::policy::{self, OnTokenFailure, FALLBACK_HEADER};
 use crate::request::{self, Arrival, Decision, Refusal};
@@ -1164,7 +1165,10 @@ impl HttpContext for Request {
             // (AuthenticationTypeDisabled): say why the filter did not step in.
             if let Some(miss) = self.near_miss {
                 if host::response_status() == Some(403) {
-                    let _ = host::set_response_header(DIAGNOSIS_HEADER, Some(miss.code()));
+                    let _ = host::set_response_header(
+                        DIAGNOSIS_HEADER,
+                        Some(crate::diagnose::near_miss_code(miss)),
+                    );
                 }
             }
             return Action::Continue;

@@ -335,7 +335,7 @@ fn an_unlisted_azure_host_and_a_port_spelling_pass_with_their_reason() {
         Decision::Pass { miss: None }
     );
     assert_eq!(
-        NearMiss::UnlistedAzureHost.code(),
+        crate::diagnose::near_miss_code(NearMiss::UnlistedAzureHost),
         code::HOST_NOT_IN_TARGETS
     );
 }
