@@ -15,8 +15,8 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{json, Value};
 
-use crate::data_plane::{bearer, Verdict};
 use crate::incoming::{Incoming, Keep};
+use crate::judge::{bearer, Verdict};
 use crate::tokens::unverified_aud;
 use crate::{header_list, json_response, redact, App, ImdsReply, Seen};
 

@@ -34,13 +34,14 @@ mod data_plane;
 mod entra;
 mod imds;
 mod incoming;
+mod judge;
 mod realtime;
 mod streaming;
 mod tokens;
 
-pub use data_plane::{audience_for, Verdict};
 pub use imds::{ImdsReply, ImdsRequest};
 pub use incoming::BODY_LIMIT;
+pub use judge::{audience_for, Verdict};
 
 use incoming::Incoming;
 use tokens::{mint, new_signing_key, Signer};

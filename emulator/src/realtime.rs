@@ -28,8 +28,8 @@ use axum::routing::get;
 use axum::Router;
 use serde_json::json;
 
-use crate::data_plane::{bearer, judge, Credential, Operation, Outcome, Verdict};
 use crate::incoming::{Incoming, Keep};
+use crate::judge::{bearer, judge, Credential, Operation, Outcome, Verdict};
 use crate::{json_response, App};
 
 pub(crate) fn routes() -> Router<App> {
