@@ -75,8 +75,9 @@ struct Vm {
     agents: RefCell<Vec<Agent>>,
     /// Token calls in flight: call id → token.
     calls: RefCell<HashMap<u32, usize>>,
-    /// Token generation each resumed request left with, until it takes it.
-    resumed: RefCell<HashMap<u32, u64>>,
+    /// Every request that waited for a token, from the moment it parked
+    /// until its context goes away (dropped in one place: `Drop for Request`).
+    held: RefCell<HashMap<u32, Held>>,
     metrics: RefCell<Metrics>,
     /// Per-request counts by target and gateway client, kept here and
     /// flushed on tick: no host call per request. Target `t`'s counts start
@@ -86,11 +87,6 @@ struct Vm {
     /// Requests that kept the application's own token, by target.
     kept: Vec<Cell<u64>>,
     passed_through: Cell<u64>,
-    /// Gateway client of each parked request, for its count when resumed.
-    parked_clients: RefCell<HashMap<u32, usize>>,
-    /// Diagnosis code of each request the root sent on with its own key,
-    /// until its response headers take it.
-    fallbacks: RefCell<HashMap<u32, &'static str>>,
     /// This VM's share of the waiting-requests gauge, by target, as last reported.
     waiting_reported: Vec<Cell<i64>>,
     /// When this VM last renewed its queue in the registry.
@@ -99,12 +95,29 @@ struct Vm {
     /// writes, to a cluster other than the one checked: refused from then on.
     refused: RefCell<Vec<Option<Refusal>>>,
     log_limiter: RefCell<LogLimiter>,
-    /// Batches of waiting requests still to resume or answer (see [`BATCH`]),
-    /// and the requests in them: still held, whatever their body does.
+    /// Batches of waiting requests still to resume or answer (see [`BATCH`]).
     deferred: RefCell<VecDeque<(usize, Command)>>,
-    deferred_ids: RefCell<HashSet<u32>>,
     /// Token clusters Envoy refused a call to, already reported.
     undispatchable: RefCell<HashSet<String>>,
+}
+
+/// What the root knows of a request that waited for a token.
+#[derive(Debug, Default)]
+struct Held {
+    /// The gateway client its key named, for its count when it goes on.
+    client: Option<usize>,
+    /// In a deferred batch: still held, whatever its body or trailers do.
+    deferred: bool,
+    /// How the root let it go, until its response headers take it.
+    released: Option<Released>,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Released {
+    /// With the token of this generation.
+    Authorized(u64),
+    /// With its own key, for want of a token (the diagnosis code).
+    FellBack(&'static str),
 }
 
 impl Vm {
@@ -252,17 +265,15 @@ impl Vm {
                     }
                     let mut forwarded = 0;
                     for waiter in &waiters {
-                        if let Ok(mut clients) = self.parked_clients.try_borrow_mut() {
-                            clients.remove(&waiter.request);
-                        }
                         if host::enter(waiter.request).is_err() {
                             continue;
                         }
                         // The way back to keys: the request goes on as it came.
                         if self.forwards_key(waiter.target) && current_request_has_key() {
-                            if let Ok(mut fallbacks) = self.fallbacks.try_borrow_mut() {
-                                fallbacks.insert(waiter.request, diagnosis.code);
-                            }
+                            let code = diagnosis.code;
+                            self.with_held(waiter.request, |h| {
+                                h.released = Some(Released::FellBack(code))
+                            });
                             let _ = host::resume_request();
                             self.note_fallback(waiter.target, diagnosis.code);
                             forwarded += 1;
@@ -298,9 +309,9 @@ impl Vm {
                     let mut sent = Vec::new();
                     for waiter in &waiters {
                         if host::enter(waiter.request).is_ok() && current_request_has_key() {
-                            if let Ok(mut fallbacks) = self.fallbacks.try_borrow_mut() {
-                                fallbacks.insert(waiter.request, code);
-                            }
+                            self.with_held(waiter.request, |h| {
+                                h.released = Some(Released::FellBack(code))
+                            });
                             let _ = host::resume_request();
                             self.note_fallback(waiter.target, code);
                             sent.push(waiter.request);
@@ -312,11 +323,6 @@ impl Vm {
                             for request in &sent {
                                 agent.forget(*request);
                             }
-                        }
-                    }
-                    if let Ok(mut clients) = self.parked_clients.try_borrow_mut() {
-                        for request in &sent {
-                            clients.remove(request);
                         }
                     }
                 }
@@ -333,28 +339,32 @@ impl Vm {
         }
     }
 
+    /// Change what the root knows of a held request (if it is still held).
+    fn with_held(&self, request: u32, change: impl FnOnce(&mut Held)) {
+        if let Ok(mut held) = self.held.try_borrow_mut() {
+            if let Some(entry) = held.get_mut(&request) {
+                change(entry);
+            }
+        }
+    }
+
     /// Keep the first [`BATCH`] waiters for now (no longer deferred, if
     /// they were); the rest, if any, for later.
     fn batch(&self, waiters: &mut Vec<Waiter>) -> Option<Vec<Waiter>> {
         let rest = (waiters.len() > BATCH).then(|| waiters.split_off(BATCH));
-        if let Ok(mut ids) = self.deferred_ids.try_borrow_mut() {
-            if !ids.is_empty() {
-                for waiter in waiters.iter() {
-                    ids.remove(&waiter.request);
-                }
-            }
+        for waiter in waiters.iter() {
+            self.with_held(waiter.request, |h| h.deferred = false);
         }
         rest
     }
 
     /// Carry `command` out on a later entry into this VM.
     fn defer(&self, token: usize, command: Command) {
-        if let (
-            Ok(mut ids),
-            Command::Resume(w) | Command::Reject(w, _) | Command::OfferFallback(w, _),
-        ) = (self.deferred_ids.try_borrow_mut(), &command)
+        if let Command::Resume(w) | Command::Reject(w, _) | Command::OfferFallback(w, _) = &command
         {
-            ids.extend(w.iter().map(|w| w.request));
+            for waiter in w {
+                self.with_held(waiter.request, |h| h.deferred = true);
+            }
         }
         let first = match self.deferred.try_borrow_mut() {
             Ok(mut deferred) => {
@@ -391,9 +401,9 @@ impl Vm {
             .try_borrow()
             .map_or(true, |agents| agents.iter().any(|a| a.is_parked(request)))
             || self
-                .deferred_ids
+                .held
                 .try_borrow()
-                .map_or(true, |ids| ids.contains(&request))
+                .map_or(true, |held| held.get(&request).is_some_and(|h| h.deferred))
     }
 
     fn record_key(&self, token: usize) -> String {
@@ -467,10 +477,10 @@ impl Vm {
         let kind = self.credential_kind(token);
         for waiter in &waiters {
             let client = self
-                .parked_clients
-                .try_borrow_mut()
+                .held
+                .try_borrow()
                 .ok()
-                .and_then(|mut clients| clients.remove(&waiter.request));
+                .and_then(|held| held.get(&waiter.request).and_then(|h| h.client));
             if host::enter(waiter.request).is_err() {
                 continue;
             }
@@ -485,9 +495,9 @@ impl Vm {
             });
             match written {
                 Ok(()) => {
-                    if let Ok(mut resumed) = self.resumed.try_borrow_mut() {
-                        resumed.insert(waiter.request, generation);
-                    }
+                    self.with_held(waiter.request, |h| {
+                        h.released = Some(Released::Authorized(generation))
+                    });
                     let _ = host::resume_request();
                     self.count_authorized(waiter.target, client);
                 }
@@ -700,7 +710,7 @@ impl Root {
             queue,
             agents: RefCell::new(agents),
             calls: RefCell::new(HashMap::new()),
-            resumed: RefCell::new(HashMap::new()),
+            held: RefCell::new(HashMap::new()),
             metrics: RefCell::new(Metrics::default()),
             authorized: (0..slots.last().copied().unwrap_or(0))
                 .map(|_| Cell::new(0))
@@ -708,14 +718,11 @@ impl Root {
             slots: slots[..targets].to_vec(),
             kept: (0..targets).map(|_| Cell::new(0)).collect(),
             passed_through: Cell::new(0),
-            parked_clients: RefCell::new(HashMap::new()),
-            fallbacks: RefCell::new(HashMap::new()),
             waiting_reported: (0..targets).map(|_| Cell::new(0)).collect(),
             heartbeat_ms: Cell::new(now),
             refused: RefCell::new(vec![None; targets]),
             log_limiter: RefCell::new(LogLimiter::default()),
             deferred: RefCell::new(VecDeque::new()),
-            deferred_ids: RefCell::new(HashSet::new()),
             undispatchable: RefCell::new(HashSet::new()),
             config,
         })
@@ -1135,10 +1142,14 @@ impl HttpContext for Request {
                 self.host = arrival.authority.to_owned();
                 self.parked = true;
                 self.client = client;
-                if let (Some(client), Ok(mut clients)) =
-                    (client, vm.parked_clients.try_borrow_mut())
-                {
-                    clients.insert(self.id, client);
+                if let Ok(mut held) = vm.held.try_borrow_mut() {
+                    held.insert(
+                        self.id,
+                        Held {
+                            client,
+                            ..Held::default()
+                        },
+                    );
                 }
                 vm.report_waiting();
                 if let (true, Some(key)) = (kick, key) {
@@ -1176,29 +1187,25 @@ impl HttpContext for Request {
         let Some(vm) = self.vm.clone() else {
             return Action::Continue;
         };
-        if self.parked && self.fallback.is_none() {
-            self.fallback = vm
-                .fallbacks
+        if self.parked {
+            // Let go by the root: learn how (the token it left with, or its
+            // own key).
+            let released = vm
+                .held
                 .try_borrow_mut()
                 .ok()
-                .and_then(|mut f| f.remove(&self.id));
+                .and_then(|mut held| held.get_mut(&self.id).and_then(|h| h.released.take()));
+            match released {
+                Some(Released::Authorized(generation)) => self.authorized = Some(generation),
+                Some(Released::FellBack(code)) => self.fallback = Some(code),
+                None => {}
+            }
         }
         if let Some(code) = self.fallback {
             // Sent with the application's own key: the answer is its own,
             // marked so the fallback is visible where the app looks.
             let _ = host::set_response_header(FALLBACK_HEADER, Some(code));
             return Action::Continue;
-        }
-        if self.parked {
-            // Resumed by the root: learn which token this request carried.
-            let taken = vm
-                .resumed
-                .try_borrow_mut()
-                .ok()
-                .and_then(|mut r| r.remove(&self.id));
-            if taken.is_some() {
-                self.authorized = taken;
-            }
         }
         if self.authorized.is_some() && !self.check_route(&vm, target) {
             let code = crate::diagnose::code::ROUTE_CHANGED_AFTER_REWRITE;
@@ -1263,17 +1270,8 @@ impl Drop for Request {
                 }
             }
             vm.report_waiting();
-            if let Ok(mut resumed) = vm.resumed.try_borrow_mut() {
-                resumed.remove(&self.id);
-            }
-            if let Ok(mut clients) = vm.parked_clients.try_borrow_mut() {
-                clients.remove(&self.id);
-            }
-            if let Ok(mut fallbacks) = vm.fallbacks.try_borrow_mut() {
-                fallbacks.remove(&self.id);
-            }
-            if let Ok(mut ids) = vm.deferred_ids.try_borrow_mut() {
-                ids.remove(&self.id);
+            if let Ok(mut held) = vm.held.try_borrow_mut() {
+                held.remove(&self.id);
             }
         }
     }
