@@ -523,28 +523,14 @@ fn describe_identity(oid: Option<&str>, claims: &Claims) -> String {
     }
 }
 
-/// Suffixes of Azure OpenAI resource hosts, public and sovereign clouds.
-const RESOURCE_SUFFIXES: [&str; 5] = [
-    ".openai.azure.com",
-    ".cognitiveservices.azure.com",
-    ".services.ai.azure.com",
-    ".openai.azure.us",
-    ".openai.azure.cn",
-];
-
 /// `myres.openai.azure.com` → `myres`; a host that is not a resource's own
 /// name (an IP, `localhost`, anything that is not one DNS label before a known
 /// suffix) names no resource. The result goes into a shell command.
 fn resource_name(host: &str) -> &str {
     let host = strip_port(host);
     let host = host.strip_suffix('.').unwrap_or(host);
-    RESOURCE_SUFFIXES
-        .iter()
-        .find_map(|suffix| {
-            let cut = host.len().checked_sub(suffix.len())?;
-            let (name, tail) = (host.get(..cut)?, host.get(cut..)?);
-            tail.eq_ignore_ascii_case(suffix).then_some(name)
-        })
+    crate::azure::host(host)
+        .map(|(name, _, _)| name)
         .and_then(safe::dns_label)
         .unwrap_or(placeholder::RESOURCE_NAME)
 }

@@ -8,6 +8,7 @@
 
 pub mod agent;
 pub mod annotate;
+pub mod azure;
 pub mod claims;
 pub mod clock;
 pub mod config;

@@ -49,18 +49,6 @@ pub enum NearMiss {
     ClientChosenDestination,
 }
 
-/// Suffixes of Azure AI data-plane hosts, every cloud.
-const AZURE_AI_SUFFIXES: [&str; 8] = [
-    ".openai.azure.com",
-    ".cognitiveservices.azure.com",
-    ".services.ai.azure.com",
-    ".inference.ml.azure.com",
-    ".openai.azure.us",
-    ".cognitiveservices.azure.us",
-    ".openai.azure.cn",
-    ".cognitiveservices.azure.cn",
-];
-
 impl Config {
     /// The index of the target `authority` (and, if asked, the path and the
     /// routed cluster) belongs to.
@@ -105,14 +93,8 @@ impl Config {
             return Some(NearMiss::Spelling);
         }
         let host = host_without_port(authority);
-        let host = host.strip_suffix('.').unwrap_or(host).as_bytes();
-        AZURE_AI_SUFFIXES
-            .iter()
-            .any(|suffix| {
-                host.len() > suffix.len()
-                    && host[host.len() - suffix.len()..].eq_ignore_ascii_case(suffix.as_bytes())
-            })
-            .then_some(NearMiss::UnlistedAzureHost)
+        let host = host.strip_suffix('.').unwrap_or(host);
+        crate::azure::host(host).map(|_| NearMiss::UnlistedAzureHost)
     }
 }
 
