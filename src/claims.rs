@@ -29,17 +29,31 @@ impl Claims {
     /// Read the payload of a JWT (`header.payload.signature`); `None` when the
     /// value is not a JWT with a JSON payload.
     pub fn read(token: &str) -> Option<Claims> {
-        let mut parts = token.split('.');
-        let (_header, payload, _signature) = (parts.next()?, parts.next()?, parts.next()?);
-        if parts.next().is_some() {
-            return None;
-        }
+        let (_header, payload, _signature) = jwt_segments(token)?;
         serde_json::from_slice(&base64url_decode(payload)?).ok()
     }
 
     pub fn client_id(&self) -> Option<&str> {
         self.appid.as_deref().or(self.azp.as_deref())
     }
+}
+
+/// The header, payload and signature of a value shaped like a JWT: three
+/// base64url segments (a padded one forgiven), the header a JSON object
+/// (`eyJ…`), the payload not empty. The one test of "is this a JWT?" — a
+/// Bearer value is not proof of one (openai-python sends keys as Bearer).
+pub fn jwt_segments(token: &str) -> Option<(&str, &str, &str)> {
+    let mut parts = token.split('.');
+    let (header, payload, signature) = (parts.next()?, parts.next()?, parts.next()?);
+    let base64url = |s: &str| {
+        s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'='))
+    };
+    let shaped = parts.next().is_none()
+        && header.starts_with("eyJ")
+        && !payload.is_empty()
+        && [header, payload, signature].iter().all(|s| base64url(s));
+    shaped.then_some((header, payload, signature))
 }
 
 /// Decode base64url (RFC 4648 §5) as JWT segments are written: unpadded,

@@ -626,11 +626,7 @@ pub fn parse_assertion(status: Option<u16>, body: &[u8]) -> Result<Secret, Fetch
         .ok_or_else(|| {
             unavailable("the service-account token file is empty or not text".to_owned())
         })?;
-    let jwt_shaped = token.split('.').count() == 3
-        && token
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
-    if !jwt_shaped {
+    if crate::claims::jwt_segments(token).is_none() {
         return Err(unavailable(
             "the service-account token file does not hold a JWT".to_owned(),
         ));
