@@ -140,16 +140,33 @@ pub fn update<T>(
     key: &str,
     mut decide: impl FnMut(Option<Record>) -> Decision<T>,
 ) -> Result<T, StoreError> {
+    cas_loop(store, key, |bytes| {
+        match decide(bytes.and_then(Record::decode)) {
+            Decision::Keep(result) => (None, result),
+            Decision::Write(record, result) => (Some(record.encode()), result),
+        }
+    })
+}
+
+/// The one CAS retry loop: `step` sees the value under `key` (if any) and
+/// says what to write (nothing, to leave it) and what to return; a write
+/// that loses the race is tried again from a fresh read, at most
+/// [`CAS_ATTEMPTS`] times.
+fn cas_loop<T>(
+    store: &mut dyn SharedStore,
+    key: &str,
+    mut step: impl FnMut(Option<&[u8]>) -> (Option<Vec<u8>>, T),
+) -> Result<T, StoreError> {
     for _ in 0..CAS_ATTEMPTS {
         let (bytes, cas) = store.get(key)?;
-        let current = bytes.as_deref().and_then(Record::decode);
-        match decide(current) {
-            Decision::Keep(result) => return Ok(result),
-            Decision::Write(record, result) => match store.set(key, &record.encode(), cas) {
-                Ok(()) => return Ok(result),
-                Err(StoreError::CasMismatch) => continue,
-                Err(e) => return Err(e),
-            },
+        let (write, result) = step(bytes.as_deref());
+        let Some(value) = write else {
+            return Ok(result);
+        };
+        match store.set(key, &value, cas) {
+            Ok(()) => return Ok(result),
+            Err(StoreError::CasMismatch) => continue,
+            Err(e) => return Err(e),
         }
     }
     Err(StoreError::Contended)
@@ -180,9 +197,8 @@ pub fn register_queue(
     queue: u32,
     now_ms: u64,
 ) -> Result<usize, StoreError> {
-    for _ in 0..CAS_ATTEMPTS {
-        let (bytes, cas) = store.get(key)?;
-        let mut entries = bytes.as_deref().map(decode_queues).unwrap_or_default();
+    cas_loop(store, key, |bytes| {
+        let mut entries = bytes.map(decode_queues).unwrap_or_default();
         entries.retain(|e| e.queue != queue && is_live(e, now_ms));
         entries.push(QueueEntry {
             queue,
@@ -192,13 +208,8 @@ pub fn register_queue(
             entries.sort_by_key(|e| e.seen_ms);
             entries.drain(..entries.len() - MAX_QUEUES);
         }
-        match store.set(key, &encode_queues(&entries), cas) {
-            Ok(()) => return Ok(entries.len()),
-            Err(StoreError::CasMismatch) => continue,
-            Err(e) => return Err(e),
-        }
-    }
-    Err(StoreError::Contended)
+        (Some(encode_queues(&entries)), entries.len())
+    })
 }
 
 /// Remove a VM's queue from the list (the VM is going away).
@@ -207,21 +218,13 @@ pub fn unregister_queue(
     key: &str,
     queue: u32,
 ) -> Result<(), StoreError> {
-    for _ in 0..CAS_ATTEMPTS {
-        let (bytes, cas) = store.get(key)?;
-        let mut entries = bytes.as_deref().map(decode_queues).unwrap_or_default();
+    cas_loop(store, key, |bytes| {
+        let mut entries = bytes.map(decode_queues).unwrap_or_default();
         let before = entries.len();
         entries.retain(|e| e.queue != queue);
-        if entries.len() == before {
-            return Ok(());
-        }
-        match store.set(key, &encode_queues(&entries), cas) {
-            Ok(()) => return Ok(()),
-            Err(StoreError::CasMismatch) => continue,
-            Err(e) => return Err(e),
-        }
-    }
-    Err(StoreError::Contended)
+        let changed = entries.len() != before;
+        (changed.then(|| encode_queues(&entries)), ())
+    })
 }
 
 /// The queues of live VMs: those renewed within [`QUEUE_STALE_MS`].
@@ -253,20 +256,13 @@ fn is_live(entry: &QueueEntry, now_ms: u64) -> bool {
 
 /// A process-wide counter: every VM takes a distinct number from it.
 pub fn next_sequence(store: &mut dyn SharedStore, key: &str) -> Result<u32, StoreError> {
-    for _ in 0..CAS_ATTEMPTS {
-        let (bytes, cas) = store.get(key)?;
+    cas_loop(store, key, |bytes| {
         let current = bytes
-            .as_deref()
             .and_then(|b| <[u8; 4]>::try_from(b).ok())
             .map_or(0, u32::from_le_bytes);
         let next = current.wrapping_add(1);
-        match store.set(key, &next.to_le_bytes(), cas) {
-            Ok(()) => return Ok(next),
-            Err(StoreError::CasMismatch) => continue,
-            Err(e) => return Err(e),
-        }
-    }
-    Err(StoreError::Contended)
+        (Some(next.to_le_bytes().to_vec()), next)
+    })
 }
 
 fn encode_queues(entries: &[QueueEntry]) -> Vec<u8> {
