@@ -181,14 +181,15 @@ impl TokenSpec {
             ),
         };
         let canonical = format!("{source}\n{}", self.resource);
-        format!("{:016x}", fnv1a64(canonical.as_bytes()))
+        // SHA-256 is in the tree already (gateway keys, certificates); its
+        // first 8 bytes name the record.
+        use sha2::{Digest, Sha256};
+        Sha256::digest(canonical.as_bytes())
+            .iter()
+            .take(8)
+            .map(|b| format!("{b:02x}"))
+            .collect()
     }
-}
-
-fn fnv1a64(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, b| {
-        (hash ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3)
-    })
 }
 
 impl Default for Config {
