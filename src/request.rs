@@ -33,8 +33,13 @@ pub struct Arrival<'a> {
 #[derive(Debug, PartialEq)]
 pub enum Decision<'a> {
     /// Not ours: untouched. `miss` says why it looked like a request a
-    /// target meant (for the log, and a 403's diagnosis header).
-    Pass { miss: Option<NearMiss> },
+    /// target meant (for the log); with `explain_403` (it carries a key, the
+    /// only thing Azure's 403 AuthenticationTypeDisabled answers), an Azure
+    /// 403 gets that reason as its diagnosis header.
+    Pass {
+        miss: Option<NearMiss>,
+        explain_403: bool,
+    },
     /// The application's own Entra token stays; only its key goes.
     KeepClientToken { target: u32, path: Option<String> },
     /// Answer it here.
@@ -51,10 +56,15 @@ pub enum Decision<'a> {
         path: Option<String>,
     },
     /// Hold it until a token exists; with `kick`, wake this VM's root.
+    /// What its wake-up needs is decided now: the `path` it leaves with
+    /// (its query without the key), and whether it brought a key of its own
+    /// (`forward_key` may send it on with it).
     Park {
         target: u32,
         client: Option<usize>,
         kick: bool,
+        path: Option<String>,
+        carries_key: bool,
     },
 }
 
@@ -79,12 +89,15 @@ pub fn decide<'a>(
     now_ms: u64,
 ) -> Decision<'a> {
     let Some(index) = config.route(arrival.authority, routed) else {
-        return Decision::Pass {
-            miss: config.near_miss(arrival.authority, routed),
-        };
+        let miss = config.near_miss(arrival.authority, routed);
+        let explain_403 = miss.is_some() && policy::carries_key(arrival.api_key, routed.path());
+        return Decision::Pass { miss, explain_403 };
     };
     let Some(spec) = config.targets.get(index) else {
-        return Decision::Pass { miss: None };
+        return Decision::Pass {
+            miss: None,
+            explain_403: false,
+        };
     };
     let target = index as u32;
     if let Some(Some(refusal)) = refused.get(index) {
@@ -127,14 +140,17 @@ pub fn decide<'a>(
         .get(spec.token)
         .map_or(CredentialKind::Bearer, |t| t.source.credential());
     let path = routed.path().and_then(rewrite::without_api_key_param);
-    let carries_key = policy.on_token_failure == OnTokenFailure::ForwardKey
-        && policy::carries_key(arrival.api_key, routed.path());
+    let carries_key = policy::carries_key(arrival.api_key, routed.path());
+    let forwards_key = carries_key && policy.on_token_failure == OnTokenFailure::ForwardKey;
     let Some(agent) = agents.get_mut(spec.token) else {
-        return Decision::Pass { miss: None };
+        return Decision::Pass {
+            miss: None,
+            explain_403: false,
+        };
     };
     // The way back to keys: with a failure already known, a request that
     // brought a key goes on with it at once instead of waiting.
-    if carries_key {
+    if forwards_key {
         if let Some(code) = agent.unavailable(now_ms) {
             return Decision::ForwardKey { target, code };
         }
@@ -152,6 +168,8 @@ pub fn decide<'a>(
             target,
             client,
             kick,
+            path,
+            carries_key,
         },
     }
 }

@@ -90,11 +90,6 @@ pub fn request_headers() -> Vec<u8> {
         .unwrap_or_default()
 }
 
-/// A request header's bytes, `None` when absent or unreadable.
-pub fn request_header(name: &str) -> Option<Vec<u8>> {
-    abi::header(Map::RequestHeaders, name).ok().flatten()
-}
-
 /// The cluster Envoy's route sends the current request to: Envoy 1.33+
 /// exposes it as `xds.cluster_name` (the bare `cluster_name` is gone). It is
 /// resolved before the first decoder filter runs.

@@ -29,9 +29,9 @@ use crate::config::Config;
 use crate::diagnose::{Diagnosis, DIAGNOSIS_HEADER};
 use crate::limiter::LogLimiter;
 use crate::metrics as m;
-use crate::policy::{self, OnTokenFailure, FALLBACK_HEADER};
+use crate::policy::{OnTokenFailure, FALLBACK_HEADER};
 use crate::request::{self, Arrival, Decision, Refusal};
-use crate::rewrite::{self, API_KEY_HEADER, AUTHORIZATION_HEADER};
+use crate::rewrite::{API_KEY_HEADER, AUTHORIZATION_HEADER};
 use crate::route::{NearMiss, Routed, ORIGINAL_DST_HEADER};
 use crate::safe;
 use crate::source::{CredentialKind, TokenRequest};
@@ -110,6 +110,11 @@ struct Held {
     deferred: bool,
     /// How the root let it go, until its response headers take it.
     released: Option<Released>,
+    /// The `:path` it leaves with (its query without the api-key), if it
+    /// changes: decided when it parked, so the wake-up reads nothing again.
+    path: Option<String>,
+    /// It brought an api-key of its own (header or query).
+    carries_key: bool,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -269,7 +274,7 @@ impl Vm {
                             continue;
                         }
                         // The way back to keys: the request goes on as it came.
-                        if self.forwards_key(waiter.target) && current_request_has_key() {
+                        if self.forwards_key(waiter.target) && self.carries_key(waiter.request) {
                             let code = diagnosis.code;
                             self.with_held(waiter.request, |h| {
                                 h.released = Some(Released::FellBack(code))
@@ -308,7 +313,7 @@ impl Vm {
                     }
                     let mut sent = Vec::new();
                     for waiter in &waiters {
-                        if host::enter(waiter.request).is_ok() && current_request_has_key() {
+                        if self.carries_key(waiter.request) && host::enter(waiter.request).is_ok() {
                             self.with_held(waiter.request, |h| {
                                 h.released = Some(Released::FellBack(code))
                             });
@@ -337,6 +342,13 @@ impl Vm {
                 Command::Record(event) => self.record(token, event),
             }
         }
+    }
+
+    /// Did this held request bring a key of its own?
+    fn carries_key(&self, request: u32) -> bool {
+        self.held
+            .try_borrow()
+            .is_ok_and(|held| held.get(&request).is_some_and(|h| h.carries_key))
     }
 
     /// Change what the root knows of a held request (if it is still held).
@@ -476,23 +488,20 @@ impl Vm {
         };
         let kind = self.credential_kind(token);
         for waiter in &waiters {
-            let client = self
+            let (client, path) = self
                 .held
-                .try_borrow()
+                .try_borrow_mut()
                 .ok()
-                .and_then(|held| held.get(&waiter.request).and_then(|h| h.client));
+                .and_then(|mut held| {
+                    held.get_mut(&waiter.request)
+                        .map(|h| (h.client, h.path.take()))
+                })
+                .unwrap_or_default();
             if host::enter(waiter.request).is_err() {
                 continue;
             }
-            let path = host::request_header(":path");
-            let written = host::send_credential(kind, &bearer).and_then(|()| {
-                rewrite_path(
-                    path.as_deref()
-                        .and_then(wire::text)
-                        .and_then(rewrite::without_api_key_param)
-                        .as_deref(),
-                )
-            });
+            let written =
+                host::send_credential(kind, &bearer).and_then(|()| rewrite_path(path.as_deref()));
             match written {
                 Ok(()) => {
                     self.with_held(waiter.request, |h| {
@@ -1059,20 +1068,13 @@ impl HttpContext for Request {
         // What the filter checked: the response tells where Envoy really sent it.
         self.checked = lookups.cluster.take().flatten();
         match decision {
-            Decision::Pass { miss } => {
+            Decision::Pass { miss, explain_403 } => {
                 drop(agents);
                 vm.passed_through.set(vm.passed_through.get() + 1);
                 if let Some(miss) = miss {
                     vm.note_near_miss(arrival.authority, miss);
-                    // Only a key can meet Azure's AuthenticationTypeDisabled.
-                    if arrival.api_key.is_some()
-                        || lookups
-                            .path
-                            .is_some_and(|p| rewrite::api_key_param(p).is_some())
-                    {
-                        self.near_miss = Some(miss);
-                    }
                 }
+                self.near_miss = miss.filter(|_| explain_403);
                 Action::Continue
             }
             Decision::Reply { target, diagnosis } => {
@@ -1130,6 +1132,8 @@ impl HttpContext for Request {
                 target,
                 client,
                 kick,
+                path,
+                carries_key,
             } => {
                 let key = vm
                     .config
@@ -1147,6 +1151,8 @@ impl HttpContext for Request {
                         self.id,
                         Held {
                             client,
+                            path,
+                            carries_key,
                             ..Held::default()
                         },
                     );
@@ -1284,13 +1290,4 @@ fn rewrite_path(path: Option<&str>) -> Result<(), host::Status> {
         Some(path) => host::set_request_header(":path", path),
         None => Ok(()),
     }
-}
-
-/// Does the current request carry an `api-key`, in its headers or its query?
-fn current_request_has_key() -> bool {
-    let path = host::request_header(":path");
-    policy::carries_key(
-        host::request_header(API_KEY_HEADER).as_deref(),
-        path.as_deref().and_then(wire::text),
-    )
 }

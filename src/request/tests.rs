@@ -102,7 +102,9 @@ fn a_cold_request_is_parked_and_the_first_one_kicks() {
         Decision::Park {
             target: 1,
             client: None,
-            kick: true
+            kick: true,
+            path: None,
+            carries_key: true,
         }
     );
     let refused = vec![None; 2];
@@ -115,13 +117,28 @@ fn a_cold_request_is_parked_and_the_first_one_kicks() {
         8,
         NOW,
     );
-    assert_eq!(
-        second,
-        Decision::Park {
-            target: 1,
-            client: None,
-            kick: false
-        }
+    assert!(
+        matches!(second, Decision::Park { kick: false, .. }),
+        "{second:?}"
+    );
+    // What the wake-up needs is decided at arrival: the path without its key.
+    let refused = vec![None; 2];
+    let keyed = decide(
+        &config,
+        &mut agents,
+        &refused,
+        &Arrival {
+            authority: HOST,
+            api_key: None,
+            authorization: None,
+        },
+        &mut at("/openai/realtime?api-key=k&deployment=d", "aoai"),
+        9,
+        NOW,
+    );
+    assert!(
+        matches!(&keyed, Decision::Park { path: Some(p), carries_key: true, .. } if p == "/openai/realtime?deployment=d"),
+        "{keyed:?}"
     );
 }
 
@@ -142,7 +159,8 @@ fn a_target_without_clusters_never_lends_to_a_cluster_the_client_picks() {
         assert_eq!(
             decision,
             Decision::Pass {
-                miss: Some(NearMiss::ClientChosenDestination)
+                miss: Some(NearMiss::ClientChosenDestination),
+                explain_403: true,
             },
             "{cluster}"
         );
@@ -152,7 +170,8 @@ fn a_target_without_clusters_never_lends_to_a_cluster_the_client_picks() {
     assert_eq!(
         decide_one(&config, &mut agents, &with_key(HOST), &mut steered),
         Decision::Pass {
-            miss: Some(NearMiss::ClientChosenDestination)
+            miss: Some(NearMiss::ClientChosenDestination),
+            explain_403: true
         }
     );
     // No route at all: nothing to lend to.
@@ -311,7 +330,8 @@ fn an_unlisted_azure_host_and_a_port_spelling_pass_with_their_reason() {
             &mut at(CHAT, "aoai")
         ),
         Decision::Pass {
-            miss: Some(NearMiss::UnlistedAzureHost)
+            miss: Some(NearMiss::UnlistedAzureHost),
+            explain_403: true,
         }
     );
     assert_eq!(
@@ -322,7 +342,8 @@ fn an_unlisted_azure_host_and_a_port_spelling_pass_with_their_reason() {
             &mut at(CHAT, "aoai")
         ),
         Decision::Pass {
-            miss: Some(NearMiss::Spelling)
+            miss: Some(NearMiss::Spelling),
+            explain_403: true,
         }
     );
     assert_eq!(
@@ -332,12 +353,28 @@ fn an_unlisted_azure_host_and_a_port_spelling_pass_with_their_reason() {
             &with_key("api.example.com"),
             &mut at(CHAT, "aoai")
         ),
-        Decision::Pass { miss: None }
+        Decision::Pass {
+            miss: None,
+            explain_403: false
+        }
     );
     assert_eq!(
         crate::diagnose::near_miss_code(NearMiss::UnlistedAzureHost),
         code::HOST_NOT_IN_TARGETS
     );
+    // Without a key Azure has nothing to refuse as a key: no header.
+    let keyless = Arrival {
+        authority: "west.openai.azure.com",
+        api_key: None,
+        authorization: None,
+    };
+    assert!(matches!(
+        decide_one(&config, &mut agents, &keyless, &mut at(CHAT, "aoai")),
+        Decision::Pass {
+            miss: Some(_),
+            explain_403: false
+        }
+    ));
 }
 
 #[test]
