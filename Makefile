@@ -43,7 +43,7 @@ export ENVOY
 # Property-test cases per property (README, Robustness, gives the count of properties).
 FUZZ_CASES ?= 50000
 
-.PHONY: build run dist bench test test-unit test-wasm test-fuzz test-e2e test-demo fuzz lint fmt setup clean
+.PHONY: build run dist bench test test-unit test-manifests test-wasm test-fuzz test-e2e test-demo fuzz lint fmt setup clean
 
 setup: .targets $(VENV)/bin/envoy
 
@@ -131,7 +131,15 @@ dist: build
 	@echo "sha256 (the bare hash, for WasmPlugin.sha256, vm_config.code.remote.sha256, Envoy Gateway's sha256):"
 	@cut -d' ' -f1 dist/aoai_msi_filter.wasm.sha256
 
-test: lint test-unit test-wasm test-fuzz test-e2e test-demo
+test: lint test-unit test-manifests test-wasm test-fuzz test-e2e test-demo
+
+# The Kubernetes manifests (envoy/istio/, envoy/envoy-gateway/) against the
+# CRD schemas published on the npm registry (Istio's, Gateway API's). Envoy
+# Gateway's CRDs are on no registry: scripts/validate-crds.py --crds checks
+# them against a copy of its release (README, "Checking the manifests").
+test-manifests: $(VENV)/bin/envoy $(NODE)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check pyyaml==6.0.3
+	PATH="$(abspath $(NODE_DIR)):$$PATH" $(VENV)/bin/python scripts/validate-crds.py --registry envoy/istio envoy/envoy-gateway
 
 test-unit: .targets
 	cargo test --workspace --lib --bins
