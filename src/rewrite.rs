@@ -153,9 +153,14 @@ impl HostPatterns {
 
 /// Clusters whose destination the client picks: Istio's `ORIGINAL_DST`
 /// clusters (`PassthroughCluster` for outbound traffic under `ALLOW_ANY`, and
-/// `InboundPassthroughCluster`, `…Ipv4`, `…Ipv6` for inbound).
+/// `InboundPassthroughCluster`, `…Ipv4`, `…Ipv6` for inbound), and the
+/// dynamic-forward-proxy cluster of `ALLOW_ANY_DYNAMIC_DNS`
+/// (`AllowAnyDynamicDNSCluster`: wherever the `Host` resolves, in plain
+/// HTTP). istio/istio, pilot/pkg/networking/core/cluster_builder.go.
 pub fn client_chosen(cluster: &str) -> bool {
-    cluster == "PassthroughCluster" || cluster.starts_with("InboundPassthroughCluster")
+    cluster == "PassthroughCluster"
+        || cluster == "AllowAnyDynamicDNSCluster"
+        || cluster.starts_with("InboundPassthroughCluster")
 }
 
 /// `host:port` → `host`; `[v6]:port` → `[v6]`.

@@ -149,6 +149,7 @@ fn a_target_without_clusters_never_lends_to_a_cluster_the_client_picks() {
         "PassthroughCluster",
         "InboundPassthroughClusterIpv4",
         "InboundPassthroughCluster",
+        "AllowAnyDynamicDNSCluster",
     ] {
         let decision = decide_one(
             &config,
