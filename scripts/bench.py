@@ -329,9 +329,10 @@ PROBES = [
     ("remove api-key", "remove"),
     ("set the 2 KB authorization", "set"),
     ("read :status (response)", "status"),
+    ("read the routed cluster, request and response", "route"),
 ]
-ALL_CALLS = "probe: all five calls, no logic"
-ALL_CALLS_EXPORTED = "probe: all five calls, no logic, every callback exported"
+ALL_CALLS = "probe: all seven calls, no logic"
+ALL_CALLS_EXPORTED = "probe: all seven calls, no logic, every callback exported"
 WRITES_ONLY = "probe: only the two writes"
 
 
@@ -654,12 +655,12 @@ def write_report(table, counts, memory, cold, refresh, token_len):
     targets = [
         ("throughput ≥ 0.95× the native floor", throughput_ok,
          f"{ours['rps'] / floor['rps']:.2f}× measured; CPU-bound, by instructions: {i_floor / i_ours:.2f}×"),
-        ("… the best a wasm filter making the same five host calls can do (probe, no logic)",
+        ("… the best a wasm filter making the same seven host calls can do (probe, no logic)",
          None, f"{best:.2f}× by instructions: " + ("out of reach under V8 for this work" if best < 0.95 else "reachable")),
         ("… a wasm filter making only the two writes, reading nothing", None, f"{i_floor / i_writes:.2f}× by instructions"),
         ("CPU per request ≤ empty wasm + 1 µs", i_ours - i_empty <= 1000 / ns_per_instr,
          f"{i_ours - i_empty:+,.0f} instructions ≈ {us(i_ours - i_empty):+.1f} µs"),
-        ("… of which the five host calls, made by a filter with no logic (exports trimmed alike)", None,
+        ("… of which the seven host calls, made by a filter with no logic (exports trimmed alike)", None,
          f"{i_calls - i_empty:+,.0f} instructions ≈ {us(i_calls - i_empty):+.1f} µs"),
         ("… of which aoai-msi-filter's own logic: ≤ 1 µs", us(own) <= 1.0,
          f"{own:+,.0f} instructions ≈ {us(own):+.2f} µs"),
@@ -744,7 +745,8 @@ throughput ratio one CPU-bound worker would reach.
 The same request through the filter configured with one target (the row
 above), with three targets where the request matches the last (two host
 patterns tried and refused first), and with one target bound to its Envoy
-cluster (the routed cluster read from the host: one property read more).
+cluster (every target reads the routed cluster since confinement round two, bound
+or not, so binding costs nothing more).
 {f"The baseline is the filter as built at `{BASELINE_REF}` (`make bench BASELINE={BASELINE_REF}`)." if i_base else "`make bench BASELINE=<git ref>` adds the filter as built at that ref, side by side."}
 
 | configuration | instructions/request | vs one target | vs baseline |
@@ -763,11 +765,11 @@ what an instruction costs.
 | host call from wasm | instructions/request | ≈ time |
 |---|---:|---:|
 {chr(10).join(probe_rows)}
-| sum of the five, measured one by one | {probe_sum:+,.0f} | ≈ {us(probe_sum):.2f} µs |
-| all five in one filter, no logic, every SDK callback exported | {i_exported - i_empty:+,.0f} | ≈ {us(i_exported - i_empty):.2f} µs |
-| **all five in one filter, no logic, `proxy_on_log`/`proxy_on_done` not exported** | **{i_calls - i_empty:+,.0f}** | ≈ {us(i_calls - i_empty):.2f} µs |
+| sum of the seven, measured one by one | {probe_sum:+,.0f} | ≈ {us(probe_sum):.2f} µs |
+| all seven in one filter, no logic, every SDK callback exported | {i_exported - i_empty:+,.0f} | ≈ {us(i_exported - i_empty):.2f} µs |
+| **all seven in one filter, no logic, `proxy_on_log`/`proxy_on_done` not exported** | **{i_calls - i_empty:+,.0f}** | ≈ {us(i_calls - i_empty):.2f} µs |
 | **aoai-msi-filter** (as `make build` ships it) | **{i_ours - i_empty:+,.0f}** | ≈ {us(i_ours - i_empty):.2f} µs |
-| aoai-msi-filter's own logic (filter − the five calls, trimmed alike) | {own:+,.0f} | ≈ {us(own):.2f} µs |
+| aoai-msi-filter's own logic (filter − the seven calls, trimmed alike) | {own:+,.0f} | ≈ {us(own):.2f} µs |
 | not exporting `proxy_on_log` and `proxy_on_done` | {i_calls - i_exported:+,.0f} | ≈ {us(i_calls - i_exported):.2f} µs |
 | for reference: only the two writes (remove, set), no reads | {i_writes - i_empty:+,.0f} | ≈ {us(i_writes - i_empty):.2f} µs |
 
@@ -775,10 +777,14 @@ Reading a header costs far more than its bytes: the host copies the value into
 the VM by calling the VM's allocator, a second crossing into V8 in the opposite
 direction. Setting the 2 KB `authorization` costs about what it costs a native
 filter (`header_mutation` − no filter: {i_floor - i_limit:+,.0f}), most of it in
-Envoy's own handling of a 2 KB header. The filter cannot drop any of the five
+Envoy's own handling of a 2 KB header. The filter cannot drop any of the seven
 calls: it must read the request's headers (all of them in one call: `:authority`
 to keep the token away from other hosts, `:path` for a key in the query, the
-app's own credentials), read `:status` to explain a 401/403, read the clock so that no request leaves with a
+app's own credentials), read the routed cluster before its writes (a token never
+goes to a cluster whose destination the client picks, or one a target is not
+bound to) and again on the answer (Envoy matches the route again after a
+proxy-wasm write; the filter sees where the request went only then), read
+`:status` to explain a 401/403, read the clock so that no request leaves with a
 token past its safety margin, and make the two writes that are its purpose.
 
 What it can drop are VM entries. Envoy calls into the VM once per callback the

@@ -696,6 +696,23 @@ fn entra_status(
 mod tests {
     use super::*;
 
+    #[test]
+    fn a_credential_that_could_not_be_written_fails_closed_and_says_so() {
+        let d = Diagnosis::credential_not_written(2);
+        assert_eq!((d.status, d.code), (500, code::CREDENTIAL_NOT_WRITTEN));
+        assert!(d.message.contains("was not sent"), "{}", d.message);
+        assert_eq!(d.details["host_status"], 2);
+        assert_eq!(d.retry_after_s, Some(1));
+    }
+
+    #[test]
+    fn a_re_routed_target_names_both_clusters_and_the_fix() {
+        let d = Diagnosis::route_changed("aoai", "other");
+        assert_eq!(d.code, code::ROUTE_CHANGED_AFTER_REWRITE);
+        assert!(d.message.contains("\"other\"") && d.message.contains("\"aoai\""));
+        assert!(d.message.contains("host and path only"));
+    }
+
     /// The default configuration's Azure OpenAI token.
     fn spec() -> TokenSpec {
         let config = crate::config::Config::default();

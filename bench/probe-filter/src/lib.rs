@@ -17,6 +17,9 @@
 //!   writes above and again after them, and send both to the upstream as
 //!   `x-probe-cluster-before` / `x-probe-cluster-after`: what a filter can
 //!   learn of Envoy matching the route again after its own header writes;
+//! - `route`: read the routed cluster (`xds.cluster_name`) once in the
+//!   request headers and once in the response headers, as aoai-msi-filter
+//!   does to bind its credential to where Envoy sends the request;
 //! - `content_type_as_string`: read the response's `content-type` through the
 //!   SDK's `String` getter, as aoai-msi-filter once did. The getter unwraps
 //!   UTF-8, so a non-UTF-8 value aborts the VM: `make test` uses this to show
@@ -41,6 +44,7 @@ struct Ops {
     set: Option<String>,
     status: bool,
     cluster: bool,
+    route: bool,
     content_type_as_string: bool,
 }
 
@@ -59,6 +63,7 @@ impl Ops {
                 "set" => ops.set = Some(value.to_owned()),
                 "status" => ops.status = true,
                 "cluster" => ops.cluster = true,
+                "route" => ops.route = true,
                 "content_type_as_string" => ops.content_type_as_string = true,
                 other => return Err(format!("unknown probe operation `{other}`")),
             }
@@ -129,6 +134,9 @@ impl HttpContext for Probe {
         if self.ops.clock {
             std::hint::black_box(hostcalls::get_current_time().ok());
         }
+        if self.ops.route {
+            std::hint::black_box(routed_cluster());
+        }
         let before = self.ops.cluster.then(routed_cluster);
         if self.ops.remove {
             let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, "api-key", None);
@@ -151,6 +159,9 @@ impl HttpContext for Probe {
     }
 
     fn on_http_response_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
+        if self.ops.route {
+            std::hint::black_box(routed_cluster());
+        }
         if self.ops.status {
             let status = hostcalls::get_map_value(MapType::HttpResponseHeaders, ":status");
             std::hint::black_box(status.ok());
