@@ -71,13 +71,10 @@ async fn transient_imds_failures_at_cold_start_are_retried_until_a_token_arrives
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreachable_token_endpoint_is_a_503_naming_the_cause_within_the_wait_bound() {
     let emulator = Emulator::start(Settings::default()).unwrap();
-    let closed = {
-        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        probe.local_addr().unwrap().port()
-    };
+    let closed = closed_port();
     let yaml = envoy_yaml(
         r#"{"token_wait_timeout_ms": 1000}"#,
-        closed,
+        closed.port,
         emulator.port(),
     );
     let envoy = Envoy::start_yaml(&yaml, 2);

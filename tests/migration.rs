@@ -491,7 +491,9 @@ async fn while_imds_is_unreachable_a_forward_key_target_sends_the_apps_own_key_a
         ..Settings::default()
     })
     .unwrap();
-    let envoy = rollback_envoy(&emulator, free_port());
+    // IMDS down: a port that refuses connections for the whole test.
+    let imds = closed_port();
+    let envoy = rollback_envoy(&emulator, imds.port);
     let client = client();
     let url = envoy.url(CHAT_PATH);
     let with_key = [("api-key", APP_KEY)];

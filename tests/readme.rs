@@ -397,9 +397,9 @@ fn the_openai_sdk_exceptions_quoted_in_the_readme_are_what_the_sdk_prints() {
     );
     drop(envoy);
 
-    let closed = free_port();
+    let closed = closed_port();
     let config = r#"{"targets": [{"hosts": ["127.0.0.1"], "clusters": ["upstream"]}], "token_wait_timeout_ms": 500}"#;
-    let envoy = Envoy::start_yaml(&envoy_yaml(config, closed, emulator.port()), 1);
+    let envoy = Envoy::start_yaml(&envoy_yaml(config, closed.port, emulator.port()), 1);
     let result = openai_sdk_call(&envoy, 0);
     assert_eq!(
         quoted_line(&readme, "openai.InternalServerError: Error code: 503"),

@@ -94,12 +94,9 @@ fn a_key_sent_to_an_unlisted_host_gets_azures_own_answer_untouched() {
 #[test]
 fn an_unreachable_token_endpoint_raises_a_503_naming_the_cause() {
     let emulator = Emulator::start(Settings::default()).unwrap();
-    let closed = {
-        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        probe.local_addr().unwrap().port()
-    };
+    let closed = closed_port();
     let config = r#"{"targets": [{"hosts": ["127.0.0.1"], "clusters": ["upstream"]}], "token_wait_timeout_ms": 500}"#;
-    let envoy = Envoy::start_yaml(&envoy_yaml(config, closed, emulator.port()), 2);
+    let envoy = Envoy::start_yaml(&envoy_yaml(config, closed.port, emulator.port()), 2);
     let result = sdk_call(&envoy, 0);
     assert_eq!(result["status"], 503);
     assert_eq!(result["diagnosis_header"], "TokenEndpointUnreachable");

@@ -621,6 +621,27 @@ pub fn token_file_listener(port: u16, file: &Path, dir: &Path) -> String {
 }
 
 /// A free port on 127.0.0.1 (closed again before it is used).
+/// A local port that refuses every connection for as long as this value
+/// lives: bound and never listening, so no other test's server can take it
+/// (a port freed by a dropped listener can be, and then "unreachable"
+/// answers). Use `.port`.
+pub struct ClosedPort {
+    _socket: socket2::Socket,
+    pub port: u16,
+}
+
+pub fn closed_port() -> ClosedPort {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket
+        .bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .unwrap();
+    let port = socket.local_addr().unwrap().as_socket().unwrap().port();
+    ClosedPort {
+        _socket: socket,
+        port,
+    }
+}
+
 pub fn free_port() -> u16 {
     let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     probe.local_addr().unwrap().port()
