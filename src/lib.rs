@@ -28,6 +28,7 @@ pub mod store;
 pub mod token;
 pub mod upstream;
 pub mod wire;
+pub mod worker;
 
 #[cfg(all(feature = "glue", target_arch = "wasm32"))]
 mod glue;

@@ -5,14 +5,13 @@
 use std::time::Duration;
 
 use super::abi::{self, Buffer, Map};
+use crate::metrics::Kind;
 use crate::rewrite::{API_KEY_HEADER, AUTHORIZATION_HEADER};
 use crate::source::CredentialKind;
+use crate::source::TokenRequest;
 use crate::store::{SharedStore, StoreError};
 use crate::wire;
-
-/// A host status that was not OK, kept as the number the host returned.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Status(pub u32);
+use crate::worker::{Host, Level, Status};
 
 /// Envoy's shared data: one key-value store per process, with CAS.
 pub struct HostStore;
@@ -90,96 +89,6 @@ pub fn request_headers() -> Vec<u8> {
         .unwrap_or_default()
 }
 
-/// The cluster Envoy's route sends the current request to: Envoy 1.33+
-/// exposes it as `xds.cluster_name` (the bare `cluster_name` is gone). It is
-/// resolved before the first decoder filter runs.
-pub fn routed_cluster() -> Option<Vec<u8>> {
-    abi::property(&wire::serialize_path(&["xds", "cluster_name"]))
-        .ok()
-        .flatten()
-}
-
-/// A response header's bytes, `None` when absent or unreadable.
-pub fn response_header(name: &str) -> Option<Vec<u8>> {
-    abi::header(Map::ResponseHeaders, name).ok().flatten()
-}
-
-/// `:status` of the upstream's answer to the current request.
-pub fn response_status() -> Option<u16> {
-    response_header(":status").as_deref().and_then(wire::status)
-}
-
-/// Up to `size` bytes of the current request's response body buffer.
-pub fn response_body(size: usize) -> Vec<u8> {
-    abi::buffer(Buffer::ResponseBody, 0, size)
-        .ok()
-        .flatten()
-        .unwrap_or_default()
-}
-
-/// Set (or with `None`, remove) a response header.
-pub fn set_response_header(name: &str, value: Option<&str>) -> Result<(), Status> {
-    match value {
-        Some(v) => abi::set_header(Map::ResponseHeaders, name, v.as_bytes()),
-        None => abi::remove_header(Map::ResponseHeaders, name),
-    }
-    .map_err(Status)
-}
-
-/// Replace the first `size` bytes (the whole buffered body) of the response.
-pub fn replace_response_body(size: usize, body: &[u8]) -> Result<(), Status> {
-    abi::set_buffer(Buffer::ResponseBody, 0, size, body).map_err(Status)
-}
-
-/// Give the current request exactly one credential header: `authorization`
-/// (with `value` = `Bearer …`) without any `api-key`, or `api-key` without
-/// any `authorization`.
-pub fn send_credential(kind: CredentialKind, value: &str) -> Result<(), Status> {
-    let (set, remove) = match kind {
-        CredentialKind::Bearer => (AUTHORIZATION_HEADER, API_KEY_HEADER),
-        CredentialKind::ApiKey => (API_KEY_HEADER, AUTHORIZATION_HEADER),
-    };
-    abi::remove_header(Map::RequestHeaders, remove).map_err(Status)?;
-    abi::set_header(Map::RequestHeaders, set, value.as_bytes()).map_err(Status)
-}
-
-/// Remove a request header.
-pub fn remove_request_header(name: &str) -> Result<(), Status> {
-    abi::remove_header(Map::RequestHeaders, name).map_err(Status)
-}
-
-/// Replace a request header (or pseudo-header such as `:path`).
-pub fn set_request_header(name: &str, value: &str) -> Result<(), Status> {
-    abi::set_header(Map::RequestHeaders, name, value.as_bytes()).map_err(Status)
-}
-
-/// Make `context` the one later host calls act on.
-pub fn enter(context: u32) -> Result<(), Status> {
-    abi::set_effective_context(context).map_err(Status)
-}
-
-pub fn resume_request() -> Result<(), Status> {
-    abi::resume_request().map_err(Status)
-}
-
-pub fn send_local_reply(status: u16, headers: &[(&str, &str)], body: &str) -> Result<(), Status> {
-    let pairs: Vec<(&str, &[u8])> = headers.iter().map(|(n, v)| (*n, v.as_bytes())).collect();
-    abi::send_local_response(status, &wire::serialize_pairs(&pairs), body.as_bytes())
-        .map_err(Status)
-}
-
-/// Dispatch a token call; its answer reaches the root's `on_http_call_response`.
-pub fn dispatch(
-    cluster: &str,
-    headers: &[(&str, &str)],
-    body: &[u8],
-    timeout: Duration,
-) -> Result<u32, Status> {
-    let body = (!body.is_empty()).then_some(body);
-    proxy_wasm::hostcalls::dispatch_http_call(cluster, headers.to_vec(), body, vec![], timeout)
-        .map_err(|s| Status(s as u32))
-}
-
 /// The VM's environment: what `vm_config.environment_variables` passes in
 /// (read through WASI, once, at configuration time).
 pub fn env_var(name: &str) -> Option<String> {
@@ -212,14 +121,6 @@ pub fn call_body(size: usize) -> Vec<u8> {
         .unwrap_or_default()
 }
 
-pub fn register_queue(name: &str) -> Result<u32, Status> {
-    abi::register_queue(name).map_err(Status)
-}
-
-pub fn enqueue(queue: u32, message: &[u8]) -> Result<(), Status> {
-    abi::enqueue(queue, message).map_err(Status)
-}
-
 /// Empty a queue, returning what it held; at most `limit` messages.
 pub fn drain(queue: u32, limit: usize) -> Vec<Vec<u8>> {
     let mut messages = Vec::new();
@@ -232,25 +133,158 @@ pub fn drain(queue: u32, limit: usize) -> Vec<Vec<u8>> {
     messages
 }
 
-pub fn set_tick(period: Duration) -> Result<(), Status> {
-    let ms = u32::try_from(period.as_millis()).unwrap_or(u32::MAX);
-    abi::set_tick_period_ms(ms).map_err(Status)
+/// The worker's host: proxy-wasm, entered through the VM's root context
+/// `root` (the context requests are left for).
+#[derive(Debug, Clone, Copy)]
+pub struct Wasm {
+    pub root: u32,
 }
 
-pub fn define_metric(kind: crate::metrics::Kind, name: &str) -> Result<u32, Status> {
-    use crate::metrics::Kind;
-    let kind = match kind {
-        Kind::Counter => 0,
-        Kind::Gauge => 1,
-        Kind::Histogram => 2,
-    };
-    abi::define_metric(kind, name).map_err(Status)
-}
+impl Host for Wasm {
+    type Store = HostStore;
 
-pub fn increment_metric(id: u32, delta: i64) -> Result<(), Status> {
-    abi::increment_metric(id, delta).map_err(Status)
-}
+    fn store(&self) -> HostStore {
+        HostStore
+    }
 
-pub fn record_metric(id: u32, value: u64) -> Result<(), Status> {
-    abi::record_metric(id, value).map_err(Status)
+    fn now_ms(&self) -> u64 {
+        now_ms()
+    }
+
+    fn random_seed(&self) -> u64 {
+        random_seed()
+    }
+
+    /// Envoy filters by its own log level.
+    fn logs(&self, _level: Level) -> bool {
+        true
+    }
+
+    fn log(&self, level: Level, line: &str) {
+        let level = match level {
+            Level::Trace => 0,
+            Level::Debug => 1,
+            Level::Info => 2,
+            Level::Warn => 3,
+            Level::Error => 4,
+            Level::Critical => 5,
+        };
+        abi::log(level, line);
+    }
+
+    fn register_queue(&self, name: &str) -> Result<u32, Status> {
+        abi::register_queue(name).map_err(Status)
+    }
+
+    fn enqueue(&self, queue: u32, message: &[u8]) -> Result<(), Status> {
+        abi::enqueue(queue, message).map_err(Status)
+    }
+
+    fn set_tick(&self, period: Duration) -> Result<(), Status> {
+        let ms = u32::try_from(period.as_millis()).unwrap_or(u32::MAX);
+        abi::set_tick_period_ms(ms).map_err(Status)
+    }
+
+    /// A token call from the root; its answer reaches the root's
+    /// `on_http_call_response`.
+    fn dispatch(&self, request: &TokenRequest) -> Result<u32, Status> {
+        let headers: Vec<(&str, &str)> = request
+            .headers
+            .iter()
+            .map(|(name, value)| (*name, value.as_str()))
+            .collect();
+        let body = (!request.body.is_empty()).then_some(request.body.as_slice());
+        let timeout = Duration::from_millis(request.timeout_ms);
+        proxy_wasm::hostcalls::dispatch_http_call(&request.cluster, headers, body, vec![], timeout)
+            .map_err(|s| Status(s as u32))
+    }
+
+    fn define_metric(&self, kind: Kind, name: &str) -> Result<u32, Status> {
+        let kind = match kind {
+            Kind::Counter => 0,
+            Kind::Gauge => 1,
+            Kind::Histogram => 2,
+        };
+        abi::define_metric(kind, name).map_err(Status)
+    }
+
+    fn increment_metric(&self, id: u32, delta: i64) -> Result<(), Status> {
+        abi::increment_metric(id, delta).map_err(Status)
+    }
+
+    fn record_metric(&self, id: u32, value: u64) -> Result<(), Status> {
+        abi::record_metric(id, value).map_err(Status)
+    }
+
+    fn enter(&self, request: u32) -> Result<(), Status> {
+        abi::set_effective_context(request).map_err(Status)
+    }
+
+    fn leave(&self) {
+        let _ = abi::set_effective_context(self.root);
+    }
+
+    /// Envoy 1.33+ exposes the routed cluster as `xds.cluster_name` (the
+    /// bare `cluster_name` is gone), resolved before the first decoder
+    /// filter runs, and again when the route cache is cleared.
+    fn routed_cluster(&self) -> Option<Vec<u8>> {
+        abi::property(&wire::serialize_path(&["xds", "cluster_name"]))
+            .ok()
+            .flatten()
+    }
+
+    fn send_credential(&self, kind: CredentialKind, value: &str) -> Result<(), Status> {
+        let (set, remove) = match kind {
+            CredentialKind::Bearer => (AUTHORIZATION_HEADER, API_KEY_HEADER),
+            CredentialKind::ApiKey => (API_KEY_HEADER, AUTHORIZATION_HEADER),
+        };
+        abi::remove_header(Map::RequestHeaders, remove).map_err(Status)?;
+        abi::set_header(Map::RequestHeaders, set, value.as_bytes()).map_err(Status)
+    }
+
+    fn set_request_header(&self, name: &str, value: &str) -> Result<(), Status> {
+        abi::set_header(Map::RequestHeaders, name, value.as_bytes()).map_err(Status)
+    }
+
+    fn remove_request_header(&self, name: &str) -> Result<(), Status> {
+        abi::remove_header(Map::RequestHeaders, name).map_err(Status)
+    }
+
+    fn resume_request(&self) -> Result<(), Status> {
+        abi::resume_request().map_err(Status)
+    }
+
+    fn send_local_reply(
+        &self,
+        status: u16,
+        headers: &[(&str, &str)],
+        body: &str,
+    ) -> Result<(), Status> {
+        let pairs: Vec<(&str, &[u8])> = headers.iter().map(|(n, v)| (*n, v.as_bytes())).collect();
+        abi::send_local_response(status, &wire::serialize_pairs(&pairs), body.as_bytes())
+            .map_err(Status)
+    }
+
+    fn response_header(&self, name: &str) -> Option<Vec<u8>> {
+        abi::header(Map::ResponseHeaders, name).ok().flatten()
+    }
+
+    fn set_response_header(&self, name: &str, value: Option<&str>) -> Result<(), Status> {
+        match value {
+            Some(v) => abi::set_header(Map::ResponseHeaders, name, v.as_bytes()),
+            None => abi::remove_header(Map::ResponseHeaders, name),
+        }
+        .map_err(Status)
+    }
+
+    fn response_body(&self, size: usize) -> Vec<u8> {
+        abi::buffer(Buffer::ResponseBody, 0, size)
+            .ok()
+            .flatten()
+            .unwrap_or_default()
+    }
+
+    fn replace_response_body(&self, size: usize, body: &[u8]) -> Result<(), Status> {
+        abi::set_buffer(Buffer::ResponseBody, 0, size, body).map_err(Status)
+    }
 }
