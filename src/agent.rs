@@ -495,7 +495,9 @@ impl Agent {
                     Decision::Write(record.clone(), (record, same, previous))
                 });
                 match written {
-                    Ok((record, same, previous)) if !same && self.spec.source.kind() == "http" => {
+                    Ok((record, same, previous))
+                        if !same && self.spec.source.reports_rotation() =>
+                    {
                         commands.extend(credential_news(&token, previous, now_ms));
                         self.adopt(record);
                     }

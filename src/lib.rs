@@ -7,7 +7,6 @@
 //! calls proxy-wasm, and it is compiled only for wasm with the `glue` feature.
 
 pub mod agent;
-pub mod annotate;
 pub mod azure;
 pub mod claims;
 pub mod clock;
@@ -26,9 +25,10 @@ pub mod scope;
 pub mod source;
 pub mod store;
 pub mod token;
-pub mod upstream;
 pub mod wire;
 pub mod worker;
+
+pub use diagnose::{annotate, upstream};
 
 #[cfg(all(feature = "glue", target_arch = "wasm32"))]
 mod glue;

@@ -23,28 +23,7 @@ use crate::source::Source;
 use crate::upstream::{UpstreamFailure, MAX_ERROR_BODY};
 use crate::wire;
 
-/// Header codes, chosen from the status and what the filter knows.
-pub mod header {
-    /// 401 to a request that carried the filter's token.
-    pub const UPSTREAM_UNAUTHORIZED: &str = "UpstreamUnauthorized";
-    /// 403 from the resource.
-    pub const UPSTREAM_FORBIDDEN: &str = "UpstreamForbidden";
-    /// 400 to a request that carried the filter's token.
-    pub const UPSTREAM_BAD_REQUEST: &str = "UpstreamBadRequest";
-}
-
-/// Precise diagnoses, read from the upstream body (`error.diagnosis`).
-pub mod diagnosis {
-    crate::diagnose::codes! {
-        ROLE_MISSING = "RoleMissing";
-        TOKEN_REJECTED = "TokenRejected";
-        KEY_AUTH_DISABLED = "KeyAuthDisabled";
-        NETWORK_RULE = "NetworkRule";
-        CUSTOM_SUBDOMAIN_REQUIRED = "CustomSubdomainRequired";
-        TENANT_MISMATCH = "TenantMismatch";
-        KEY_REJECTED = "KeyRejected";
-    }
-}
+pub use crate::diagnose::{diagnosis, header};
 
 /// Roles that grant chat completions with a token (AZURE_FACTS.md §3).
 pub const GRANTING_ROLES: [&str; 3] = [
@@ -439,14 +418,14 @@ pub fn explain(
             }
         }
         UpstreamFailure::KeyRejected => {
-            let service = match facts.source {
-                Some(Source::Http(s)) => format!(
+            let service = match facts.source.and_then(|s| s.inner().credential_service()) {
+                Some((authority, path, cluster)) => format!(
                     "the credential service (GET {}{} via cluster \"{}\")",
-                    safe::or(Some(s.authority.as_str()), safe::host, placeholder::HOST),
-                    safe::free_text(&safe::path_shown(&s.path), 200),
-                    safe::free_text(&s.cluster, 200)
+                    safe::or(Some(authority), safe::host, placeholder::HOST),
+                    safe::free_text(&safe::path_shown(path), 200),
+                    safe::free_text(cluster, 200)
                 ),
-                _ => "the credential service".to_owned(),
+                None => "the credential service".to_owned(),
             };
             let (state, action) = replacement_text(replacement);
             fields.insert("token_replacement".into(), json!(state));
@@ -1084,7 +1063,7 @@ mod tests {
 
     #[test]
     fn the_readme_documents_every_code() {
-        let readme = include_str!("../README.md");
+        let readme = include_str!("../../README.md");
         let headers = [
             header::UPSTREAM_UNAUTHORIZED,
             header::UPSTREAM_FORBIDDEN,

@@ -1,0 +1,151 @@
+//! Plugin configuration: the JSON contract of DESIGN.md, parse → check → plan.
+//!
+//! 1. serde types describe the JSON exactly (`raw.rs`, `deny_unknown_fields`),
+//!    read through `serde_path_to_error` so a wrong value is named by its full
+//!    path (`targets[1].paths[0]`; `errors.rs`);
+//! 2. one checked step, `TryFrom<RawConfig> for Config`, compiles them into a
+//!    plan (`targets.rs`): targets with dense ids, each pointing at one of the
+//!    distinct tokens (source, identity, resource) the filter keeps.
+//!
+//! `token_source` is tagged by `type`; each source reads its own body (see
+//! `source/`), with its path kept.
+
+use serde_json::Value;
+
+use crate::source::Source;
+
+pub mod checks;
+pub mod defaults;
+pub mod errors;
+mod raw;
+mod targets;
+
+pub use self::checks::{no_env, Env};
+pub use self::defaults::*;
+use self::errors::read;
+pub use self::errors::ConfigError;
+pub use self::raw::RawConfig;
+pub use crate::policy::{ClientKeys, ClientToken, OnTokenFailure, Policy};
+use crate::rewrite::HostPatterns;
+pub use crate::source::app_service::DEFAULT_APP_SERVICE_CLUSTER;
+pub use crate::source::entra::{DEFAULT_ENTRA_AUTHORITY, DEFAULT_ENTRA_CLUSTER, ENTRA_AUTHORITIES};
+pub use crate::source::http::DEFAULT_REFRESH_INTERVAL_MS;
+pub use crate::source::imds::{DEFAULT_AUTHORITY, DEFAULT_CLUSTER};
+pub use crate::source::workload_identity::{
+    DEFAULT_ASSERTION_AUTHORITY, DEFAULT_ASSERTION_CLUSTER, DEFAULT_ASSERTION_PATH,
+};
+pub use crate::source::{
+    AppServiceSource, ClientCredential, ClientCredentialsSource, CredentialKind, HttpSource,
+    IdentitySelector, ImdsSource, SigningKey, WorkloadIdentitySource,
+};
+
+/// A checked plugin configuration: the targets in order, and the distinct
+/// tokens they use.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    pub targets: Vec<Target>,
+    pub tokens: Vec<TokenSpec>,
+}
+
+/// A set of requests that get one credential.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    pub name: String,
+    pub hosts: HostPatterns,
+    /// Path prefixes; empty means every path.
+    pub paths: Vec<String>,
+    /// Envoy clusters the request must be routed to; empty means any, and
+    /// then only bare host names match (see [`HostPatterns::matches_bare`]).
+    pub clusters: Vec<String>,
+    /// Index into [`Config::tokens`].
+    pub token: usize,
+    pub policy: Policy,
+}
+
+/// Everything that decides one token and how long requests wait for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenSpec {
+    pub source: Source,
+    /// App ID URI of the audience, without `/.default` (IMDS wants it bare).
+    pub resource: String,
+    /// Longest time a request is held while no usable token exists.
+    pub token_wait_timeout_ms: u64,
+    /// Minimum time between two replacement requests for a rejected token.
+    pub invalidation_interval_ms: u64,
+    /// The first target that uses this token: the `target` label of the
+    /// token's metrics and log lines.
+    pub label: String,
+    /// Fetch it at start-up, before any request needs it. True for every
+    /// token a configured target uses; false only for the built-in
+    /// Foundry-projects target of `{}`, fetched on first use.
+    pub prefetch: bool,
+}
+
+impl TokenSpec {
+    pub fn imds(&self) -> Option<&ImdsSource> {
+        match &self.source {
+            Source::Imds(imds) => Some(imds),
+            _ => None,
+        }
+    }
+
+    /// A stable name for everything that decides *which* token is fetched:
+    /// the source, the identity and the resource (never a secret). Shared-data
+    /// records are keyed by it, so workers running an old and a new
+    /// configuration side by side share a token only when it is the same token.
+    pub fn fingerprint(&self) -> String {
+        let canonical = format!("{}\n{}", self.source.fingerprint(), self.resource);
+        // SHA-256 is in the tree already (gateway keys, certificates); its
+        // first 8 bytes name the record.
+        use sha2::{Digest, Sha256};
+        Sha256::digest(canonical.as_bytes())
+            .iter()
+            .take(8)
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
+}
+
+impl Default for Config {
+    /// What `{}` means.
+    fn default() -> Self {
+        Config::try_from((RawConfig::default(), &no_env as Env)).unwrap_or(Config {
+            targets: Vec::new(),
+            tokens: Vec::new(),
+        })
+    }
+}
+impl Config {
+    /// Parse the bytes Envoy hands to `on_configure`, without an environment.
+    /// Empty means `{}`.
+    pub fn parse(bytes: &[u8]) -> Result<Config, ConfigError> {
+        Config::parse_with_env(bytes, &no_env)
+    }
+
+    /// Parse with the VM's environment: the sources that read variables
+    /// (App Service, service principals, workload identity) read them here.
+    pub fn parse_with_env(bytes: &[u8], env: Env<'_>) -> Result<Config, ConfigError> {
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            return Config::try_from((RawConfig::default(), env));
+        }
+        let value: Value =
+            serde_json::from_slice(bytes).map_err(|e| ConfigError::NotJson(e.to_string()))?;
+        Config::from_value_with_env(&value, env)
+    }
+
+    pub fn from_value(value: &Value) -> Result<Config, ConfigError> {
+        Config::from_value_with_env(value, &no_env)
+    }
+
+    pub fn from_value_with_env(value: &Value, env: Env<'_>) -> Result<Config, ConfigError> {
+        Config::try_from((read::<RawConfig>(value.clone(), "")?, env))
+    }
+
+    /// The token of target `target`.
+    pub fn token_of(&self, target: usize) -> Option<&TokenSpec> {
+        self.tokens.get(self.targets.get(target)?.token)
+    }
+}
+
+#[cfg(test)]
+mod tests;
