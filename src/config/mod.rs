@@ -106,6 +106,15 @@ impl TokenSpec {
     }
 }
 
+/// Where each target's counters start in one dense array, and its length.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Slots {
+    /// `first[t]`: target `t`'s slot without a client; its clients follow.
+    pub first: Vec<usize>,
+    /// Slots in all.
+    pub count: usize,
+}
+
 impl Default for Config {
     /// What `{}` means.
     fn default() -> Self {
@@ -144,6 +153,30 @@ impl Config {
     /// The token of target `target`.
     pub fn token_of(&self, target: usize) -> Option<&TokenSpec> {
         self.tokens.get(self.targets.get(target)?.token)
+    }
+
+    /// The targets (by index) that send the application's own key on when
+    /// token `token` cannot be had (`on_token_failure: forward_key`).
+    pub fn forward_key_targets(&self, token: usize) -> Vec<u32> {
+        (0u32..)
+            .zip(&self.targets)
+            .filter(|(_, t)| {
+                t.token == token && t.policy.on_token_failure == OnTokenFailure::ForwardKey
+            })
+            .map(|(index, _)| index)
+            .collect()
+    }
+
+    /// The counter slots of authorized requests: per target, one without a
+    /// client and then one per listed client key.
+    pub fn slots(&self) -> Slots {
+        let mut first = Vec::with_capacity(self.targets.len());
+        let mut count = 0;
+        for target in &self.targets {
+            first.push(count);
+            count += 1 + target.policy.client_keys.as_ref().map_or(0, |k| k.len());
+        }
+        Slots { first, count }
     }
 }
 

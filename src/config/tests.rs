@@ -730,3 +730,27 @@ fn a_target_whose_hosts_name_no_cloud_takes_the_audience_of_its_sources_cloud() 
     // A managed identity's cloud is the machine's: nothing to compare.
     assert!(Config::parse(br#"{"hosts":["*.openai.azure.us"]}"#).is_ok());
 }
+
+#[test]
+fn the_plan_names_forward_key_targets_per_token_and_dense_counter_slots() {
+    let hash = "a".repeat(64);
+    let c = parse(&format!(
+        r#"{{"targets":[
+            {{"name":"gw","hosts":["a.openai.azure.com"],"client_keys":[{{"name":"x","sha256":"{hash}"}},{{"name":"y","sha256":"{}"}}]}},
+            {{"name":"mig","hosts":["b.openai.azure.com"],"on_token_failure":"forward_key"}},
+            {{"name":"other","hosts":["c.openai.azure.us"],"on_token_failure":"forward_key"}}
+        ]}}"#,
+        "b".repeat(64)
+    ));
+    assert_eq!(c.tokens.len(), 2);
+    assert_eq!(c.forward_key_targets(0), vec![1]);
+    assert_eq!(c.forward_key_targets(1), vec![2]);
+    assert_eq!(c.forward_key_targets(7), Vec::<u32>::new());
+    assert_eq!(
+        c.slots(),
+        Slots {
+            first: vec![0, 3, 4],
+            count: 5
+        }
+    );
+}
