@@ -16,7 +16,7 @@ use crate::token::{FailureClass, FetchFailure};
 pub const DIAGNOSIS_HEADER: &str = "x-aoai-msi-diagnosis";
 
 pub mod annotate;
-mod table;
+pub mod table;
 pub mod upstream;
 
 pub use table::{aadsts, code, diagnosis, header, EVERY};

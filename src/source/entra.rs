@@ -8,7 +8,7 @@ use super::{percent_encode, unavailable, Endpoint, Refusal, Step, TokenRequest, 
 use crate::config::checks::{check_authority, non_empty, Env};
 use crate::config::defaults::env;
 use crate::config::errors::{invalid, ConfigError};
-use crate::diagnose::{aadsts, code};
+use crate::diagnose::table::{aadsts, code};
 use crate::token::FailureClass;
 
 pub const DEFAULT_ENTRA_CLUSTER: &str = "entra";

@@ -28,7 +28,7 @@ use serde_json::{Map, Value};
 use crate::azure::Cloud;
 use crate::config::checks::{json_kind, Env};
 use crate::config::errors::{invalid, ConfigError};
-use crate::diagnose::code;
+use crate::diagnose::table::code;
 use crate::token::{parse_response, FailureClass, FetchFailure, Issued, Secret};
 
 pub mod entra;
