@@ -168,7 +168,7 @@ fuzz:
 	$(MAKE) test-fuzz FUZZ_CASES=300000
 
 # Real Envoy against the emulator; the load test runs alone (60 s, 50 requests/s).
-test-e2e: setup build $(VENV)/.openai-$(OPENAI_VERSION) $(VENV)/.websockets-$(WEBSOCKETS_VERSION)
+test-e2e: setup build build-native $(VENV)/.openai-$(OPENAI_VERSION) $(VENV)/.websockets-$(WEBSOCKETS_VERSION)
 	cargo build --quiet --release --target wasm32-wasip1 -p bench-probe-filter
 	ENVOY_BIN=$(abspath $(VENV)/bin/envoy) cargo test --test e2e --test failures --test diagnostics --test sdk --test hardening --test targets --test identities --test surface --test migration --test confinement \
 	  -- --test-threads 2 --nocapture

@@ -170,36 +170,38 @@ extern "C" {
         label_names_length: usize,
         id: *mut usize,
     ) -> u32;
-    pub fn envoy_dynamic_module_callback_http_filter_increment_counter(
-        filter: *mut c_void,
+    // Metrics through the configuration that defined them: callable outside
+    // any request (the main thread's worker has none).
+    pub fn envoy_dynamic_module_callback_http_filter_config_increment_counter(
+        config: *mut c_void,
         id: usize,
         label_values: *const ModuleBuffer,
         label_values_length: usize,
         value: u64,
     ) -> u32;
-    pub fn envoy_dynamic_module_callback_http_filter_increment_gauge(
-        filter: *mut c_void,
+    pub fn envoy_dynamic_module_callback_http_filter_config_increment_gauge(
+        config: *mut c_void,
         id: usize,
         label_values: *const ModuleBuffer,
         label_values_length: usize,
         value: u64,
     ) -> u32;
-    pub fn envoy_dynamic_module_callback_http_filter_decrement_gauge(
-        filter: *mut c_void,
+    pub fn envoy_dynamic_module_callback_http_filter_config_decrement_gauge(
+        config: *mut c_void,
         id: usize,
         label_values: *const ModuleBuffer,
         label_values_length: usize,
         value: u64,
     ) -> u32;
-    pub fn envoy_dynamic_module_callback_http_filter_set_gauge(
-        filter: *mut c_void,
+    pub fn envoy_dynamic_module_callback_http_filter_config_set_gauge(
+        config: *mut c_void,
         id: usize,
         label_values: *const ModuleBuffer,
         label_values_length: usize,
         value: u64,
     ) -> u32;
-    pub fn envoy_dynamic_module_callback_http_filter_record_histogram_value(
-        filter: *mut c_void,
+    pub fn envoy_dynamic_module_callback_http_filter_config_record_histogram_value(
+        config: *mut c_void,
         id: usize,
         label_values: *const ModuleBuffer,
         label_values_length: usize,

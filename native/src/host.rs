@@ -15,8 +15,8 @@ use std::collections::{HashMap, VecDeque};
 use std::ffi::c_void;
 use std::hash::{BuildHasher, Hasher};
 use std::ptr::null_mut;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use aoai_msi_filter::config::Config;
@@ -168,6 +168,8 @@ pub struct Mailbox {
     tick_posted: AtomicBool,
     /// Schedulers of this worker's live requests that can wake its thread.
     doorbells: Mutex<Vec<(u32, Ptr)>>,
+    /// The main thread's worker is woken through its configuration's scheduler.
+    main: OnceLock<Weak<Shared>>,
 }
 
 impl Mailbox {
@@ -188,9 +190,21 @@ impl Mailbox {
         self.pending.load(Ordering::Acquire)
     }
 
-    /// Wake the thread: run the scheduled event on one of its live requests.
-    /// Without one, the mail waits for the thread's next callback.
+    /// This is the main thread's mailbox.
+    pub fn set_main(&self, shared: &Arc<Shared>) {
+        let _ = self.main.set(Arc::downgrade(shared));
+    }
+
+    /// Wake the thread: run the scheduled event on one of its live requests
+    /// (on the main thread: a configuration event). Without one, the mail
+    /// waits for the thread's next callback.
     pub fn ring(&self) {
+        if let Some(shared) = self.main.get() {
+            if let Some(shared) = shared.upgrade() {
+                shared.commit(EVENT_MAIL);
+            }
+            return;
+        }
         let doorbells = lock(&self.doorbells);
         if let Some((_, scheduler)) = doorbells.first() {
             // SAFETY: a scheduler in the list is not deleted while the lock
@@ -244,6 +258,12 @@ fn queues() -> &'static Mutex<HashMap<u32, Weak<Mailbox>>> {
 }
 
 static NEXT_QUEUE: AtomicU32 = AtomicU32::new(1);
+/// Configurations that went away so far (threads sweep their workers).
+static GONE: AtomicU64 = AtomicU64::new(0);
+
+pub fn configurations_gone() -> u64 {
+    GONE.load(Ordering::Acquire)
+}
 static NEXT_CALL: AtomicU32 = AtomicU32::new(1);
 
 // ---------------------------------------------------------------- shared
@@ -261,6 +281,10 @@ struct Outgoing {
 /// Config scheduler events.
 pub const EVENT_OUTBOX: u64 = 1;
 pub const EVENT_TICK: u64 = 2;
+/// Mail for the main thread's worker.
+pub const EVENT_MAIL: u64 = 3;
+/// Envoy serves: start the timer and the main thread's worker.
+pub const EVENT_START: u64 = 4;
 
 /// Metric ids Envoy gave at configuration time: per metric, one per subset
 /// of its labels (a label with an empty value is left out, as the wasm
@@ -336,7 +360,9 @@ impl MetricIds {
 /// Everything of one filter configuration that all threads share.
 pub struct Shared {
     pub config: Config,
-    config_ptr: Ptr,
+    /// Envoy's configuration, until it goes: read-locked around every use
+    /// from any thread, so it cannot go in the middle of one.
+    envoy_config: RwLock<Option<Ptr>>,
     scheduler: Mutex<Option<Ptr>>,
     outbox: Mutex<VecDeque<Outgoing>>,
     /// Envoy callout id → where its answer goes (main thread only).
@@ -352,7 +378,7 @@ impl Shared {
     pub fn new(config: Config, config_ptr: *mut c_void, metrics: MetricIds) -> Shared {
         Shared {
             config,
-            config_ptr: Ptr(config_ptr),
+            envoy_config: RwLock::new(Some(Ptr(config_ptr))),
             scheduler: Mutex::new(None),
             outbox: Mutex::new(VecDeque::new()),
             callouts: Mutex::new(HashMap::new()),
@@ -367,25 +393,40 @@ impl Shared {
         self.alive.load(Ordering::Acquire)
     }
 
-    /// Start serving requests: the config scheduler and the tick timer,
-    /// once, on the first request (never under `envoy --mode validate`).
+    /// Call `f` with Envoy's configuration, if it is still there.
+    fn with_config<T>(&self, f: impl FnOnce(*mut c_void) -> T) -> Option<T> {
+        let config = self
+            .envoy_config
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        config.map(|ptr| f(ptr.0))
+    }
+
+    /// In `config_new` (main thread): the configuration's scheduler, and a
+    /// first event on it. Envoy runs that event only once it serves
+    /// (`envoy --mode validate` never does), and the event [`Shared::start`]s.
+    pub fn arm(&self) {
+        // SAFETY: the live configuration (read-locked); the scheduler is
+        // deleted in `stop`.
+        let scheduler = self
+            .with_config(|config| unsafe {
+                abi::envoy_dynamic_module_callback_http_filter_config_scheduler_new(config)
+            })
+            .unwrap_or(null_mut());
+        if scheduler.is_null() {
+            log(
+                Level::Critical,
+                "cannot create a configuration scheduler: no token calls",
+            );
+            return;
+        }
+        *lock(&self.scheduler) = Some(Ptr(scheduler));
+        self.commit(EVENT_START);
+    }
+
+    /// Start serving: the tick timer, once (never under `envoy --mode validate`).
     pub fn start(self: &Arc<Shared>) {
         self.timer.call_once(|| {
-            // SAFETY: `config_ptr` is the live configuration (its filters are
-            // being created); the scheduler is deleted in `stop`.
-            let scheduler = unsafe {
-                abi::envoy_dynamic_module_callback_http_filter_config_scheduler_new(
-                    self.config_ptr.0,
-                )
-            };
-            if scheduler.is_null() {
-                log(
-                    Level::Critical,
-                    "cannot create a configuration scheduler: no token calls",
-                );
-                return;
-            }
-            *lock(&self.scheduler) = Some(Ptr(scheduler));
             let weak = Arc::downgrade(self);
             let spawned = std::thread::Builder::new()
                 .name("aoai-msi-tick".into())
@@ -406,9 +447,15 @@ impl Shared {
         });
     }
 
-    /// The configuration is going (main thread): no more events.
+    /// The configuration is going (main thread): no more events, and no
+    /// more use of it from any thread.
     pub fn stop(&self) {
         self.alive.store(false, Ordering::Release);
+        *self
+            .envoy_config
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = None;
+        GONE.fetch_add(1, Ordering::AcqRel);
         if let Some(scheduler) = lock(&self.scheduler).take() {
             // SAFETY: created by config_scheduler_new; taken out under the
             // lock, so no commit races the delete.
@@ -418,7 +465,7 @@ impl Shared {
         }
     }
 
-    fn commit(&self, event: u64) -> bool {
+    pub fn commit(&self, event: u64) -> bool {
         match *lock(&self.scheduler) {
             Some(scheduler) => {
                 // SAFETY: not deleted while the lock is held; commit is thread-safe.
@@ -440,25 +487,21 @@ impl Shared {
         mailboxes.push(Arc::downgrade(mailbox));
     }
 
-    /// Main thread: a config scheduler event.
-    pub fn scheduled(&self, event: u64) {
-        match event {
-            EVENT_OUTBOX => self.send_outbox(),
-            EVENT_TICK => {
-                let mailboxes: Vec<Arc<Mailbox>> = lock(&self.mailboxes)
-                    .iter()
-                    .filter_map(Weak::upgrade)
-                    .collect();
-                for mailbox in mailboxes {
-                    mailbox.post_tick();
-                }
+    /// Main thread, every tick: tell every worker thread to tick.
+    pub fn broadcast_tick(&self) {
+        let mailboxes: Vec<Arc<Mailbox>> = lock(&self.mailboxes)
+            .iter()
+            .filter_map(Weak::upgrade)
+            .collect();
+        for mailbox in mailboxes {
+            if mailbox.main.get().is_none() {
+                mailbox.post_tick();
             }
-            _ => {}
         }
     }
 
     /// Main thread: send the token calls the workers handed over.
-    fn send_outbox(&self) {
+    pub fn send_outbox(&self) {
         let outgoing: Vec<Outgoing> = lock(&self.outbox).drain(..).collect();
         for call in outgoing {
             let headers: Vec<ModuleHeader> = call
@@ -468,19 +511,21 @@ impl Shared {
                 .collect();
             let mut callout = 0u64;
             // SAFETY: every buffer points into `call` or `headers`, alive for
-            // the call; the config pointer is live (scheduler events stop
-            // before it goes); `callout` is a valid out pointer.
-            let result = unsafe {
-                abi::envoy_dynamic_module_callback_http_filter_config_http_callout(
-                    self.config_ptr.0,
-                    &mut callout,
-                    ModuleBuffer::of(call.cluster.as_bytes()),
-                    headers.as_ptr(),
-                    headers.len(),
-                    ModuleBuffer::of(&call.body),
-                    call.timeout_ms,
-                )
-            };
+            // the call; the configuration is live (read-locked); `callout` is
+            // a valid out pointer.
+            let result = self
+                .with_config(|config| unsafe {
+                    abi::envoy_dynamic_module_callback_http_filter_config_http_callout(
+                        config,
+                        &mut callout,
+                        ModuleBuffer::of(call.cluster.as_bytes()),
+                        headers.as_ptr(),
+                        headers.len(),
+                        ModuleBuffer::of(&call.body),
+                        call.timeout_ms,
+                    )
+                })
+                .unwrap_or(status::REFUSED);
             if result == abi::CALLOUT_INIT_SUCCESS {
                 lock(&self.callouts).insert(callout, (call.mailbox, call.call));
             } else if let Some(mailbox) = call.mailbox.upgrade() {
@@ -597,14 +642,6 @@ impl NativeHost {
         } else {
             Ok(current)
         }
-    }
-
-    /// Any filter of this configuration on this thread: metrics are the
-    /// configuration's, whichever request reports them.
-    fn metric_filter(&self) -> Option<*mut c_void> {
-        [self.home.get(), self.current.get()]
-            .into_iter()
-            .find(|p| !p.is_null())
     }
 
     fn set_header(&self, kind: u32, name: &str, value: Option<&[u8]>) -> Result<(), Status> {
@@ -748,7 +785,6 @@ impl NativeHost {
     }
 
     fn metric_call(&self, id: u32, delta: i64, set: bool) -> Result<(), Status> {
-        let filter = self.metric_filter().ok_or(Status(status::NOT_FOUND))?;
         let metrics = self
             .metrics
             .try_borrow()
@@ -761,39 +797,42 @@ impl NativeHost {
             .collect();
         let (ptr, len) = (values.as_ptr(), values.len());
         let magnitude = delta.unsigned_abs();
-        // SAFETY: a filter of this configuration, live on this thread; the
-        // label buffers are alive for the call and as many as were defined.
-        let result = unsafe {
+        // SAFETY: the configuration that defined the metric, live while
+        // read-locked; the label buffers are alive for the call and as many
+        // as were defined.
+        let result = self.shared.with_config(|config| unsafe {
             match (defined.kind, set) {
                 (Kind::Counter, _) => {
-                    abi::envoy_dynamic_module_callback_http_filter_increment_counter(
-                        filter, defined.id, ptr, len, magnitude,
+                    abi::envoy_dynamic_module_callback_http_filter_config_increment_counter(
+                        config, defined.id, ptr, len, magnitude,
                     )
                 }
-                (Kind::Gauge, true) => abi::envoy_dynamic_module_callback_http_filter_set_gauge(
-                    filter, defined.id, ptr, len, magnitude,
-                ),
+                (Kind::Gauge, true) => {
+                    abi::envoy_dynamic_module_callback_http_filter_config_set_gauge(
+                        config, defined.id, ptr, len, magnitude,
+                    )
+                }
                 (Kind::Gauge, false) if delta < 0 => {
-                    abi::envoy_dynamic_module_callback_http_filter_decrement_gauge(
-                        filter, defined.id, ptr, len, magnitude,
+                    abi::envoy_dynamic_module_callback_http_filter_config_decrement_gauge(
+                        config, defined.id, ptr, len, magnitude,
                     )
                 }
                 (Kind::Gauge, false) => {
-                    abi::envoy_dynamic_module_callback_http_filter_increment_gauge(
-                        filter, defined.id, ptr, len, magnitude,
+                    abi::envoy_dynamic_module_callback_http_filter_config_increment_gauge(
+                        config, defined.id, ptr, len, magnitude,
                     )
                 }
                 (Kind::Histogram, _) => {
-                    abi::envoy_dynamic_module_callback_http_filter_record_histogram_value(
-                        filter, defined.id, ptr, len, magnitude,
+                    abi::envoy_dynamic_module_callback_http_filter_config_record_histogram_value(
+                        config, defined.id, ptr, len, magnitude,
                     )
                 }
             }
-        };
-        if result == abi::METRICS_SUCCESS {
-            Ok(())
-        } else {
-            Err(Status(result))
+        });
+        match result {
+            Some(abi::METRICS_SUCCESS) => Ok(()),
+            Some(other) => Err(Status(other)),
+            None => Err(Status(status::NOT_FOUND)),
         }
     }
 }

@@ -103,6 +103,7 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_new(
         let handle = ConfigHandle {
             shared: Arc::new(Shared::new(config, config_envoy, metrics)),
         };
+        handle.shared.arm();
         Box::into_raw(Box::new(handle)) as *const c_void
     })
 }
@@ -120,6 +121,10 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_destroy(conf
             }
             // SAFETY: made by Box::into_raw in config_new; Envoy destroys it once.
             let handle = unsafe { Box::from_raw(config as *mut ConfigHandle) };
+            // The main thread's worker stops while its configuration still lives.
+            let key = Arc::as_ptr(&handle.shared) as usize;
+            let main = WORKERS.with(|w| w.try_borrow_mut().ok().and_then(|mut w| w.remove(&key)));
+            drop(main);
             handle.shared.stop();
         },
     )
@@ -145,8 +150,28 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_scheduled(
         || (),
         || {
             // SAFETY: Envoy passes the live configuration.
-            if let Some(handle) = unsafe { config_handle(config) } {
-                handle.shared.scheduled(event);
+            let Some(handle) = (unsafe { config_handle(config) }) else {
+                return;
+            };
+            let shared = &handle.shared;
+            match event {
+                host::EVENT_OUTBOX => shared.send_outbox(),
+                host::EVENT_START | host::EVENT_TICK | host::EVENT_MAIL => {
+                    shared.start();
+                    if event == host::EVENT_TICK {
+                        shared.broadcast_tick();
+                    }
+                    // The main thread's own worker: it keeps tokens fresh while
+                    // no request comes (as the wasm build's main-thread VMs do).
+                    if let Some(live) = worker_for(shared, std::ptr::null_mut(), true) {
+                        let _hook = live.host.hook(std::ptr::null_mut());
+                        if event == host::EVENT_TICK {
+                            live.host.mailbox.post_tick();
+                        }
+                        live.drain();
+                    }
+                }
+                _ => {}
             }
         },
     )
@@ -286,12 +311,20 @@ thread_local! {
     static WORKERS: RefCell<HashMap<usize, Rc<Live>>> = RefCell::new(HashMap::new());
 }
 
-fn worker_for(shared: &Arc<Shared>, filter: *mut c_void) -> Option<Rc<Live>> {
+/// This thread's worker for `shared`, started on first use (`main`: this is
+/// the main thread, woken through the configuration's scheduler).
+fn worker_for(shared: &Arc<Shared>, filter: *mut c_void, main: bool) -> Option<Rc<Live>> {
     let key = Arc::as_ptr(shared) as usize;
     if let Some(live) = WORKERS.with(|w| w.try_borrow().ok().and_then(|w| w.get(&key).cloned())) {
         return Some(live);
     }
+    if !shared.alive() {
+        return None;
+    }
     let mailbox = Arc::new(Mailbox::default());
+    if main {
+        mailbox.set_main(shared);
+    }
     shared.add_mailbox(&mailbox);
     let host = NativeHost::new(shared.clone(), mailbox);
     let worker = {
@@ -320,6 +353,32 @@ fn worker_for(shared: &Arc<Shared>, filter: *mut c_void) -> Option<Rc<Live>> {
             None
         }
     }
+}
+
+thread_local! {
+    /// Configurations gone, as this thread last swept.
+    static SWEPT: Cell<u64> = const { Cell::new(0) };
+}
+
+/// Stop this thread's workers of configurations that went away (Envoy
+/// destroys a configuration after its last request, so none is left here).
+fn sweep() {
+    let gone = host::configurations_gone();
+    if SWEPT.with(|s| s.replace(gone)) == gone {
+        return;
+    }
+    let dead: Vec<Rc<Live>> = WORKERS.with(|w| match w.try_borrow_mut() {
+        Ok(mut w) => {
+            let keys: Vec<usize> = w
+                .iter()
+                .filter(|(_, live)| !live.host.shared.alive())
+                .map(|(key, _)| *key)
+                .collect();
+            keys.iter().filter_map(|key| w.remove(key)).collect()
+        }
+        Err(_) => Vec::new(),
+    });
+    drop(dead);
 }
 
 // ---------------------------------------------------------------- requests
@@ -381,8 +440,9 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_new(
         let Some(handle) = (unsafe { config_handle(config) }) else {
             return std::ptr::null();
         };
+        sweep();
         handle.shared.start();
-        let live = worker_for(&handle.shared, envoy);
+        let live = worker_for(&handle.shared, envoy, false);
         let id = host::add_filter(envoy);
         if let Some(live) = &live {
             live.filters.set(live.filters.get() + 1);
@@ -642,20 +702,15 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_destroy(filter: *co
                 live.host.mailbox.remove_doorbell(filter.id);
             }
             {
-                // Envoy's pointer is no longer to be used: metrics of the
-                // finish are those of another live request, if any.
+                // Envoy's pointer is no longer to be used.
                 let _hook = live.host.hook(std::ptr::null_mut());
                 filter.finish(live);
             }
             live.filters.set(live.filters.get().saturating_sub(1));
-            if live.filters.get() == 0 && !live.host.shared.alive() {
-                // The configuration is gone and so is its last request here.
-                let key = Arc::as_ptr(&live.host.shared) as usize;
-                WORKERS.with(|w| {
-                    if let Ok(mut w) = w.try_borrow_mut() {
-                        w.remove(&key);
-                    }
-                });
+            if live.filters.get() == 0 {
+                // The thread goes idle and will not tick: report its counts now.
+                let _hook = live.host.hook(std::ptr::null_mut());
+                live.worker.flush(&live.host);
             }
         },
     )

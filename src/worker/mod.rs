@@ -225,6 +225,12 @@ impl Worker {
         self.flush_metrics(h, now);
     }
 
+    /// Report the per-request counts now, not at the next tick: for a host
+    /// whose idle workers are not ticked (the native build's, between requests).
+    pub fn flush<H: Host>(&self, h: &H) {
+        self.flush_metrics(h, h.now_ms());
+    }
+
     /// Messages from this worker's queue: records to adopt, deferred batches.
     pub fn queue_ready<H: Host>(&self, h: &H, messages: &[Vec<u8>]) {
         // Each message names a record; records of other configurations are not ours.

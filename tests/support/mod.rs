@@ -140,6 +140,17 @@ pub fn filter_yaml(
     )
 }
 
+/// Bootstrap runtime for the build under test: the native module's metrics
+/// keep their own names in `/stats/prometheus` (without the flag Envoy
+/// prefixes them `envoy_dynamicmodulescustom_`).
+pub fn runtime_yaml() -> &'static str {
+    if native() {
+        "layered_runtime:\n  layers:\n  - name: static\n    static_layer:\n      envoy.reloadable_features.dynamic_modules_strip_custom_stat_prefix: true\n"
+    } else {
+        ""
+    }
+}
+
 /// Environment Envoy needs for the build under test.
 pub fn envoy_env() -> Vec<(String, String)> {
     if native() {
@@ -150,6 +161,15 @@ pub fn envoy_env() -> Vec<(String, String)> {
     } else {
         Vec::new()
     }
+}
+
+/// Environment of `envoy --mode validate`: shipped configs of either build
+/// validate whichever build is under test (`make test-e2e` builds both).
+fn validation_envoy_env() -> Vec<(String, String)> {
+    vec![(
+        "ENVOY_DYNAMIC_MODULES_SEARCH_PATH".to_owned(),
+        repo().join("target/release").display().to_string(),
+    )]
 }
 
 /// Log levels: the filter's own lines at every level (wasm, or the dynamic
@@ -516,7 +536,10 @@ pub fn prometheus(envoy: &Envoy) -> String {
     std::thread::sleep(Duration::from_millis(600));
     let (status, body) = get(envoy.admin, "/stats/prometheus").unwrap();
     assert_eq!(status, 200);
+    // The native module's metrics, in an Envoy without the runtime flag of
+    // [`runtime_yaml`], carry the prefix of Envoy's custom-stat namespace.
     body.lines()
+        .map(|l| l.strip_prefix("envoy_dynamicmodulescustom_").unwrap_or(l))
         .filter(|l| l.starts_with("aoai_msi_"))
         .collect::<Vec<_>>()
         .join("\n")
@@ -559,7 +582,7 @@ impl Plugin<'_> {
         clusters: &[(&str, u16)],
     ) -> String {
         let mut yaml = format!(
-            r#"{}admin:
+            r#"{}{}admin:
   address: {{ socket_address: {{ address: 127.0.0.1, port_value: 0 }} }}
 static_resources:
   listeners:
@@ -572,7 +595,8 @@ static_resources:
           "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
           stat_prefix: e2e
 "#,
-            stats_tags_yaml()
+            stats_tags_yaml(),
+            runtime_yaml()
         );
         for line in hcm_extra.lines() {
             yaml.push_str(&format!("          {line}\n"));
@@ -857,11 +881,14 @@ pub fn typed_configs<'a>(
 
 /// The plugin configuration (JSON) of every aoai-msi-filter Wasm filter in `doc`.
 pub fn plugin_configs(doc: &serde_yaml::Value) -> Vec<String> {
-    typed_configs(doc, "filters.http.wasm.v3.Wasm")
+    let wasm = typed_configs(doc, "filters.http.wasm.v3.Wasm")
         .into_iter()
-        .filter_map(|wasm| wasm["config"]["configuration"]["value"].as_str())
-        .map(str::to_owned)
-        .collect()
+        .filter_map(|wasm| wasm["config"]["configuration"]["value"].as_str());
+    // The native module takes the same JSON.
+    let native = typed_configs(doc, "dynamic_modules.v3.DynamicModuleFilter")
+        .into_iter()
+        .filter_map(|module| module["filter_config"]["value"].as_str());
+    wasm.chain(native).map(str::to_owned).collect()
 }
 
 // --- Helpers of the README checks (tests/readme.rs).
@@ -1000,7 +1027,7 @@ pub fn clusters_named_by(config: &aoai_msi_filter::config::Config) -> Vec<String
 /// Envoy printed).
 pub fn validate_with_env(config: &Path, env: &[(String, String)]) -> (bool, String) {
     let out = Command::new(envoy_bin())
-        .envs(envoy_env())
+        .envs(validation_envoy_env())
         .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
         .args(["--mode", "validate", "-c"])
         .arg(config)
