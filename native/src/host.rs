@@ -300,8 +300,15 @@ impl MetricIds {
     pub fn define_all(config: *mut c_void) -> Result<MetricIds, String> {
         let mut ids = HashMap::new();
         for metric in ALL {
-            let labels = metric.labels.len();
-            for mask in 0u8..(1 << labels) {
+            // Every label, and without `client` (empty for targets without
+            // gateway keys). A metric without labels exists from now on; one
+            // with labels appears on first use, as the wasm build's do.
+            let all = (1u8 << metric.labels.len()) - 1;
+            let masks = match metric.labels.iter().position(|l| *l == "client") {
+                Some(client) => vec![all, all & !(1 << client)],
+                None => vec![all],
+            };
+            for mask in masks {
                 let names: Vec<ModuleBuffer> = metric
                     .labels
                     .iter()
@@ -601,7 +608,11 @@ pub struct NativeHost {
     current: Cell<*mut c_void>,
     /// The request whose callback is running (null: none).
     home: Cell<*mut c_void>,
+    /// The id of the request last entered (until `leave`).
+    entered: Cell<Option<u32>>,
     metrics: RefCell<Vec<Defined>>,
+    /// Requests the worker let go, continued once it is done deciding.
+    resumes: RefCell<Vec<u32>>,
 }
 
 /// While a callback runs: its filter is the request in hand; the previous
@@ -609,13 +620,14 @@ pub struct NativeHost {
 /// run another's).
 pub struct InHook<'a> {
     host: &'a NativeHost,
-    saved: (*mut c_void, *mut c_void),
+    saved: (*mut c_void, *mut c_void, Option<u32>),
 }
 
 impl Drop for InHook<'_> {
     fn drop(&mut self) {
         self.host.current.set(self.saved.0);
         self.host.home.set(self.saved.1);
+        self.host.entered.set(self.saved.2);
     }
 }
 
@@ -626,12 +638,43 @@ impl NativeHost {
             mailbox,
             current: Cell::new(null_mut()),
             home: Cell::new(null_mut()),
+            entered: Cell::new(None),
             metrics: RefCell::new(Vec::new()),
+            resumes: RefCell::new(Vec::new()),
+        }
+    }
+
+    /// Continue the requests the worker let go. Envoy runs a continued
+    /// request's next callbacks inside `continue_decoding`, so it is called
+    /// only once the worker has finished the step that released them (with
+    /// proxy-wasm, a resumed request's callbacks also come after the VM call).
+    pub fn run_resumes(&self) {
+        loop {
+            let resumes = match self.resumes.try_borrow_mut() {
+                Ok(mut resumes) => std::mem::take(&mut *resumes),
+                Err(_) => return,
+            };
+            if resumes.is_empty() {
+                return;
+            }
+            for request in resumes {
+                // Gone meanwhile (the client hung up): nothing to continue.
+                if let Some(filter) = find_filter(request) {
+                    // SAFETY: a live request of this thread, held by this filter.
+                    unsafe {
+                        abi::envoy_dynamic_module_callback_http_filter_continue_decoding(filter.0)
+                    };
+                }
+            }
         }
     }
 
     pub fn hook(&self, filter: *mut c_void) -> InHook<'_> {
-        let saved = (self.current.replace(filter), self.home.replace(filter));
+        let saved = (
+            self.current.replace(filter),
+            self.home.replace(filter),
+            self.entered.take(),
+        );
         InHook { host: self, saved }
     }
 
@@ -952,11 +995,13 @@ impl Host for NativeHost {
     fn enter(&self, request: u32) -> Result<(), Status> {
         let filter = find_filter(request).ok_or(Status(status::NOT_FOUND))?;
         self.current.set(filter.0);
+        self.entered.set(Some(request));
         Ok(())
     }
 
     fn leave(&self) {
         self.current.set(self.home.get());
+        self.entered.set(None);
     }
 
     fn routed_cluster(&self) -> Option<Vec<u8>> {
@@ -989,10 +1034,13 @@ impl Host for NativeHost {
         self.set_header(abi::header_type::REQUEST, name, None)
     }
 
+    /// Continued by [`NativeHost::run_resumes`], after the worker's step.
     fn resume_request(&self) -> Result<(), Status> {
-        let filter = self.filter()?;
-        // SAFETY: a live request of this thread, held by this filter.
-        unsafe { abi::envoy_dynamic_module_callback_http_filter_continue_decoding(filter) };
+        let request = self.entered.get().ok_or(Status(status::NOT_FOUND))?;
+        self.resumes
+            .try_borrow_mut()
+            .map_err(|_| Status(status::REFUSED))?
+            .push(request);
         Ok(())
     }
 

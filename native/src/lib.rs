@@ -297,6 +297,7 @@ impl Live {
             self.last_tick_ms.set(now);
             self.worker.tick(&self.host);
         }
+        self.host.run_resumes();
     }
 }
 

@@ -880,6 +880,15 @@ pub fn typed_configs<'a>(
 }
 
 /// The plugin configuration (JSON) of every aoai-msi-filter Wasm filter in `doc`.
+/// The JSON configuration of an `http_filters` entry of the filter, wasm or
+/// native (the same JSON in either).
+pub fn filter_json(filter: &serde_yaml::Value) -> Option<&str> {
+    let typed = &filter["typed_config"];
+    typed["config"]["configuration"]["value"]
+        .as_str()
+        .or_else(|| typed["filter_config"]["value"].as_str())
+}
+
 pub fn plugin_configs(doc: &serde_yaml::Value) -> Vec<String> {
     let wasm = typed_configs(doc, "filters.http.wasm.v3.Wasm")
         .into_iter()
