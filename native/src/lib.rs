@@ -299,6 +299,16 @@ impl Live {
         }
         self.host.run_resumes();
     }
+
+    /// What the request's own step posted to this worker (a replacement
+    /// asked for when the upstream refused the credential): taken in now,
+    /// as an idle thread would not wake for it. Only after response-side
+    /// steps, where this request is not held.
+    fn drain_posted(&self) {
+        if self.host.mailbox.pending() {
+            self.drain();
+        }
+    }
 }
 
 impl Drop for Live {
@@ -609,6 +619,7 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_response_headers(
             if let Ok(mut stream) = filter.stream.try_borrow_mut() {
                 stream.response_headers(&live.worker, &live.host);
             }
+            live.drain_posted();
             CONTINUE
         },
     )
@@ -643,6 +654,7 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_response_body(
                 }
                 Err(_) => Flow::Continue,
             };
+            live.drain_posted();
             match flow {
                 Flow::Continue => CONTINUE,
                 Flow::Pause => STOP_ITERATION_AND_BUFFER,
@@ -679,6 +691,7 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_stream_complete(
             if let Some(live) = &filter.live {
                 let _hook = live.host.hook(envoy);
                 filter.finish(live);
+                live.drain_posted();
             }
         },
     )
