@@ -565,7 +565,10 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_request_body(
     use abi::body_status::{CONTINUE, STOP_ITERATION_AND_BUFFER};
     guarded(
         "request_body",
-        || STOP_ITERATION_AND_BUFFER,
+        || {
+            reply_failed(envoy);
+            STOP_ITERATION_AND_BUFFER
+        },
         || match request_rest(envoy, filter) {
             Flow::Continue => CONTINUE,
             Flow::Pause => STOP_ITERATION_AND_BUFFER,
@@ -583,7 +586,10 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_request_trailers(
     use abi::trailers_status::{CONTINUE, STOP_ITERATION};
     guarded(
         "request_trailers",
-        || STOP_ITERATION,
+        || {
+            reply_failed(envoy);
+            STOP_ITERATION
+        },
         || match request_rest(envoy, filter) {
             Flow::Continue => CONTINUE,
             Flow::Pause => STOP_ITERATION,
