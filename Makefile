@@ -43,7 +43,7 @@ export ENVOY
 # Property-test cases per property (README, Robustness, gives the count of properties).
 FUZZ_CASES ?= 50000
 
-.PHONY: build run dist bench test test-unit test-manifests test-wasm test-fuzz test-e2e test-demo fuzz lint fmt setup clean
+.PHONY: build build-native run dist bench test test-e2e-native test-unit test-manifests test-wasm test-fuzz test-e2e test-demo fuzz lint fmt setup clean
 
 setup: .targets $(VENV)/bin/envoy
 
@@ -89,6 +89,15 @@ build: .targets
 	cargo run --quiet -p trim-exports -- $(WASM) $(UNUSED_CALLBACKS)
 	cargo build -p aoai-emulator
 	@ls -l $(WASM) | awk '{print "built " $$NF " (" $$5 " bytes)"}'
+
+# The same core as an Envoy dynamic module (README, Native build). Built with
+# panic = "unwind" (the release profile aborts, as the wasm filter should), so
+# every hook can catch a panic and fail the request closed instead of Envoy.
+NATIVE := target/release/libaoai_msi.so
+
+build-native:
+	cargo build --release -p aoai-msi-native --config 'profile.release.panic="unwind"'
+	@ls -l $(NATIVE) | awk '{print "built " $$NF " (" $$5 " bytes)"}'
 
 run:
 	@echo "==> Installing what the demo needs (wasm targets, Envoy $(ENVOY_VERSION) in $(VENV))"
@@ -159,12 +168,21 @@ fuzz:
 	$(MAKE) test-fuzz FUZZ_CASES=300000
 
 # Real Envoy against the emulator; the load test runs alone (60 s, 50 requests/s).
-test-e2e: setup build $(VENV)/.openai-$(OPENAI_VERSION) $(VENV)/.websockets-$(WEBSOCKETS_VERSION)
+test-e2e: setup build build-native $(VENV)/.openai-$(OPENAI_VERSION) $(VENV)/.websockets-$(WEBSOCKETS_VERSION)
 	cargo build --quiet --release --target wasm32-wasip1 -p bench-probe-filter
 	ENVOY_BIN=$(abspath $(VENV)/bin/envoy) cargo test --test e2e --test failures --test diagnostics --test sdk --test hardening --test targets --test identities --test surface --test migration --test confinement \
 	  -- --test-threads 2 --nocapture
 	ENVOY_BIN=$(abspath $(VENV)/bin/envoy) cargo test --test readme -- --test-threads 2 --nocapture
 	ENVOY_BIN=$(abspath $(VENV)/bin/envoy) cargo test --test load -- --nocapture
+
+# The end-to-end suites against the native module (AOAI_MSI_BUILD=native in
+# tests/support); the emulator and the probe filter are still needed.
+test-e2e-native: setup build build-native $(VENV)/.openai-$(OPENAI_VERSION) $(VENV)/.websockets-$(WEBSOCKETS_VERSION)
+	cargo build --quiet --release --target wasm32-wasip1 -p bench-probe-filter
+	AOAI_MSI_BUILD=native ENVOY_BIN=$(abspath $(VENV)/bin/envoy) cargo test --test e2e --test failures --test diagnostics --test sdk --test hardening --test targets --test identities --test surface --test migration --test confinement \
+	  -- --test-threads 2 --nocapture
+	AOAI_MSI_BUILD=native ENVOY_BIN=$(abspath $(VENV)/bin/envoy) cargo test --test readme -- --test-threads 2 --nocapture
+	AOAI_MSI_BUILD=native ENVOY_BIN=$(abspath $(VENV)/bin/envoy) cargo test --test load -- --nocapture
 
 # The newcomer path, once, without waiting for Ctrl-C.
 test-demo: setup build

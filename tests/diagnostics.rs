@@ -400,10 +400,7 @@ async fn no_token_or_key_appears_in_the_filters_log_at_trace_level() {
     }
     assert!(tokens.len() >= 6, "tokens were issued: {}", tokens.len());
     let log = logs.join("\n");
-    assert!(
-        log.contains("wasm log aoai-msi-filter"),
-        "the filter did log"
-    );
+    assert!(log.lines().any(is_filter_line), "the filter did log");
     assert!(
         log.contains("token acquired"),
         "token acquisition is logged at info"

@@ -835,9 +835,7 @@ fn every_shipped_config_lets_streams_realtime_sessions_and_long_uploads_through_
                 continue;
             };
             let off_by_default = filter["disabled"] == true;
-            let json = filter["typed_config"]["config"]["configuration"]["value"]
-                .as_str()
-                .unwrap();
+            let json = filter_json(filter).unwrap();
             let config =
                 aoai_msi_filter::config::Config::parse_with_env(json.as_bytes(), &validation_env)
                     .unwrap();

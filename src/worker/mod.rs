@@ -225,6 +225,12 @@ impl Worker {
         self.flush_metrics(h, now);
     }
 
+    /// Report the per-request counts now, not at the next tick: for a host
+    /// whose idle workers are not ticked (the native build's, between requests).
+    pub fn flush<H: Host>(&self, h: &H) {
+        self.flush_metrics(h, h.now_ms());
+    }
+
     /// Messages from this worker's queue: records to adopt, deferred batches.
     pub fn queue_ready<H: Host>(&self, h: &H, messages: &[Vec<u8>]) {
         // Each message names a record; records of other configurations are not ours.
@@ -606,30 +612,59 @@ impl Worker {
                 Ok(())
             }
             Err(status) => {
-                let first = self
-                    .undispatchable
-                    .try_borrow_mut()
-                    .is_ok_and(|mut seen| seen.insert(request.cluster.clone()));
-                let line = format!(
-                    "target {}: cannot dispatch the token call to cluster \"{}\" (host status {}): \
-                     no such cluster in this Envoy? `envoy --mode validate` does not check it; \
-                     add the cluster or fix token_source.cluster",
-                    self.token_label(token),
-                    safe::free_text(&request.cluster, 200),
-                    status.0
-                );
-                // Once at critical level, so it stands out at start-up.
-                h.log(if first { Level::Critical } else { Level::Warn }, &line);
-                match self.agents.try_borrow_mut() {
-                    Ok(mut agents) => match agents.get_mut(token) {
-                        Some(agent) => {
-                            Err(agent.dispatch_failed(h.now_ms(), &mut h.store(), &request.cluster))
-                        }
-                        None => Ok(()),
-                    },
-                    Err(_) => Ok(()),
+                let commands = self.dispatch_refused(h, token, &request.cluster, status);
+                if commands.is_empty() {
+                    Ok(())
+                } else {
+                    Err(commands)
                 }
             }
+        }
+    }
+
+    /// A token call the host took but could not send after all (a host that
+    /// sends from another thread learns late that the cluster is unknown):
+    /// the same as a refused dispatch.
+    pub fn undispatched<H: Host>(&self, h: &H, call: u32, cluster: &str, status: Status) {
+        let token = self
+            .calls
+            .try_borrow_mut()
+            .ok()
+            .and_then(|mut calls| calls.remove(&call));
+        let Some(token) = token else { return };
+        let commands = self.dispatch_refused(h, token, cluster, status);
+        self.execute(h, token, commands);
+        self.report_waiting(h);
+    }
+
+    /// Say that the host refused a token call to `cluster`, and let the agent decide.
+    fn dispatch_refused<H: Host>(
+        &self,
+        h: &H,
+        token: usize,
+        cluster: &str,
+        status: Status,
+    ) -> Vec<Command> {
+        let first = self
+            .undispatchable
+            .try_borrow_mut()
+            .is_ok_and(|mut seen| seen.insert(cluster.to_owned()));
+        let line = format!(
+            "target {}: cannot dispatch the token call to cluster \"{}\" (host status {}): \
+             no such cluster in this Envoy? `envoy --mode validate` does not check it; \
+             add the cluster or fix token_source.cluster",
+            self.token_label(token),
+            safe::free_text(cluster, 200),
+            status.0
+        );
+        // Once at critical level, so it stands out at start-up.
+        h.log(if first { Level::Critical } else { Level::Warn }, &line);
+        match self.agents.try_borrow_mut() {
+            Ok(mut agents) => match agents.get_mut(token) {
+                Some(agent) => agent.dispatch_failed(h.now_ms(), &mut h.store(), cluster),
+                None => Vec::new(),
+            },
+            Err(_) => Vec::new(),
         }
     }
 

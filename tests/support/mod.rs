@@ -65,6 +65,123 @@ pub fn wasm() -> PathBuf {
     path
 }
 
+/// The build under test: `AOAI_MSI_BUILD=native` runs the suites against the
+/// Envoy dynamic module (`make build-native`) instead of the wasm filter.
+pub fn native() -> bool {
+    std::env::var("AOAI_MSI_BUILD").is_ok_and(|b| b == "native")
+}
+
+/// Where Envoy finds the native module (`ENVOY_DYNAMIC_MODULES_SEARCH_PATH`).
+pub fn native_module_dir() -> PathBuf {
+    let dir = repo().join("target/release");
+    let module = dir.join("libaoai_msi.so");
+    assert!(
+        module.exists(),
+        "{} is missing: run `make build-native` before the end-to-end tests of the native build",
+        module.display()
+    );
+    dir
+}
+
+/// The filter's entry in `http_filters` (YAML, indented for the HTTP
+/// connection manager): the wasm module `wasm` with `plugin_extra` and the
+/// VM's `env_keys`, or, for the native build under test, the dynamic module
+/// with the same JSON (it reads the process environment itself, and has no
+/// wasm plugin fields).
+pub fn filter_yaml(
+    wasm_module: &Path,
+    plugin_extra: &str,
+    config: &str,
+    env_keys: &[&str],
+) -> String {
+    let value = serde_json::to_string(config).unwrap();
+    if native() && wasm_module == wasm().as_path() {
+        return format!(
+            r#"          - name: aoai-msi-filter
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.dynamic_modules.v3.DynamicModuleFilter
+              dynamic_module_config: {{ name: aoai_msi }}
+              filter_name: aoai-msi
+              filter_config:
+                "@type": type.googleapis.com/google.protobuf.StringValue
+                value: {value}
+"#
+        );
+    }
+    let extra = if plugin_extra.is_empty() {
+        String::new()
+    } else {
+        format!("                {plugin_extra}\n")
+    };
+    let env_keys = if env_keys.is_empty() {
+        String::new()
+    } else {
+        format!(
+            "                  environment_variables:\n                    host_env_keys: [{}]\n",
+            env_keys.join(", ")
+        )
+    };
+    format!(
+        r#"          - name: aoai-msi-filter
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm
+              config:
+                name: aoai-msi-filter
+                root_id: aoai-msi-filter
+{extra}                configuration:
+                  "@type": type.googleapis.com/google.protobuf.StringValue
+                  value: {value}
+                vm_config:
+                  vm_id: aoai-msi-filter
+                  runtime: envoy.wasm.runtime.v8
+{env_keys}                  code: {{ local: {{ filename: "{}" }} }}
+"#,
+        wasm_module.display()
+    )
+}
+
+/// Bootstrap runtime for the build under test: the native module's metrics
+/// keep their own names in `/stats/prometheus` (without the flag Envoy
+/// prefixes them `envoy_dynamicmodulescustom_`).
+pub fn runtime_yaml() -> &'static str {
+    if native() {
+        "layered_runtime:\n  layers:\n  - name: static\n    static_layer:\n      envoy.reloadable_features.dynamic_modules_strip_custom_stat_prefix: true\n"
+    } else {
+        ""
+    }
+}
+
+/// Environment Envoy needs for the build under test.
+pub fn envoy_env() -> Vec<(String, String)> {
+    if native() {
+        vec![(
+            "ENVOY_DYNAMIC_MODULES_SEARCH_PATH".to_owned(),
+            native_module_dir().display().to_string(),
+        )]
+    } else {
+        Vec::new()
+    }
+}
+
+/// Environment of `envoy --mode validate`: shipped configs of either build
+/// validate whichever build is under test (`make test-e2e` builds both).
+fn validation_envoy_env() -> Vec<(String, String)> {
+    vec![(
+        "ENVOY_DYNAMIC_MODULES_SEARCH_PATH".to_owned(),
+        repo().join("target/release").display().to_string(),
+    )]
+}
+
+/// Log levels: the filter's own lines at every level (wasm, or the dynamic
+/// module's `[dynamic_modules]` lines).
+pub const COMPONENT_LOG_LEVEL: &str = "wasm:trace,dynamic_modules:trace";
+
+/// Does this Envoy log line come from the filter itself (either build)?
+pub fn is_filter_line(line: &str) -> bool {
+    line.contains("wasm log aoai-msi-filter")
+        || (line.contains("[dynamic_modules]") && line.contains("aoai-msi-filter: "))
+}
+
 /// An Envoy config with one listener, the filter, and both clusters pointing
 /// at the emulator. `filter_config` is the plugin's JSON configuration.
 pub fn envoy_yaml(filter_config: &str, imds_port: u16, upstream_port: u16) -> String {
@@ -158,8 +275,9 @@ impl Envoy {
             .arg("--use-dynamic-base-id")
             .arg("--admin-address-path")
             .arg(&admin_file)
-            .args(["-l", "info", "--component-log-level", "wasm:trace"])
+            .args(["-l", "info", "--component-log-level", COMPONENT_LOG_LEVEL])
             .args(extra)
+            .envs(envoy_env())
             .envs(env.iter().copied())
             .current_dir(repo())
             .stdin(Stdio::null())
@@ -237,7 +355,7 @@ impl Envoy {
     pub fn filter_log(&self) -> Vec<String> {
         self.log()
             .lines()
-            .filter(|l| l.contains("wasm log aoai-msi-filter"))
+            .filter(|l| is_filter_line(l))
             .map(str::to_owned)
             .collect()
     }
@@ -373,6 +491,21 @@ pub async fn send_chat(envoy: &Envoy) -> (u16, reqwest::header::HeaderMap, Strin
 /// A listener delivered by file-based LDS, so the test can change the plugin
 /// configuration of a running Envoy.
 pub fn lds_listener(filter_config: &str, port: u16) -> String {
+    let filter = if native() {
+        serde_json::json!({
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.dynamic_modules.v3.DynamicModuleFilter",
+            "dynamic_module_config": {"name": "aoai_msi"},
+            "filter_name": "aoai-msi",
+            "filter_config": {"@type": "type.googleapis.com/google.protobuf.StringValue", "value": filter_config}})
+    } else {
+        serde_json::json!({
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
+            "config": {
+                "name": "aoai-msi-filter", "root_id": "aoai-msi-filter",
+                "configuration": {"@type": "type.googleapis.com/google.protobuf.StringValue", "value": filter_config},
+                "vm_config": {"vm_id": "aoai-msi-filter", "runtime": "envoy.wasm.runtime.v8",
+                    "code": {"local": {"filename": wasm().display().to_string()}}}}})
+    };
     serde_json::json!({
         "resources": [{
             "@type": "type.googleapis.com/envoy.config.listener.v3.Listener",
@@ -386,13 +519,7 @@ pub fn lds_listener(filter_config: &str, port: u16) -> String {
                     "route_config": {"virtual_hosts": [{"name": "all", "domains": ["*"],
                         "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "upstream"}}]}]},
                     "http_filters": [
-                        {"name": "aoai-msi-filter", "typed_config": {
-                            "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
-                            "config": {
-                                "name": "aoai-msi-filter", "root_id": "aoai-msi-filter",
-                                "configuration": {"@type": "type.googleapis.com/google.protobuf.StringValue", "value": filter_config},
-                                "vm_config": {"vm_id": "aoai-msi-filter", "runtime": "envoy.wasm.runtime.v8",
-                                    "code": {"local": {"filename": wasm().display().to_string()}}}}}},
+                        {"name": "aoai-msi-filter", "typed_config": filter},
                         {"name": "envoy.filters.http.router", "typed_config": {
                             "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}
                     ]
@@ -409,7 +536,10 @@ pub fn prometheus(envoy: &Envoy) -> String {
     std::thread::sleep(Duration::from_millis(600));
     let (status, body) = get(envoy.admin, "/stats/prometheus").unwrap();
     assert_eq!(status, 200);
+    // The native module's metrics, in an Envoy without the runtime flag of
+    // [`runtime_yaml`], carry the prefix of Envoy's custom-stat namespace.
     body.lines()
+        .map(|l| l.strip_prefix("envoy_dynamicmodulescustom_").unwrap_or(l))
         .filter(|l| l.starts_with("aoai_msi_"))
         .collect::<Vec<_>>()
         .join("\n")
@@ -452,7 +582,7 @@ impl Plugin<'_> {
         clusters: &[(&str, u16)],
     ) -> String {
         let mut yaml = format!(
-            r#"{}admin:
+            r#"{}{}admin:
   address: {{ socket_address: {{ address: 127.0.0.1, port_value: 0 }} }}
 static_resources:
   listeners:
@@ -465,7 +595,8 @@ static_resources:
           "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
           stat_prefix: e2e
 "#,
-            stats_tags_yaml()
+            stats_tags_yaml(),
+            runtime_yaml()
         );
         for line in hcm_extra.lines() {
             yaml.push_str(&format!("          {line}\n"));
@@ -484,42 +615,20 @@ static_resources:
                 ));
             }
         }
-        let extra = if self.extra.is_empty() {
-            String::new()
-        } else {
-            format!("                {}\n", self.extra)
-        };
-        let env_keys = if self.env_keys.is_empty() {
-            String::new()
-        } else {
-            format!(
-                "                  environment_variables:\n                    host_env_keys: [{}]\n",
-                self.env_keys.join(", ")
-            )
-        };
-        yaml.push_str(&format!(
-            r#"          http_filters:
-          - name: aoai-msi-filter
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm
-              config:
-                name: aoai-msi-filter
-                root_id: aoai-msi-filter
-{extra}                configuration:
-                  "@type": type.googleapis.com/google.protobuf.StringValue
-                  value: {}
-                vm_config:
-                  vm_id: aoai-msi-filter
-                  runtime: envoy.wasm.runtime.v8
-{env_keys}                  code: {{ local: {{ filename: "{}" }} }}
-          - name: envoy.filters.http.router
+        yaml.push_str("          http_filters:\n");
+        yaml.push_str(&filter_yaml(
+            self.wasm,
+            self.extra,
+            self.config,
+            self.env_keys,
+        ));
+        yaml.push_str(
+            r#"          - name: envoy.filters.http.router
             typed_config:
               "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
   clusters:
 "#,
-            serde_json::to_string(self.config).unwrap(),
-            self.wasm.display()
-        ));
+        );
         for (name, port) in clusters {
             yaml.push_str(&format!(
                 r#"  - name: {name}
@@ -532,9 +641,35 @@ static_resources:
         - endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {port} }} }} }}
 "#
             ));
+            if native() {
+                yaml.push_str(&strip_xff_yaml());
+            }
         }
         yaml
     }
+}
+
+/// The native module's token calls are Envoy callouts, which add
+/// `x-forwarded-for` (IMDS refuses requests that carry it): the clusters
+/// they go to remove it again, with an upstream filter (YAML, under a
+/// cluster of `static_resources`).
+pub fn strip_xff_yaml() -> String {
+    r#"    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config: { http_protocol_options: {} }
+        http_filters:
+        - name: envoy.filters.http.header_mutation
+          typed_config:
+            "@type": type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3.HeaderMutation
+            mutations:
+              request_mutations:
+              - remove: x-forwarded-for
+        - name: envoy.filters.http.upstream_codec
+          typed_config:
+            "@type": type.googleapis.com/envoy.extensions.filters.http.upstream_codec.v3.UpstreamCodec
+"#
+    .to_owned()
 }
 
 /// The filter, configured by `filter_config`, in an Envoy with these virtual
@@ -745,12 +880,24 @@ pub fn typed_configs<'a>(
 }
 
 /// The plugin configuration (JSON) of every aoai-msi-filter Wasm filter in `doc`.
+/// The JSON configuration of an `http_filters` entry of the filter, wasm or
+/// native (the same JSON in either).
+pub fn filter_json(filter: &serde_yaml::Value) -> Option<&str> {
+    let typed = &filter["typed_config"];
+    typed["config"]["configuration"]["value"]
+        .as_str()
+        .or_else(|| typed["filter_config"]["value"].as_str())
+}
+
 pub fn plugin_configs(doc: &serde_yaml::Value) -> Vec<String> {
-    typed_configs(doc, "filters.http.wasm.v3.Wasm")
+    let wasm = typed_configs(doc, "filters.http.wasm.v3.Wasm")
         .into_iter()
-        .filter_map(|wasm| wasm["config"]["configuration"]["value"].as_str())
-        .map(str::to_owned)
-        .collect()
+        .filter_map(|wasm| wasm["config"]["configuration"]["value"].as_str());
+    // The native module takes the same JSON.
+    let native = typed_configs(doc, "dynamic_modules.v3.DynamicModuleFilter")
+        .into_iter()
+        .filter_map(|module| module["filter_config"]["value"].as_str());
+    wasm.chain(native).map(str::to_owned).collect()
 }
 
 // --- Helpers of the README checks (tests/readme.rs).
@@ -889,10 +1036,11 @@ pub fn clusters_named_by(config: &aoai_msi_filter::config::Config) -> Vec<String
 /// Envoy printed).
 pub fn validate_with_env(config: &Path, env: &[(String, String)]) -> (bool, String) {
     let out = Command::new(envoy_bin())
+        .envs(validation_envoy_env())
         .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
         .args(["--mode", "validate", "-c"])
         .arg(config)
-        .args(["-l", "info", "--component-log-level", "wasm:trace"])
+        .args(["-l", "info", "--component-log-level", COMPONENT_LOG_LEVEL])
         .arg("--use-dynamic-base-id")
         .current_dir(repo())
         .stdin(Stdio::null())

@@ -1,0 +1,949 @@
+//! aoai-msi-filter as an Envoy dynamic module (`libaoai_msi.so`): the same
+//! core as the proxy-wasm filter, behind Envoy's native C ABI.
+//!
+//! The twin of `src/glue`: Envoy's event hooks in, the core's
+//! [`Worker`]/[`Stream`] decide, [`host::NativeHost`] calls out. As with
+//! proxy-wasm's one VM per worker thread, each Envoy worker thread has its
+//! own `Worker` per filter configuration (thread-local, created by the first
+//! request on that thread), and each request its own `Stream`.
+//!
+//! Token calls go out from the main thread, as configuration callouts (a
+//! client hanging up cannot cancel them); their answers come back to the
+//! thread that asked, through its mailbox. Every hook catches panics: a
+//! panic never crosses into Envoy, and the request fails closed.
+
+#![cfg(not(target_arch = "wasm32"))]
+// A panic must unwind to the hook's catch, never abort Envoy.
+#[cfg(panic = "abort")]
+compile_error!("build the native module with panic = \"unwind\" (make build-native does)");
+
+mod abi;
+mod host;
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::ffi::c_void;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::rc::Rc;
+use std::sync::Arc;
+
+use aoai_msi_filter::config::Config;
+use aoai_msi_filter::diagnose::DIAGNOSIS_HEADER;
+use aoai_msi_filter::token::MAX_RESPONSE_BYTES;
+use aoai_msi_filter::wire;
+use aoai_msi_filter::worker::{Flow, Host, Level, Stream, Worker, DRAIN_LIMIT, TICK};
+
+use abi::{EnvoyBuffer, EnvoyHeader};
+use host::{log, Mail, Mailbox, MetricIds, NativeHost, Ptr, Shared};
+
+/// The diagnosis of a request whose hook panicked: answered 500, never
+/// forwarded half-handled.
+const PANIC_CODE: &str = "FilterFailed";
+
+/// Run a hook; a panic is logged and turned into `fallback`.
+fn guarded<T>(hook: &str, fallback: impl FnOnce() -> T, body: impl FnOnce() -> T) -> T {
+    match catch_unwind(AssertUnwindSafe(body)) {
+        Ok(value) => value,
+        Err(panic) => {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            // Logging itself must not panic again across the boundary.
+            let _ = catch_unwind(|| log(Level::Critical, &format!("panic in {hook}: {what}")));
+            catch_unwind(AssertUnwindSafe(fallback)).unwrap_or_else(|_| std::process::abort())
+        }
+    }
+}
+
+// ---------------------------------------------------------------- program
+
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_program_init() -> *const u8 {
+    // Quiet the default panic message on stderr; the hooks log panics themselves.
+    std::panic::set_hook(Box::new(|_| {}));
+    abi::ABI_VERSION.as_ptr()
+}
+
+// ---------------------------------------------------------------- configuration
+
+/// The module's side of one filter configuration.
+struct ConfigHandle {
+    shared: Arc<Shared>,
+}
+
+/// # Safety
+/// Called by Envoy on the main thread with live buffers.
+#[no_mangle]
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_new(
+    config_envoy: *mut c_void,
+    _name: EnvoyBuffer,
+    config: EnvoyBuffer,
+) -> *const c_void {
+    guarded("config_new", std::ptr::null, || {
+        // SAFETY: Envoy's buffer, valid for this hook.
+        let bytes = unsafe { config.to_vec() };
+        let env = |name: &str| std::env::var(name).ok();
+        let config = match Config::parse_with_env(&bytes, &env) {
+            Ok(config) => config,
+            Err(e) => {
+                log(Level::Error, &format!("invalid plugin configuration: {e}"));
+                return std::ptr::null();
+            }
+        };
+        // Envoy takes metric definitions only now: every one the worker could use.
+        let metrics = match MetricIds::define_all(config_envoy) {
+            Ok(metrics) => metrics,
+            Err(e) => {
+                log(Level::Error, &format!("cannot start: {e}"));
+                return std::ptr::null();
+            }
+        };
+        let handle = ConfigHandle {
+            shared: Arc::new(Shared::new(config, config_envoy, metrics)),
+        };
+        handle.shared.arm();
+        Box::into_raw(Box::new(handle)) as *const c_void
+    })
+}
+
+/// # Safety
+/// `config` is a pointer `config_new` returned, destroyed once.
+#[no_mangle]
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_destroy(config: *const c_void) {
+    guarded(
+        "config_destroy",
+        || (),
+        || {
+            if config.is_null() {
+                return;
+            }
+            // SAFETY: made by Box::into_raw in config_new; Envoy destroys it once.
+            let handle = unsafe { Box::from_raw(config as *mut ConfigHandle) };
+            // The main thread's worker stops while its configuration still lives.
+            let key = Arc::as_ptr(&handle.shared) as usize;
+            let main = WORKERS.with(|w| w.try_borrow_mut().ok().and_then(|mut w| w.remove(&key)));
+            drop(main);
+            handle.shared.stop();
+        },
+    )
+}
+
+/// # Safety
+/// `config` is a live pointer `config_new` returned.
+unsafe fn config_handle<'a>(config: *const c_void) -> Option<&'a ConfigHandle> {
+    // SAFETY: the caller's guarantee; null is None.
+    unsafe { (config as *const ConfigHandle).as_ref() }
+}
+
+/// # Safety
+/// Called by Envoy on the main thread.
+#[no_mangle]
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_scheduled(
+    _config_envoy: *mut c_void,
+    config: *const c_void,
+    event: u64,
+) {
+    guarded(
+        "config_scheduled",
+        || (),
+        || {
+            // SAFETY: Envoy passes the live configuration.
+            let Some(handle) = (unsafe { config_handle(config) }) else {
+                return;
+            };
+            let shared = &handle.shared;
+            match event {
+                host::EVENT_OUTBOX => shared.send_outbox(),
+                host::EVENT_START | host::EVENT_TICK | host::EVENT_MAIL => {
+                    shared.start();
+                    if event == host::EVENT_TICK {
+                        shared.broadcast_tick();
+                    }
+                    // The main thread's own worker: it keeps tokens fresh while
+                    // no request comes (as the wasm build's main-thread VMs do).
+                    if let Some(live) = worker_for(shared, std::ptr::null_mut(), true) {
+                        let _hook = live.host.hook(std::ptr::null_mut());
+                        if event == host::EVENT_TICK {
+                            live.host.mailbox.post_tick();
+                        }
+                        live.drain();
+                    }
+                }
+                _ => {}
+            }
+        },
+    )
+}
+
+/// # Safety
+/// Called by Envoy on the main thread; headers and chunks valid for the hook.
+#[no_mangle]
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_http_callout_done(
+    _config_envoy: *mut c_void,
+    config: *const c_void,
+    callout: u64,
+    result: u32,
+    headers: *const EnvoyHeader,
+    headers_size: usize,
+    chunks: *const EnvoyBuffer,
+    chunks_size: usize,
+) {
+    guarded(
+        "config_http_callout_done",
+        || (),
+        || {
+            // SAFETY: Envoy passes the live configuration.
+            let Some(handle) = (unsafe { config_handle(config) }) else {
+                return;
+            };
+            // "Success" also for an HTTP error: the status is `:status`.
+            let mut status = None;
+            let mut body = Vec::new();
+            if result == abi::CALLOUT_SUCCESS {
+                // SAFETY: Envoy's arrays of the given sizes, valid for this hook.
+                let headers = unsafe { slice(headers, headers_size) };
+                for h in headers {
+                    // SAFETY: Envoy's buffers, valid for this hook.
+                    let key = unsafe {
+                        EnvoyBuffer {
+                            ptr: h.key_ptr,
+                            length: h.key_length,
+                        }
+                        .to_vec()
+                    };
+                    if key == b":status" {
+                        // SAFETY: as above.
+                        let value = unsafe {
+                            EnvoyBuffer {
+                                ptr: h.value_ptr,
+                                length: h.value_length,
+                            }
+                            .to_vec()
+                        };
+                        status = wire::status(&value);
+                    }
+                }
+                // One byte past the bound, so an oversized body is recognised unread.
+                // SAFETY: as above.
+                for chunk in unsafe { slice(chunks, chunks_size) } {
+                    if body.len() > MAX_RESPONSE_BYTES {
+                        break;
+                    }
+                    // SAFETY: Envoy's buffer, valid for this hook.
+                    let bytes = unsafe { chunk.to_vec() };
+                    let room = MAX_RESPONSE_BYTES + 1 - body.len();
+                    body.extend_from_slice(&bytes[..bytes.len().min(room)]);
+                }
+            }
+            handle.shared.answered(callout, status, body);
+        },
+    )
+}
+
+/// # Safety
+/// `ptr` null or pointing to `len` values.
+unsafe fn slice<'a, T>(ptr: *const T, len: usize) -> &'a [T] {
+    if ptr.is_null() || len == 0 {
+        &[]
+    } else {
+        // SAFETY: the caller's guarantee.
+        unsafe { std::slice::from_raw_parts(ptr, len) }
+    }
+}
+
+// ---------------------------------------------------------------- workers
+
+/// This thread's worker for one configuration.
+struct Live {
+    worker: Worker,
+    host: NativeHost,
+    /// Requests of this worker still alive on this thread.
+    filters: Cell<usize>,
+    last_tick_ms: Cell<u64>,
+}
+
+impl Live {
+    /// Take in what arrived from other threads, and tick when it is time.
+    fn drain(&self) {
+        let now = self.host.now_ms();
+        let due = now.saturating_sub(self.last_tick_ms.get());
+        let mut tick = due >= TICK.as_millis() as u64;
+        let mut messages = Vec::new();
+        for mail in self.host.mailbox.take() {
+            match mail {
+                Mail::Answer { call, status, body } => {
+                    self.worker.answered(&self.host, call, status, &body)
+                }
+                Mail::Undispatched {
+                    call,
+                    cluster,
+                    status,
+                } => self.worker.undispatched(
+                    &self.host,
+                    call,
+                    &cluster,
+                    aoai_msi_filter::worker::Status(status),
+                ),
+                Mail::Queue(message) => messages.push(message),
+                Mail::Tick => tick |= due >= TICK.as_millis() as u64 / 2,
+            }
+        }
+        for batch in messages.chunks(DRAIN_LIMIT) {
+            self.worker.queue_ready(&self.host, batch);
+        }
+        if tick {
+            self.last_tick_ms.set(now);
+            self.worker.tick(&self.host);
+        }
+        self.host.run_resumes();
+    }
+
+    /// What the request's own step posted to this worker (a replacement
+    /// asked for when the upstream refused the credential): taken in now,
+    /// as an idle thread would not wake for it. Only after response-side
+    /// steps, where this request is not held.
+    fn drain_posted(&self) {
+        if self.host.mailbox.pending() {
+            self.drain();
+        }
+    }
+}
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        self.worker.stop(&self.host);
+    }
+}
+
+thread_local! {
+    /// This thread's workers, by configuration.
+    static WORKERS: RefCell<HashMap<usize, Rc<Live>>> = RefCell::new(HashMap::new());
+}
+
+/// This thread's worker for `shared`, started on first use (`main`: this is
+/// the main thread, woken through the configuration's scheduler).
+fn worker_for(shared: &Arc<Shared>, filter: *mut c_void, main: bool) -> Option<Rc<Live>> {
+    let key = Arc::as_ptr(shared) as usize;
+    if let Some(live) = WORKERS.with(|w| w.try_borrow().ok().and_then(|w| w.get(&key).cloned())) {
+        return Some(live);
+    }
+    if !shared.alive() {
+        return None;
+    }
+    let mailbox = Arc::new(Mailbox::default());
+    if main {
+        mailbox.set_main(shared);
+    }
+    shared.add_mailbox(&mailbox);
+    let host = NativeHost::new(shared.clone(), mailbox);
+    let worker = {
+        let _hook = host.hook(filter);
+        let fallback_id = host::add_filter(std::ptr::null_mut());
+        host::remove_filter(fallback_id);
+        Worker::start(&host, shared.config.clone(), fallback_id)
+    };
+    match worker {
+        Ok(worker) => {
+            let live = Rc::new(Live {
+                worker,
+                host,
+                filters: Cell::new(0),
+                last_tick_ms: Cell::new(host::now_ms()),
+            });
+            WORKERS.with(|w| {
+                if let Ok(mut w) = w.try_borrow_mut() {
+                    w.insert(key, live.clone());
+                }
+            });
+            Some(live)
+        }
+        Err(e) => {
+            log(Level::Critical, &format!("cannot start: {e}"));
+            None
+        }
+    }
+}
+
+thread_local! {
+    /// Configurations gone, as this thread last swept.
+    static SWEPT: Cell<u64> = const { Cell::new(0) };
+}
+
+/// Stop this thread's workers of configurations that went away (Envoy
+/// destroys a configuration after its last request, so none is left here).
+fn sweep() {
+    let gone = host::configurations_gone();
+    if SWEPT.with(|s| s.replace(gone)) == gone {
+        return;
+    }
+    let dead: Vec<Rc<Live>> = WORKERS.with(|w| match w.try_borrow_mut() {
+        Ok(mut w) => {
+            let keys: Vec<usize> = w
+                .iter()
+                .filter(|(_, live)| !live.host.shared.alive())
+                .map(|(key, _)| *key)
+                .collect();
+            keys.iter().filter_map(|key| w.remove(key)).collect()
+        }
+        Err(_) => Vec::new(),
+    });
+    drop(dead);
+}
+
+// ---------------------------------------------------------------- requests
+
+/// The module's side of one request.
+struct Filter {
+    id: u32,
+    envoy: *mut c_void,
+    live: Option<Rc<Live>>,
+    stream: RefCell<Stream>,
+    /// Its scheduler is one of the worker's doorbells.
+    doorbell: Cell<bool>,
+    finished: Cell<bool>,
+}
+
+impl Filter {
+    /// Held: keep a doorbell on this request while it lives, and ring it if
+    /// mail is already waiting.
+    fn park(&self, live: &Live) {
+        if !self.doorbell.get() {
+            // SAFETY: this filter, live, on its own thread.
+            let scheduler =
+                unsafe { abi::envoy_dynamic_module_callback_http_filter_scheduler_new(self.envoy) };
+            if !scheduler.is_null() {
+                live.host.mailbox.add_doorbell(self.id, Ptr(scheduler));
+                self.doorbell.set(true);
+            }
+        }
+        if live.host.mailbox.pending() {
+            live.host.mailbox.ring();
+        }
+    }
+
+    fn finish(&self, live: &Live) {
+        if !self.finished.replace(true) {
+            if let Ok(stream) = self.stream.try_borrow() {
+                stream.finish(&live.worker, &live.host);
+            }
+        }
+    }
+}
+
+/// # Safety
+/// `filter` is a live pointer `filter_new` returned.
+unsafe fn filter_of<'a>(filter: *const c_void) -> Option<&'a Filter> {
+    // SAFETY: the caller's guarantee; null is None.
+    unsafe { (filter as *const Filter).as_ref() }
+}
+
+/// # Safety
+/// Called by Envoy on a worker thread with a live configuration.
+#[no_mangle]
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_new(
+    config: *const c_void,
+    envoy: *mut c_void,
+) -> *const c_void {
+    guarded("filter_new", std::ptr::null, || {
+        // SAFETY: Envoy passes the live configuration.
+        let Some(handle) = (unsafe { config_handle(config) }) else {
+            return std::ptr::null();
+        };
+        sweep();
+        handle.shared.start();
+        let live = worker_for(&handle.shared, envoy, false);
+        let id = host::add_filter(envoy);
+        if let Some(live) = &live {
+            live.filters.set(live.filters.get() + 1);
+        }
+        let filter = Filter {
+            id,
+            envoy,
+            live,
+            stream: RefCell::new(Stream::new(id)),
+            doorbell: Cell::new(false),
+            finished: Cell::new(false),
+        };
+        Box::into_raw(Box::new(filter)) as *const c_void
+    })
+}
+
+/// Fail closed: answer the request in hand with a 500 that says so.
+fn reply_failed(envoy: *mut c_void) {
+    let body = format!(
+        "{{\"error\":{{\"code\":\"{PANIC_CODE}\",\"message\":\"aoai-msi-filter failed on this request (see the Envoy log); it was not forwarded.\"}}}}"
+    );
+    let headers = [
+        abi::ModuleHeader::of(DIAGNOSIS_HEADER.as_bytes(), PANIC_CODE.as_bytes()),
+        abi::ModuleHeader::of(b"content-type", b"application/json"),
+    ];
+    // SAFETY: the live filter of the hook that failed; buffers alive for the call.
+    unsafe {
+        abi::envoy_dynamic_module_callback_http_send_response(
+            envoy,
+            500,
+            headers.as_ptr(),
+            headers.len(),
+            abi::ModuleBuffer::of(body.as_bytes()),
+            abi::ModuleBuffer::of(b"aoai_msi_filter_failed"),
+        )
+    };
+}
+
+/// # Safety
+/// Called by Envoy on the filter's thread with its live pointers.
+#[no_mangle]
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_request_headers(
+    envoy: *mut c_void,
+    filter: *const c_void,
+    _end_of_stream: bool,
+) -> u32 {
+    use abi::headers_status::{CONTINUE, STOP_ALL_ITERATION_AND_WATERMARK};
+    guarded(
+        "request_headers",
+        || {
+            reply_failed(envoy);
+            STOP_ALL_ITERATION_AND_WATERMARK
+        },
+        || {
+            // SAFETY: Envoy passes the live filter.
+            let Some(filter) = (unsafe { filter_of(filter) }) else {
+                return CONTINUE;
+            };
+            let Some(live) = &filter.live else {
+                return CONTINUE;
+            };
+            let _hook = live.host.hook(envoy);
+            live.drain();
+            let headers = live.host.request_headers();
+            let pairs: Vec<(&[u8], &[u8])> = headers
+                .iter()
+                .map(|(n, v)| (n.as_slice(), v.as_slice()))
+                .collect();
+            let flow = match filter.stream.try_borrow_mut() {
+                Ok(mut stream) => stream.request_headers(&live.worker, &live.host, &pairs),
+                Err(_) => Flow::Continue,
+            };
+            match flow {
+                Flow::Continue => CONTINUE,
+                Flow::Pause => {
+                    filter.park(live);
+                    STOP_ALL_ITERATION_AND_WATERMARK
+                }
+            }
+        },
+    )
+}
+
+/// A body chunk or the trailers of the request.
+fn request_rest(envoy: *mut c_void, filter: *const c_void) -> Flow {
+    // SAFETY: Envoy passes the live filter.
+    let Some(filter) = (unsafe { filter_of(filter) }) else {
+        return Flow::Continue;
+    };
+    let Some(live) = &filter.live else {
+        return Flow::Continue;
+    };
+    let _hook = live.host.hook(envoy);
+    live.drain();
+    match filter.stream.try_borrow() {
+        Ok(stream) => stream.request_body_or_trailers(&live.worker),
+        Err(_) => Flow::Continue,
+    }
+}
+
+/// # Safety
+/// Called by Envoy on the filter's thread with its live pointers.
+#[no_mangle]
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_request_body(
+    envoy: *mut c_void,
+    filter: *const c_void,
+    _end_of_stream: bool,
+) -> u32 {
+    use abi::body_status::{CONTINUE, STOP_ITERATION_AND_BUFFER};
+    guarded(
+        "request_body",
+        || {
+            reply_failed(envoy);
+            STOP_ITERATION_AND_BUFFER
+        },
+        || match request_rest(envoy, filter) {
+            Flow::Continue => CONTINUE,
+            Flow::Pause => STOP_ITERATION_AND_BUFFER,
+        },
+    )
+}
+
+/// # Safety
+/// Called by Envoy on the filter's thread with its live pointers.
+#[no_mangle]
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_request_trailers(
+    envoy: *mut c_void,
+    filter: *const c_void,
+) -> u32 {
+    use abi::trailers_status::{CONTINUE, STOP_ITERATION};
+    guarded(
+        "request_trailers",
+        || {
+            reply_failed(envoy);
+            STOP_ITERATION
+        },
+        || match request_rest(envoy, filter) {
+            Flow::Continue => CONTINUE,
+            Flow::Pause => STOP_ITERATION,
+        },
+    )
+}
+
+/// # Safety
+/// Called by Envoy on the filter's thread with its live pointers.
+#[no_mangle]
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_response_headers(
+    envoy: *mut c_void,
+    filter: *const c_void,
+    _end_of_stream: bool,
+) -> u32 {
+    use abi::headers_status::CONTINUE;
+    guarded(
+        "response_headers",
+        || CONTINUE,
+        || {
+            // SAFETY: Envoy passes the live filter.
+            let Some(filter) = (unsafe { filter_of(filter) }) else {
+                return CONTINUE;
+            };
+            let Some(live) = &filter.live else {
+                return CONTINUE;
+            };
+            let _hook = live.host.hook(envoy);
+            live.drain();
+            // A reply the filter sends from its own request callback comes
+            // back here at once: its stream is busy, and the reply carries its
+            // diagnosis already.
+            if let Ok(mut stream) = filter.stream.try_borrow_mut() {
+                stream.response_headers(&live.worker, &live.host);
+            }
+            live.drain_posted();
+            CONTINUE
+        },
+    )
+}
+
+/// # Safety
+/// Called by Envoy on the filter's thread with its live pointers.
+#[no_mangle]
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_response_body(
+    envoy: *mut c_void,
+    filter: *const c_void,
+    end_of_stream: bool,
+) -> u32 {
+    use abi::body_status::{CONTINUE, STOP_ITERATION_AND_BUFFER};
+    guarded(
+        "response_body",
+        || CONTINUE,
+        || {
+            // SAFETY: Envoy passes the live filter.
+            let Some(filter) = (unsafe { filter_of(filter) }) else {
+                return CONTINUE;
+            };
+            let Some(live) = &filter.live else {
+                return CONTINUE;
+            };
+            let _hook = live.host.hook(envoy);
+            live.drain();
+            let size = live.host.response_body_size();
+            let flow = match filter.stream.try_borrow_mut() {
+                Ok(mut stream) => {
+                    stream.response_body(&live.worker, &live.host, size, end_of_stream)
+                }
+                Err(_) => Flow::Continue,
+            };
+            live.drain_posted();
+            match flow {
+                Flow::Continue => CONTINUE,
+                Flow::Pause => STOP_ITERATION_AND_BUFFER,
+            }
+        },
+    )
+}
+
+/// # Safety
+/// Called by Envoy on the filter's thread.
+#[no_mangle]
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_response_trailers(
+    _envoy: *mut c_void,
+    _filter: *const c_void,
+) -> u32 {
+    abi::trailers_status::CONTINUE
+}
+
+/// # Safety
+/// Called by Envoy on the filter's thread with its live pointers.
+#[no_mangle]
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_stream_complete(
+    envoy: *mut c_void,
+    filter: *const c_void,
+) {
+    guarded(
+        "stream_complete",
+        || (),
+        || {
+            // SAFETY: Envoy passes the live filter.
+            let Some(filter) = (unsafe { filter_of(filter) }) else {
+                return;
+            };
+            if let Some(live) = &filter.live {
+                let _hook = live.host.hook(envoy);
+                filter.finish(live);
+                live.drain_posted();
+            }
+        },
+    )
+}
+
+/// # Safety
+/// `filter` is a pointer `filter_new` returned, destroyed once, on its thread.
+#[no_mangle]
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_destroy(filter: *const c_void) {
+    guarded(
+        "filter_destroy",
+        || (),
+        || {
+            if filter.is_null() {
+                return;
+            }
+            // SAFETY: made by Box::into_raw in filter_new; Envoy destroys it once.
+            let filter = unsafe { Box::from_raw(filter as *mut Filter) };
+            host::remove_filter(filter.id);
+            let Some(live) = &filter.live else { return };
+            if filter.doorbell.get() {
+                live.host.mailbox.remove_doorbell(filter.id);
+            }
+            {
+                // Envoy's pointer is no longer to be used.
+                let _hook = live.host.hook(std::ptr::null_mut());
+                filter.finish(live);
+            }
+            live.filters.set(live.filters.get().saturating_sub(1));
+            if live.filters.get() == 0 {
+                // The thread goes idle and will not tick: report its counts now.
+                let _hook = live.host.hook(std::ptr::null_mut());
+                live.worker.flush(&live.host);
+            }
+        },
+    )
+}
+
+/// The doorbell: mail for this thread's worker.
+///
+/// # Safety
+/// Called by Envoy on the filter's thread with its live pointers.
+#[no_mangle]
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_scheduled(
+    envoy: *mut c_void,
+    filter: *const c_void,
+    _event: u64,
+) {
+    guarded(
+        "scheduled",
+        || (),
+        || {
+            // SAFETY: Envoy passes the live filter.
+            let Some(filter) = (unsafe { filter_of(filter) }) else {
+                return;
+            };
+            if let Some(live) = &filter.live {
+                let _hook = live.host.hook(envoy);
+                live.drain();
+            }
+        },
+    )
+}
+
+// ---------------------------------------------------------------- unused hooks
+// Envoy requires every hook of an HTTP filter module; these do nothing.
+
+/// # Safety
+/// Called by Envoy; no pointer is used.
+#[no_mangle]
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_per_route_config_new(
+    _name: EnvoyBuffer,
+    _config: EnvoyBuffer,
+) -> *const c_void {
+    log(Level::Error, "per-route configuration is not supported");
+    std::ptr::null()
+}
+
+/// # Safety
+/// Called by Envoy; no pointer is used.
+#[no_mangle]
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_per_route_config_destroy(
+    _config: *const c_void,
+) {
+}
+
+/// # Safety
+/// Called by Envoy; no pointer is used (the module makes no filter callouts).
+#[no_mangle]
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_http_callout_done(
+    _envoy: *mut c_void,
+    _filter: *const c_void,
+    _callout: u64,
+    _result: u32,
+    _headers: *const EnvoyHeader,
+    _headers_size: usize,
+    _chunks: *const EnvoyBuffer,
+    _chunks_size: usize,
+) {
+}
+
+/// # Safety
+/// Called by Envoy; no pointer is used.
+#[no_mangle]
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_http_stream_headers(
+    _envoy: *mut c_void,
+    _filter: *const c_void,
+    _stream: u64,
+    _headers: *const EnvoyHeader,
+    _headers_size: usize,
+    _end_stream: bool,
+) {
+}
+
+/// # Safety
+/// Called by Envoy; no pointer is used.
+#[no_mangle]
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_http_stream_data(
+    _envoy: *mut c_void,
+    _filter: *const c_void,
+    _stream: u64,
+    _data: *const EnvoyBuffer,
+    _data_count: usize,
+    _end_stream: bool,
+) {
+}
+
+/// # Safety
+/// Called by Envoy; no pointer is used.
+#[no_mangle]
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_http_stream_trailers(
+    _envoy: *mut c_void,
+    _filter: *const c_void,
+    _stream: u64,
+    _trailers: *const EnvoyHeader,
+    _trailers_size: usize,
+) {
+}
+
+/// # Safety
+/// Called by Envoy; no pointer is used.
+#[no_mangle]
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_http_stream_complete(
+    _envoy: *mut c_void,
+    _filter: *const c_void,
+    _stream: u64,
+) {
+}
+
+/// # Safety
+/// Called by Envoy; no pointer is used.
+#[no_mangle]
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_http_stream_reset(
+    _envoy: *mut c_void,
+    _filter: *const c_void,
+    _stream: u64,
+    _reason: u32,
+) {
+}
+
+/// # Safety
+/// Called by Envoy; no pointer is used.
+#[no_mangle]
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_downstream_above_write_buffer_high_watermark(
+    _envoy: *mut c_void,
+    _filter: *const c_void,
+) {
+}
+
+/// # Safety
+/// Called by Envoy; no pointer is used.
+#[no_mangle]
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_downstream_below_write_buffer_low_watermark(
+    _envoy: *mut c_void,
+    _filter: *const c_void,
+) {
+}
+
+/// # Safety
+/// Called by Envoy; no pointer is used.
+#[no_mangle]
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_local_reply(
+    _envoy: *mut c_void,
+    _filter: *const c_void,
+    _response_code: u32,
+    _details: EnvoyBuffer,
+    _reset_imminent: bool,
+) -> u32 {
+    abi::LOCAL_REPLY_CONTINUE
+}
+
+/// # Safety
+/// Called by Envoy; no pointer is used.
+#[no_mangle]
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_http_stream_headers(
+    _config_envoy: *mut c_void,
+    _config: *const c_void,
+    _stream: u64,
+    _headers: *const EnvoyHeader,
+    _headers_size: usize,
+    _end_stream: bool,
+) {
+}
+
+/// # Safety
+/// Called by Envoy; no pointer is used.
+#[no_mangle]
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_http_stream_data(
+    _config_envoy: *mut c_void,
+    _config: *const c_void,
+    _stream: u64,
+    _data: *const EnvoyBuffer,
+    _data_count: usize,
+    _end_stream: bool,
+) {
+}
+
+/// # Safety
+/// Called by Envoy; no pointer is used.
+#[no_mangle]
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_http_stream_trailers(
+    _config_envoy: *mut c_void,
+    _config: *const c_void,
+    _stream: u64,
+    _trailers: *const EnvoyHeader,
+    _trailers_size: usize,
+) {
+}
+
+/// # Safety
+/// Called by Envoy; no pointer is used.
+#[no_mangle]
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_http_stream_complete(
+    _config_envoy: *mut c_void,
+    _config: *const c_void,
+    _stream: u64,
+) {
+}
+
+/// # Safety
+/// Called by Envoy; no pointer is used.
+#[no_mangle]
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_http_stream_reset(
+    _config_envoy: *mut c_void,
+    _config: *const c_void,
+    _stream: u64,
+    _reason: u32,
+) {
+}
