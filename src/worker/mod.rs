@@ -127,15 +127,7 @@ impl Worker {
         let mut agents = Vec::with_capacity(config.tokens.len());
         for (token, spec) in config.tokens.iter().enumerate() {
             let mut agent = Agent::new(spec.clone(), sequence, h.random_seed());
-            agent.forward_keys_for(
-                (0u32..)
-                    .zip(&config.targets)
-                    .filter(|(_, t)| {
-                        t.token == token && t.policy.on_token_failure == OnTokenFailure::ForwardKey
-                    })
-                    .map(|(index, _)| index)
-                    .collect(),
-            );
+            agent.forward_keys_for(config.forward_key_targets(token));
             store::ensure_record(&mut store, agent.key()).map_err(|e| e.to_string())?;
             agents.push(agent);
         }
@@ -169,21 +161,15 @@ impl Worker {
             );
         }
         let targets = config.targets.len();
-        // Counter slots: per target, one without a client and one per client.
-        let mut slots = Vec::with_capacity(targets);
-        let mut next = 0;
-        for target in &config.targets {
-            slots.push(next);
-            next += 1 + target.policy.client_keys.as_ref().map_or(0, |k| k.len());
-        }
+        let plan = config.slots();
         Ok(Worker {
             queue,
             agents: RefCell::new(agents),
             calls: RefCell::new(HashMap::new()),
             held: RefCell::new(HashMap::new()),
             metrics: RefCell::new(Metrics::default()),
-            authorized: (0..next).map(|_| Cell::new(0)).collect(),
-            slots,
+            authorized: (0..plan.count).map(|_| Cell::new(0)).collect(),
+            slots: plan.first,
             kept: (0..targets).map(|_| Cell::new(0)).collect(),
             passed_through: Cell::new(0),
             waiting_reported: (0..targets).map(|_| Cell::new(0)).collect(),
