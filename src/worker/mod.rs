@@ -190,12 +190,9 @@ impl Worker {
     /// body read at most [`crate::token::MAX_RESPONSE_BYTES`] + 1 bytes).
     pub fn answered<H: Host>(&self, h: &H, call: u32, status: Option<u16>, body: &[u8]) {
         // The agent that made this call; an unknown call id is dropped.
-        let token = self
-            .calls
-            .try_borrow_mut()
-            .ok()
-            .and_then(|mut calls| calls.remove(&call));
-        let Some(token) = token else { return };
+        let Some(token) = self.take_call(call) else {
+            return;
+        };
         self.drive(h, token, |agent, now| {
             agent.answered(now, &mut h.store(), status, body)
         });
@@ -608,16 +605,22 @@ impl Worker {
         }
     }
 
+    /// The token whose call this was, forgetting the call; `None` for an
+    /// unknown (or already answered) call id.
+    fn take_call(&self, call: u32) -> Option<usize> {
+        self.calls
+            .try_borrow_mut()
+            .ok()
+            .and_then(|mut calls| calls.remove(&call))
+    }
+
     /// A token call the host took but could not send after all (a host that
     /// sends from another thread learns late that the cluster is unknown):
     /// the same as a refused dispatch.
     pub fn undispatched<H: Host>(&self, h: &H, call: u32, cluster: &str, status: Status) {
-        let token = self
-            .calls
-            .try_borrow_mut()
-            .ok()
-            .and_then(|mut calls| calls.remove(&call));
-        let Some(token) = token else { return };
+        let Some(token) = self.take_call(call) else {
+            return;
+        };
         let commands = self.dispatch_refused(h, token, cluster, status);
         self.execute(h, token, commands);
         self.report_waiting(h);
