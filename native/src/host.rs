@@ -21,8 +21,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use aoai_msi_filter::config::Config;
 use aoai_msi_filter::metrics::{Kind, Metric, ALL};
-use aoai_msi_filter::rewrite::{API_KEY_HEADER, AUTHORIZATION_HEADER};
-use aoai_msi_filter::source::{CredentialKind, TokenRequest};
+use aoai_msi_filter::source::TokenRequest;
 use aoai_msi_filter::store::{SharedStore, StoreError};
 use aoai_msi_filter::worker::{Host, Level, Status};
 
@@ -1015,15 +1014,6 @@ impl Host for NativeHost {
         }
         // SAFETY: Envoy's buffer, valid until the end of this hook.
         Some(unsafe { name.to_vec() })
-    }
-
-    fn send_credential(&self, kind: CredentialKind, value: &str) -> Result<(), Status> {
-        let (set, remove) = match kind {
-            CredentialKind::Bearer => (AUTHORIZATION_HEADER, API_KEY_HEADER),
-            CredentialKind::ApiKey => (API_KEY_HEADER, AUTHORIZATION_HEADER),
-        };
-        self.set_header(abi::header_type::REQUEST, remove, None)?;
-        self.set_header(abi::header_type::REQUEST, set, Some(value.as_bytes()))
     }
 
     fn set_request_header(&self, name: &str, value: &str) -> Result<(), Status> {

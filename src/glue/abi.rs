@@ -132,10 +132,14 @@ unsafe fn owned(data: *mut u8, size: usize) -> Option<Vec<u8>> {
     }
 }
 
-fn read(status: u32, data: *mut u8, size: usize) -> Result<Option<Vec<u8>>, u32> {
-    // SAFETY: `data`/`size` were just written by the host call that returned `status`.
+/// One host call that hands back a value: it writes a pointer and a length
+/// and returns a status. `Ok(None)` when the host has no such value.
+fn get(call: impl FnOnce(*mut *mut u8, *mut usize) -> u32) -> Result<Option<Vec<u8>>, u32> {
+    let (mut data, mut size) = (null_mut(), 0usize);
+    let code = call(&mut data, &mut size);
+    // SAFETY: `data`/`size` were just written by the host call that returned `code`.
     let value = unsafe { owned(data, size) };
-    match status {
+    match code {
         OK => Ok(Some(value.unwrap_or_default())),
         NOT_FOUND => Ok(None),
         other => Err(other),
@@ -166,12 +170,13 @@ pub fn set_tick_period_ms(period: u32) -> Result<(), u32> {
     status(unsafe { proxy_set_tick_period_milliseconds(period) })
 }
 
-pub fn buffer(kind: Buffer, start: usize, max_size: usize) -> Result<Option<Vec<u8>>, u32> {
-    let (mut data, mut size) = (null_mut(), 0usize);
+/// Up to `max_size` bytes of a buffer from `start`; empty when the host has none.
+pub fn buffer(kind: Buffer, start: usize, max_size: usize) -> Vec<u8> {
     // SAFETY: the host writes a pointer and a length.
-    let code =
-        unsafe { proxy_get_buffer_bytes(kind as u32, start, max_size, &mut data, &mut size) };
-    read(code, data, size)
+    get(|data, size| unsafe { proxy_get_buffer_bytes(kind as u32, start, max_size, data, size) })
+        .ok()
+        .flatten()
+        .unwrap_or_default()
 }
 
 pub fn set_buffer(kind: Buffer, start: usize, size: usize, value: &[u8]) -> Result<(), u32> {
@@ -179,22 +184,23 @@ pub fn set_buffer(kind: Buffer, start: usize, size: usize, value: &[u8]) -> Resu
     status(unsafe { proxy_set_buffer_bytes(kind as u32, start, size, value.as_ptr(), value.len()) })
 }
 
-pub fn header(map: Map, name: &str) -> Result<Option<Vec<u8>>, u32> {
-    let (mut data, mut size) = (null_mut(), 0usize);
+pub fn header(map: Map, name: &str) -> Option<Vec<u8>> {
     // SAFETY: the host reads `name` and writes a pointer and a length.
-    let code = unsafe {
-        proxy_get_header_map_value(map as u32, name.as_ptr(), name.len(), &mut data, &mut size)
-    };
-    read(code, data, size)
+    get(|data, size| unsafe {
+        proxy_get_header_map_value(map as u32, name.as_ptr(), name.len(), data, size)
+    })
+    .ok()
+    .flatten()
 }
 
 /// The whole header map, serialised as the ABI does (see
 /// [`crate::wire::deserialize_pairs`]): one crossing for every header.
-pub fn header_pairs(map: Map) -> Result<Option<Vec<u8>>, u32> {
-    let (mut data, mut size) = (null_mut(), 0usize);
+pub fn header_pairs(map: Map) -> Vec<u8> {
     // SAFETY: the host writes a pointer and a length.
-    let code = unsafe { proxy_get_header_map_pairs(map as u32, &mut data, &mut size) };
-    read(code, data, size)
+    get(|data, size| unsafe { proxy_get_header_map_pairs(map as u32, data, size) })
+        .ok()
+        .flatten()
+        .unwrap_or_default()
 }
 
 pub fn set_header(map: Map, name: &str, value: &[u8]) -> Result<(), u32> {
@@ -216,11 +222,11 @@ pub fn remove_header(map: Map, name: &str) -> Result<(), u32> {
 }
 
 /// A property, by its path serialised with [`crate::wire::serialize_path`].
-pub fn property(path: &[u8]) -> Result<Option<Vec<u8>>, u32> {
-    let (mut data, mut size) = (null_mut(), 0usize);
+pub fn property(path: &[u8]) -> Option<Vec<u8>> {
     // SAFETY: the host reads `path` and writes a pointer and a length.
-    let code = unsafe { proxy_get_property(path.as_ptr(), path.len(), &mut data, &mut size) };
-    read(code, data, size)
+    get(|data, size| unsafe { proxy_get_property(path.as_ptr(), path.len(), data, size) })
+        .ok()
+        .flatten()
 }
 
 /// `(value, cas)`; a key that was never set is `(None, None)`.
@@ -229,7 +235,7 @@ pub fn shared_data(key: &str) -> Result<(Option<Vec<u8>>, Option<u32>), u32> {
     // SAFETY: the host reads `key` and writes a pointer, a length and a CAS value.
     let code =
         unsafe { proxy_get_shared_data(key.as_ptr(), key.len(), &mut data, &mut size, &mut cas) };
-    // SAFETY: as in `read`.
+    // SAFETY: as in `get`.
     let value = unsafe { owned(data, size) };
     match code {
         OK => Ok((value, (cas != 0).then_some(cas))),
@@ -263,18 +269,12 @@ pub fn enqueue(queue: u32, message: &[u8]) -> Result<(), u32> {
     status(unsafe { proxy_enqueue_shared_queue(queue, message.as_ptr(), message.len()) })
 }
 
-/// The next message, `Ok(None)` when the queue is empty.
-pub fn dequeue(queue: u32) -> Result<Option<Vec<u8>>, u32> {
-    let (mut data, mut size) = (null_mut(), 0usize);
+/// The next message, `None` when the queue is empty (`Empty`, 7) or gone.
+pub fn dequeue(queue: u32) -> Option<Vec<u8>> {
     // SAFETY: the host writes a pointer and a length.
-    let code = unsafe { proxy_dequeue_shared_queue(queue, &mut data, &mut size) };
-    // SAFETY: as in `read`.
-    let value = unsafe { owned(data, size) };
-    match code {
-        OK => Ok(Some(value.unwrap_or_default())),
-        // `Empty` (7) and `NotFound` both mean nothing to read.
-        _ => Ok(None),
-    }
+    get(|data, size| unsafe { proxy_dequeue_shared_queue(queue, data, size) })
+        .ok()
+        .flatten()
 }
 
 pub fn set_effective_context(context: u32) -> Result<(), u32> {

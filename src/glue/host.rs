@@ -6,8 +6,6 @@ use std::time::Duration;
 
 use super::abi::{self, Buffer, Map};
 use crate::metrics::Kind;
-use crate::rewrite::{API_KEY_HEADER, AUTHORIZATION_HEADER};
-use crate::source::CredentialKind;
 use crate::source::TokenRequest;
 use crate::store::{SharedStore, StoreError};
 use crate::wire;
@@ -46,13 +44,13 @@ impl log::Log for HostLogger {
 
     fn log(&self, record: &log::Record<'_>) {
         let level = match record.level() {
-            log::Level::Trace => 0,
-            log::Level::Debug => 1,
-            log::Level::Info => 2,
-            log::Level::Warn => 3,
-            log::Level::Error => 4,
+            log::Level::Trace => Level::Trace,
+            log::Level::Debug => Level::Debug,
+            log::Level::Info => Level::Info,
+            log::Level::Warn => Level::Warn,
+            log::Level::Error => Level::Error,
         };
-        abi::log(level, &record.args().to_string());
+        log_at(level, &record.args().to_string());
     }
 
     fn flush(&self) {}
@@ -65,7 +63,19 @@ pub fn install_logger() {
 
 /// Last words of a panicking VM.
 pub fn log_critical(message: &str) {
-    abi::log(5, message);
+    log_at(Level::Critical, message);
+}
+
+fn log_at(level: Level, line: &str) {
+    let level = match level {
+        Level::Trace => 0,
+        Level::Debug => 1,
+        Level::Info => 2,
+        Level::Warn => 3,
+        Level::Error => 4,
+        Level::Critical => 5,
+    };
+    abi::log(level, line);
 }
 
 /// Milliseconds since the Unix epoch, by the host's clock (0 if it has none).
@@ -75,18 +85,12 @@ pub fn now_ms() -> u64 {
 
 pub fn plugin_configuration() -> Vec<u8> {
     abi::buffer(Buffer::PluginConfiguration, 0, usize::MAX)
-        .ok()
-        .flatten()
-        .unwrap_or_default()
 }
 
 /// Every request header, serialised (decode with `wire::deserialize_pairs`);
 /// empty when the host cannot give them.
 pub fn request_headers() -> Vec<u8> {
     abi::header_pairs(Map::RequestHeaders)
-        .ok()
-        .flatten()
-        .unwrap_or_default()
 }
 
 /// The VM's environment: what `vm_config.environment_variables` passes in
@@ -108,27 +112,22 @@ pub fn random_seed() -> u64 {
 /// `:status` of a token call's answer, if it got one.
 pub fn call_status() -> Option<u16> {
     abi::header(Map::CallResponseHeaders, ":status")
-        .ok()
-        .flatten()
         .as_deref()
         .and_then(wire::status)
 }
 
 pub fn call_body(size: usize) -> Vec<u8> {
     abi::buffer(Buffer::CallResponseBody, 0, size)
-        .ok()
-        .flatten()
-        .unwrap_or_default()
 }
 
 /// Empty a queue, returning what it held; at most `limit` messages.
 pub fn drain(queue: u32, limit: usize) -> Vec<Vec<u8>> {
     let mut messages = Vec::new();
     while messages.len() < limit {
-        match abi::dequeue(queue) {
-            Ok(Some(message)) => messages.push(message),
-            _ => break,
-        }
+        let Some(message) = abi::dequeue(queue) else {
+            break;
+        };
+        messages.push(message);
     }
     messages
 }
@@ -161,15 +160,7 @@ impl Host for Wasm {
     }
 
     fn log(&self, level: Level, line: &str) {
-        let level = match level {
-            Level::Trace => 0,
-            Level::Debug => 1,
-            Level::Info => 2,
-            Level::Warn => 3,
-            Level::Error => 4,
-            Level::Critical => 5,
-        };
-        abi::log(level, line);
+        log_at(level, line);
     }
 
     fn register_queue(&self, name: &str) -> Result<u32, Status> {
@@ -229,17 +220,6 @@ impl Host for Wasm {
     /// filter runs, and again when the route cache is cleared.
     fn routed_cluster(&self) -> Option<Vec<u8>> {
         abi::property(&wire::serialize_path(&["xds", "cluster_name"]))
-            .ok()
-            .flatten()
-    }
-
-    fn send_credential(&self, kind: CredentialKind, value: &str) -> Result<(), Status> {
-        let (set, remove) = match kind {
-            CredentialKind::Bearer => (AUTHORIZATION_HEADER, API_KEY_HEADER),
-            CredentialKind::ApiKey => (API_KEY_HEADER, AUTHORIZATION_HEADER),
-        };
-        abi::remove_header(Map::RequestHeaders, remove).map_err(Status)?;
-        abi::set_header(Map::RequestHeaders, set, value.as_bytes()).map_err(Status)
     }
 
     fn set_request_header(&self, name: &str, value: &str) -> Result<(), Status> {
@@ -266,7 +246,7 @@ impl Host for Wasm {
     }
 
     fn response_header(&self, name: &str) -> Option<Vec<u8>> {
-        abi::header(Map::ResponseHeaders, name).ok().flatten()
+        abi::header(Map::ResponseHeaders, name)
     }
 
     fn set_response_header(&self, name: &str, value: Option<&str>) -> Result<(), Status> {
@@ -279,9 +259,6 @@ impl Host for Wasm {
 
     fn response_body(&self, size: usize) -> Vec<u8> {
         abi::buffer(Buffer::ResponseBody, 0, size)
-            .ok()
-            .flatten()
-            .unwrap_or_default()
     }
 
     fn replace_response_body(&self, size: usize, body: &[u8]) -> Result<(), Status> {

@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use crate::metrics::Kind;
-use crate::source::{CredentialKind, TokenRequest};
+use crate::source::TokenRequest;
 use crate::store::SharedStore;
 
 /// A host status that was not OK, kept as the number the host returned.
@@ -57,9 +57,6 @@ pub trait Host {
     fn leave(&self);
     /// The cluster Envoy routes the request in hand to, as Envoy sees it now.
     fn routed_cluster(&self) -> Option<Vec<u8>>;
-    /// Give the request in hand exactly one credential header:
-    /// `authorization` without `api-key`, or `api-key` without `authorization`.
-    fn send_credential(&self, kind: CredentialKind, value: &str) -> Result<(), Status>;
     fn set_request_header(&self, name: &str, value: &str) -> Result<(), Status>;
     fn remove_request_header(&self, name: &str) -> Result<(), Status>;
     /// Let the request in hand go on, after it was held.

@@ -34,6 +34,7 @@ use crate::limiter::LogLimiter;
 use crate::metrics as m;
 use crate::policy::{OnTokenFailure, FALLBACK_HEADER};
 use crate::request::Refusal;
+use crate::rewrite::{API_KEY_HEADER, AUTHORIZATION_HEADER};
 use crate::route::NearMiss;
 use crate::safe;
 use crate::source::{CredentialKind, TokenRequest};
@@ -800,7 +801,9 @@ impl Worker {
 
 /// Give the request in hand its credential (`None`: only take away the
 /// api-key it brought) and, when it changes, its new `:path` (the query
-/// without the api-key). Any failed write fails the whole.
+/// without the api-key). A credential goes out as exactly one header:
+/// `authorization` without `api-key`, or `api-key` without `authorization`.
+/// Any failed write fails the whole.
 fn write_credential<H: Host>(
     h: &H,
     kind: CredentialKind,
@@ -808,8 +811,15 @@ fn write_credential<H: Host>(
     path: Option<&str>,
 ) -> Result<(), Status> {
     match credential {
-        Some(value) => h.send_credential(kind, value)?,
-        None => h.remove_request_header(crate::rewrite::API_KEY_HEADER)?,
+        Some(value) => {
+            let (set, remove) = match kind {
+                CredentialKind::Bearer => (AUTHORIZATION_HEADER, API_KEY_HEADER),
+                CredentialKind::ApiKey => (API_KEY_HEADER, AUTHORIZATION_HEADER),
+            };
+            h.remove_request_header(remove)?;
+            h.set_request_header(set, value)?;
+        }
+        None => h.remove_request_header(API_KEY_HEADER)?,
     }
     match path {
         Some(path) => h.set_request_header(":path", path),
