@@ -111,7 +111,7 @@ run:
 # when missing) and CPUs 0 and 1 for pinning. BASELINE=<git ref> also measures
 # the filter as built at that ref, side by side (scripts/build-baseline.sh).
 BASELINE ?=
-bench: setup build $(VENV)/.matplotlib
+bench: setup build build-native $(VENV)/.matplotlib
 	@command -v wrk >/dev/null || apt-get install -y -q wrk || (apt-get update -q && apt-get install -y -q wrk)
 	@command -v valgrind >/dev/null || apt-get install -y -q valgrind || (apt-get update -q && apt-get install -y -q valgrind)
 	cargo build --release --target wasm32-wasip1 -p bench-empty-filter -p bench-probe-filter
