@@ -13,7 +13,7 @@ use super::{
 use crate::config::checks::{non_empty, required_env, split_endpoint, timeout, Env};
 use crate::config::defaults::env;
 use crate::config::errors::{invalid, read, ConfigError};
-use crate::diagnose::table::code;
+use crate::codes::code;
 use crate::token::{FailureClass, Secret};
 
 pub const APP_SERVICE_API_VERSION: &str = "2019-08-01";

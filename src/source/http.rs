@@ -11,7 +11,7 @@ use super::{
 };
 use crate::config::checks::{check_authority, milliseconds, non_empty, timeout, Env};
 use crate::config::errors::{invalid, read, ConfigError};
-use crate::diagnose::table::code;
+use crate::codes::code;
 use crate::token::{parse_credential, FailureClass, FetchFailure, Issued, Secret};
 
 /// A local service that hands out a key or a token (a vault agent, a

@@ -11,7 +11,7 @@ use super::{
 };
 use crate::config::checks::{check_authority, non_empty, timeout, Env};
 use crate::config::errors::{read, ConfigError};
-use crate::diagnose::table::code;
+use crate::codes::code;
 use crate::token::{FailureClass, Secret};
 
 pub const IMDS_PATH: &str = "/metadata/identity/oauth2/token";

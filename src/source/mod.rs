@@ -26,9 +26,9 @@ use std::fmt;
 use serde_json::{Map, Value};
 
 use crate::azure::Cloud;
+use crate::codes::code;
 use crate::config::checks::{json_kind, Env};
 use crate::config::errors::{invalid, ConfigError};
-use crate::diagnose::table::code;
 use crate::token::{parse_response, FailureClass, FetchFailure, Issued, Secret};
 
 pub mod entra;
