@@ -26,7 +26,9 @@ use self::errors::read;
 pub use self::errors::ConfigError;
 pub use self::raw::RawConfig;
 pub use crate::policy::{ClientKeys, ClientToken, OnTokenFailure, Policy};
-use crate::rewrite::HostPatterns;
+use crate::rewrite::{client_chosen, host_without_port, HostPatterns};
+use crate::route::{NearMiss, Routed};
+use crate::scope;
 pub use crate::source::app_service::DEFAULT_APP_SERVICE_CLUSTER;
 pub use crate::source::entra::{DEFAULT_ENTRA_AUTHORITY, DEFAULT_ENTRA_CLUSTER, ENTRA_AUTHORITIES};
 pub use crate::source::http::DEFAULT_REFRESH_INTERVAL_MS;
@@ -177,6 +179,56 @@ impl Config {
             count += 1 + target.policy.client_keys.as_ref().map_or(0, |k| k.len());
         }
         Slots { first, count }
+    }
+
+    /// The index of the target `authority` (and, if asked, the path and the
+    /// routed cluster) belongs to: the first whose hosts match, whose paths
+    /// (if any) prefix its path, and whose clusters (if any) contain the
+    /// cluster Envoy routed it to (see [`crate::route`]). `None`: the request
+    /// is not ours.
+    pub fn route(&self, authority: &str, request: &mut dyn Routed) -> Option<usize> {
+        self.targets.iter().position(|target| {
+            let host = if target.clusters.is_empty() {
+                target.hosts.matches_bare(authority)
+            } else {
+                target.hosts.matches_spelled(authority)
+            };
+            host && (target.paths.is_empty()
+                || request
+                    .path()
+                    .is_some_and(|path| scope::in_scope(path, &target.paths)))
+                && if target.clusters.is_empty() {
+                    !request.names_destination()
+                        && request.cluster().is_some_and(|c| !client_chosen(c))
+                } else {
+                    request
+                        .cluster()
+                        .is_some_and(|cluster| target.clusters.iter().any(|c| c == cluster))
+                }
+        })
+    }
+
+    /// Why a request that no target took might have been meant for one
+    /// (`request` answers from what [`Config::route`] already read).
+    pub fn near_miss(&self, authority: &str, request: &mut dyn Routed) -> Option<NearMiss> {
+        let unbound = self
+            .targets
+            .iter()
+            .any(|t| t.clusters.is_empty() && t.hosts.matches_bare(authority));
+        if unbound && (request.names_destination() || request.cluster().is_some_and(client_chosen))
+        {
+            return Some(NearMiss::ClientChosenDestination);
+        }
+        let spelled = self
+            .targets
+            .iter()
+            .any(|t| t.clusters.is_empty() && t.hosts.matches_spelled(authority));
+        if spelled {
+            return Some(NearMiss::Spelling);
+        }
+        let host = host_without_port(authority);
+        let host = host.strip_suffix('.').unwrap_or(host);
+        crate::azure::host(host).map(|_| NearMiss::UnlistedAzureHost)
     }
 }
 
