@@ -13,6 +13,7 @@ pub mod clock;
 pub mod codes;
 pub mod config;
 pub mod diagnose;
+pub mod fields;
 pub mod lifecycle;
 pub mod limiter;
 pub mod metrics;

@@ -2,7 +2,7 @@
 //!
 //! 1. serde types describe the JSON exactly (`raw.rs`, `deny_unknown_fields`),
 //!    read through `serde_path_to_error` so a wrong value is named by its full
-//!    path (`targets[1].paths[0]`; `errors.rs`);
+//!    path (`targets[1].paths[0]`; `fields/errors.rs`);
 //! 2. one checked step, `TryFrom<RawConfig> for Config`, compiles them into a
 //!    plan (`targets.rs`): targets with dense ids, each pointing at one of the
 //!    distinct tokens (source, identity, resource) the filter keeps.
@@ -14,17 +14,14 @@ use serde_json::Value;
 
 use crate::source::Source;
 
-pub mod checks;
 pub mod defaults;
-pub mod errors;
 mod raw;
 mod targets;
 
-pub use self::checks::{no_env, Env};
 pub use self::defaults::*;
-use self::errors::read;
-pub use self::errors::ConfigError;
 pub use self::raw::RawConfig;
+use crate::fields::errors::read;
+pub use crate::fields::{no_env, ConfigError, Env};
 pub use crate::policy::{ClientKeys, ClientToken, OnTokenFailure, Policy};
 use crate::rewrite::{client_chosen, host_without_port, HostPatterns};
 use crate::route::{NearMiss, Routed};

@@ -4,12 +4,13 @@
 
 use serde_json::{Map, Value};
 
-use super::checks::{milliseconds, Env};
 use super::defaults::*;
-use super::errors::{invalid, ConfigError};
 use super::raw::{RawClientKey, RawConfig};
 use super::{Config, Target, TokenSpec};
 use crate::azure::{self, Cloud, Service};
+use crate::fields::checks::milliseconds;
+use crate::fields::errors::{invalid, ConfigError};
+use crate::fields::Env;
 use crate::policy::{sha256_hex, ClientKeys, ClientToken, OnTokenFailure, Policy};
 use crate::rewrite::{HostPattern, HostPatterns};
 use crate::source::Source;

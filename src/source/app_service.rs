@@ -10,9 +10,9 @@ use super::{
     percent_encode, unavailable, Configure, Endpoint, Refusal, Step, TokenRequest, TokenSource,
     Verdict,
 };
-use crate::config::checks::{non_empty, required_env, split_endpoint, timeout, Env};
-use crate::config::defaults::env;
-use crate::config::errors::{invalid, read, ConfigError};
+use crate::fields::checks::{non_empty, split_endpoint, timeout};
+use crate::fields::env::{self, required_env, Env};
+use crate::fields::errors::{invalid, read, ConfigError};
 use crate::codes::code;
 use crate::token::{FailureClass, Secret};
 

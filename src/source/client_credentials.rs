@@ -10,9 +10,9 @@ use serde_json::{Map, Value};
 use super::entra::{self, app_ids, entra_endpoint, entra_request, token_url, EntraApp};
 use super::{Configure, Endpoint, Refusal, Step, TokenSource, Verdict};
 use crate::azure::Cloud;
-use crate::config::checks::{env_name, required_env, shown_env, timeout, Env};
-use crate::config::defaults::env;
-use crate::config::errors::{invalid, read, ConfigError};
+use crate::fields::checks::timeout;
+use crate::fields::env::{self, env_name, required_env, shown_env, Env};
+use crate::fields::errors::{invalid, read, ConfigError};
 use crate::token::{FetchFailure, Secret};
 
 pub use super::entra::JWT_BEARER;

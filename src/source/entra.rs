@@ -6,9 +6,9 @@ use serde_json::{json, Map, Value};
 
 use super::{percent_encode, unavailable, Endpoint, Refusal, Step, TokenRequest, Verdict};
 use crate::codes::{aadsts, code};
-use crate::config::checks::{check_authority, non_empty, Env};
-use crate::config::defaults::env;
-use crate::config::errors::{invalid, ConfigError};
+use crate::fields::checks::{check_authority, non_empty};
+use crate::fields::env::{self, Env};
+use crate::fields::errors::{invalid, ConfigError};
 use crate::token::FailureClass;
 
 pub const DEFAULT_ENTRA_CLUSTER: &str = "entra";

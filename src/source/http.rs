@@ -9,8 +9,9 @@ use super::{
     unavailable, Configure, CredentialKind, Endpoint, Refusal, Step, TokenRequest, TokenSource,
     Verdict,
 };
-use crate::config::checks::{check_authority, milliseconds, non_empty, timeout, Env};
-use crate::config::errors::{invalid, read, ConfigError};
+use crate::fields::checks::{check_authority, milliseconds, non_empty, timeout};
+use crate::fields::env::Env;
+use crate::fields::errors::{invalid, read, ConfigError};
 use crate::codes::code;
 use crate::token::{parse_credential, FailureClass, FetchFailure, Issued, Secret};
 

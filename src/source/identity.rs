@@ -1,8 +1,8 @@
 //! Which managed identity to ask for: IMDS and App Service take the same
 //! three selectors under different parameter names.
 
-use crate::config::checks::non_empty;
-use crate::config::errors::{invalid, ConfigError};
+use crate::fields::checks::non_empty;
+use crate::fields::errors::{invalid, ConfigError};
 
 /// Which managed identity IMDS should issue a token for.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -9,8 +9,9 @@ use super::{
     percent_encode, unavailable, Configure, Endpoint, Refusal, Step, TokenRequest, TokenSource,
     Verdict,
 };
-use crate::config::checks::{check_authority, non_empty, timeout, Env};
-use crate::config::errors::{read, ConfigError};
+use crate::fields::checks::{check_authority, non_empty, timeout};
+use crate::fields::env::Env;
+use crate::fields::errors::{read, ConfigError};
 use crate::codes::code;
 use crate::token::{FailureClass, Secret};
 

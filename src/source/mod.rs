@@ -27,8 +27,9 @@ use serde_json::{Map, Value};
 
 use crate::azure::Cloud;
 use crate::codes::code;
-use crate::config::checks::{json_kind, Env};
-use crate::config::errors::{invalid, ConfigError};
+use crate::fields::checks::json_kind;
+use crate::fields::env::Env;
+use crate::fields::errors::{invalid, ConfigError};
 use crate::token::{parse_response, FailureClass, FetchFailure, Issued, Secret};
 
 pub mod entra;

@@ -8,9 +8,9 @@ use serde_json::{Map, Value};
 use super::entra::{self, app_ids, entra_endpoint, entra_request, EntraApp, JWT_BEARER};
 use super::{Configure, Endpoint, Exchange, Refusal, Step, TokenRequest, TokenSource, Verdict};
 use crate::azure::Cloud;
-use crate::config::checks::{check_authority, non_empty, split_endpoint, timeout, Env};
-use crate::config::defaults::env;
-use crate::config::errors::{invalid, read, ConfigError};
+use crate::fields::checks::{check_authority, non_empty, split_endpoint, timeout};
+use crate::fields::env::{self, Env};
+use crate::fields::errors::{invalid, read, ConfigError};
 use crate::token::{FetchFailure, Secret};
 
 pub const DEFAULT_ASSERTION_CLUSTER: &str = "federated_token";

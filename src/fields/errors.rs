@@ -7,7 +7,7 @@ use std::fmt;
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::defaults::DEFAULT_RESOURCE;
+use crate::azure::audience::COGNITIVE_SERVICES as DEFAULT_RESOURCE;
 
 /// Why a configuration was refused. `Display` names the field by its full
 /// path and says what to write instead.
