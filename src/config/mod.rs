@@ -1,5 +1,8 @@
 //! Plugin configuration: the JSON contract of DESIGN.md, parse → check → plan.
 //!
+//! 0. the single-target shorthand is rewritten into the `targets` it stands
+//!    for, on the JSON value (`shorthand.rs`), so a target's keys are
+//!    declared once;
 //! 1. serde types describe the JSON exactly (`raw.rs`, `deny_unknown_fields`),
 //!    read through `serde_path_to_error` so a wrong value is named by its full
 //!    path (`targets[1].paths[0]`; `fields/errors.rs`);
@@ -10,12 +13,13 @@
 //! `token_source` is tagged by `type`; each source reads its own body (see
 //! `source/`), with its path kept.
 
-use serde_json::Value;
+use serde_json::{Map, Value};
 
 use crate::source::Source;
 
 pub mod defaults;
 mod raw;
+mod shorthand;
 mod targets;
 
 pub use self::defaults::*;
@@ -117,7 +121,7 @@ pub struct Slots {
 impl Default for Config {
     /// What `{}` means.
     fn default() -> Self {
-        Config::try_from((RawConfig::default(), &no_env as Env)).unwrap_or(Config {
+        Config::from_value(&Value::Object(Map::new())).unwrap_or(Config {
             targets: Vec::new(),
             tokens: Vec::new(),
         })
@@ -134,7 +138,7 @@ impl Config {
     /// (App Service, service principals, workload identity) read them here.
     pub fn parse_with_env(bytes: &[u8], env: Env<'_>) -> Result<Config, ConfigError> {
         if bytes.iter().all(u8::is_ascii_whitespace) {
-            return Config::try_from((RawConfig::default(), env));
+            return Config::from_value_with_env(&Value::Object(Map::new()), env);
         }
         let value: Value =
             serde_json::from_slice(bytes).map_err(|e| ConfigError::NotJson(e.to_string()))?;
@@ -146,7 +150,10 @@ impl Config {
     }
 
     pub fn from_value_with_env(value: &Value, env: Env<'_>) -> Result<Config, ConfigError> {
-        Config::try_from((read::<RawConfig>(value.clone(), "")?, env))
+        let (value, written) = shorthand::rewrite(value.clone());
+        let mut raw: RawConfig = read(value, "").map_err(|e| written.as_written(e))?;
+        raw.written = written;
+        Config::try_from((raw, env))
     }
 
     /// The token of target `target`.
