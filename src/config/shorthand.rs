@@ -3,82 +3,12 @@
 //! short. It is rewritten on the JSON value into the `targets` it stands for
 //! before the typed read, so a target's keys are declared once
 //! ([`RawTarget`](super::raw::RawTarget)); errors still name each field where
-//! the user wrote it.
+//! the user wrote it ([`Written::as_written`]).
 
 use serde_json::{json, Map, Value};
 
 use super::defaults::{DEFAULT_TARGET, FOUNDRY_PROJECT_PATH, FOUNDRY_TARGET};
-use super::raw::SHORTHAND;
-use crate::fields::ConfigError;
-
-/// How the targets were written: where their fields are named in errors,
-/// and which of them is fetched at start-up.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Written {
-    /// A `targets` list. `beside`: a shorthand key also set at the top
-    /// level, refused once the rest has been read.
-    Targets { beside: Option<&'static str> },
-    /// The shorthand with `hosts` or `resource`: one target, `default`.
-    Shorthand,
-    /// The shorthand without either (`{}` too): the Foundry projects target
-    /// first, fetched on first use, then `default`.
-    Defaults,
-}
-
-impl Default for Written {
-    fn default() -> Self {
-        Written::Targets { beside: None }
-    }
-}
-
-impl Written {
-    /// Where target `index`'s fields are named: `targets[1].`, or nothing
-    /// for the shorthand's, whose fields stand at the top level.
-    pub(crate) fn prefix(self, index: usize) -> String {
-        match self {
-            Written::Targets { .. } => format!("targets[{index}]."),
-            Written::Shorthand | Written::Defaults => String::new(),
-        }
-    }
-
-    /// Is target `index` one the configuration names, fetched at start-up
-    /// (not the Foundry one `{}` stands for speculatively)?
-    pub(crate) fn prefetch(self, index: usize) -> bool {
-        !(self == Written::Defaults && index == 0)
-    }
-
-    /// An error of the typed read, naming its field as written: a shorthand
-    /// target's `targets[0].hosts[1]` is `hosts[1]`, and an unknown
-    /// top-level key is told the shorthand's keys as well as `targets`.
-    pub(crate) fn as_written(self, error: ConfigError) -> ConfigError {
-        match error {
-            ConfigError::UnknownField { field, expected } if !field.contains(['.', '[']) => {
-                // serde lists RawConfig's own keys, `targets` first.
-                let mut keys: Vec<&str> = expected.split(", ").collect();
-                keys.splice(1..1, SHORTHAND);
-                ConfigError::UnknownField {
-                    field,
-                    expected: keys.join(", "),
-                }
-            }
-            error if self == Written::Shorthand || self == Written::Defaults => {
-                error.with_field(top_level)
-            }
-            error => error,
-        }
-    }
-}
-
-/// `targets[0].hosts[1]` → `hosts[1]`.
-fn top_level(field: String) -> String {
-    match field
-        .strip_prefix("targets[")
-        .and_then(|rest| rest.split_once("]."))
-    {
-        Some((_, rest)) => rest.to_owned(),
-        None => field,
-    }
-}
+use super::raw::{Written, SHORTHAND};
 
 /// The configuration with the shorthand rewritten into the `targets` it
 /// stands for, and how the targets were written. A value that is not an
@@ -128,6 +58,7 @@ mod tests {
     use super::*;
     use crate::config::raw::RawTarget;
     use crate::fields::errors::read;
+    use crate::fields::ConfigError;
 
     #[test]
     fn the_shorthand_keys_are_a_targets_keys_but_its_name_paths_and_clusters() {

@@ -3,8 +3,7 @@
 //! compiled into the plan, with the distinct tokens they use.
 
 use super::defaults::*;
-use super::raw::{RawClientKey, RawConfig};
-use super::shorthand::Written;
+use super::raw::{RawClientKey, RawConfig, Written};
 use super::{Config, Target, TokenSpec};
 use crate::azure::{self, Cloud, Service};
 use crate::fields::checks::milliseconds;
