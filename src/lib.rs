@@ -10,8 +10,10 @@ pub mod agent;
 pub mod azure;
 pub mod claims;
 pub mod clock;
+pub mod codes;
 pub mod config;
 pub mod diagnose;
+pub mod fields;
 pub mod lifecycle;
 pub mod limiter;
 pub mod metrics;
@@ -27,8 +29,6 @@ pub mod store;
 pub mod token;
 pub mod wire;
 pub mod worker;
-
-pub use diagnose::{annotate, upstream};
 
 #[cfg(all(feature = "glue", target_arch = "wasm32"))]
 mod glue;

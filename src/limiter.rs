@@ -27,7 +27,7 @@ impl LogLimiter {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::annotate::diagnosis;
+    use crate::diagnose::annotate::diagnosis;
 
     #[test]
     fn a_storm_of_one_diagnosis_logs_once_per_interval() {

@@ -6,14 +6,14 @@
 //! `make test` runs `FUZZ_CASES`.
 #![cfg(not(target_arch = "wasm32"))]
 
-use aoai_msi_filter::annotate::{self, BodyMode, BodyStep, Facts, Inspection};
 use aoai_msi_filter::claims::Claims;
 use aoai_msi_filter::config::Config;
+use aoai_msi_filter::diagnose::annotate::{self, BodyMode, BodyStep, Facts, Inspection};
+use aoai_msi_filter::diagnose::upstream::{self, MAX_ERROR_BODY};
 use aoai_msi_filter::rewrite::HostPatterns;
 use aoai_msi_filter::route::Routed;
 use aoai_msi_filter::store::{self, memory::MemoryStore, Record, SharedStore};
 use aoai_msi_filter::token::{parse_response, same_audience, FetchFailure, MAX_TOKEN_BYTES};
-use aoai_msi_filter::upstream::{self, MAX_ERROR_BODY};
 use aoai_msi_filter::{safe, wire};
 use proptest::prelude::*;
 use serde_json::{json, Value};

@@ -1,16 +1,8 @@
 //! Defaults of the configuration contract (DESIGN.md, README "Configuration").
 //! A token source's own defaults (its cluster, its authority) live in its file
-//! under `source/`.
+//! under `source/`; the timeout every source's call takes, and the
+//! environment variables they read, in `fields/`.
 
-/// Environment variables the sources read (AZURE_FACTS §2).
-pub mod env {
-    pub const IDENTITY_ENDPOINT: &str = "IDENTITY_ENDPOINT";
-    pub const IDENTITY_HEADER: &str = "IDENTITY_HEADER";
-    pub const AZURE_TENANT_ID: &str = "AZURE_TENANT_ID";
-    pub const AZURE_CLIENT_ID: &str = "AZURE_CLIENT_ID";
-    pub const AZURE_CLIENT_SECRET: &str = "AZURE_CLIENT_SECRET";
-    pub const AZURE_AUTHORITY_HOST: &str = "AZURE_AUTHORITY_HOST";
-}
 pub const DEFAULT_RESOURCE: &str = audience::COGNITIVE_SERVICES;
 pub const DEFAULT_HOSTS: [&str; 3] = [
     "*.openai.azure.com",
@@ -19,9 +11,6 @@ pub const DEFAULT_HOSTS: [&str; 3] = [
 ];
 /// Foundry project endpoints live under this path of `*.services.ai.azure.com`.
 pub const FOUNDRY_PROJECT_PATH: &str = "/api/projects/";
-/// Timeout of one token call.
-pub const DEFAULT_FETCH_TIMEOUT_MS: u64 = 10_000;
-pub const MAX_FETCH_TIMEOUT_MS: u64 = 60_000;
 /// How long a request may wait for the first token before it gets a diagnosis.
 pub const DEFAULT_TOKEN_WAIT_MS: u64 = 5_000;
 /// How often, at most, a replacement is asked for a token the upstream rejected.
@@ -33,6 +22,8 @@ pub const MAX_TOKEN_WAIT_MS: u64 = 120_000;
 pub const MAX_TARGETS: usize = 64;
 
 pub use crate::azure::audience;
+pub use crate::fields::checks::{DEFAULT_FETCH_TIMEOUT_MS, MAX_FETCH_TIMEOUT_MS};
+pub use crate::fields::env;
 
 /// Names of the targets `{}` (or a shorthand without `hosts`) stands for.
 pub const FOUNDRY_TARGET: &str = "foundry-projects";

@@ -1,8 +1,11 @@
 //! Plugin configuration: the JSON contract of DESIGN.md, parse → check → plan.
 //!
+//! 0. the single-target shorthand is rewritten into the `targets` it stands
+//!    for, on the JSON value (`shorthand.rs`), so a target's keys are
+//!    declared once;
 //! 1. serde types describe the JSON exactly (`raw.rs`, `deny_unknown_fields`),
 //!    read through `serde_path_to_error` so a wrong value is named by its full
-//!    path (`targets[1].paths[0]`; `errors.rs`);
+//!    path (`targets[1].paths[0]`; `fields/errors.rs`);
 //! 2. one checked step, `TryFrom<RawConfig> for Config`, compiles them into a
 //!    plan (`targets.rs`): targets with dense ids, each pointing at one of the
 //!    distinct tokens (source, identity, resource) the filter keeps.
@@ -10,23 +13,23 @@
 //! `token_source` is tagged by `type`; each source reads its own body (see
 //! `source/`), with its path kept.
 
-use serde_json::Value;
+use serde_json::{Map, Value};
 
 use crate::source::Source;
 
-pub mod checks;
 pub mod defaults;
-pub mod errors;
 mod raw;
+mod shorthand;
 mod targets;
 
-pub use self::checks::{no_env, Env};
 pub use self::defaults::*;
-use self::errors::read;
-pub use self::errors::ConfigError;
 pub use self::raw::RawConfig;
+use crate::fields::errors::read;
+pub use crate::fields::{no_env, ConfigError, Env};
 pub use crate::policy::{ClientKeys, ClientToken, OnTokenFailure, Policy};
-use crate::rewrite::HostPatterns;
+use crate::rewrite::{client_chosen, host_without_port, HostPatterns};
+use crate::route::{NearMiss, Routed};
+use crate::scope;
 pub use crate::source::app_service::DEFAULT_APP_SERVICE_CLUSTER;
 pub use crate::source::entra::{DEFAULT_ENTRA_AUTHORITY, DEFAULT_ENTRA_CLUSTER, ENTRA_AUTHORITIES};
 pub use crate::source::http::DEFAULT_REFRESH_INTERVAL_MS;
@@ -118,7 +121,7 @@ pub struct Slots {
 impl Default for Config {
     /// What `{}` means.
     fn default() -> Self {
-        Config::try_from((RawConfig::default(), &no_env as Env)).unwrap_or(Config {
+        Config::from_value(&Value::Object(Map::new())).unwrap_or(Config {
             targets: Vec::new(),
             tokens: Vec::new(),
         })
@@ -135,7 +138,7 @@ impl Config {
     /// (App Service, service principals, workload identity) read them here.
     pub fn parse_with_env(bytes: &[u8], env: Env<'_>) -> Result<Config, ConfigError> {
         if bytes.iter().all(u8::is_ascii_whitespace) {
-            return Config::try_from((RawConfig::default(), env));
+            return Config::from_value_with_env(&Value::Object(Map::new()), env);
         }
         let value: Value =
             serde_json::from_slice(bytes).map_err(|e| ConfigError::NotJson(e.to_string()))?;
@@ -147,7 +150,10 @@ impl Config {
     }
 
     pub fn from_value_with_env(value: &Value, env: Env<'_>) -> Result<Config, ConfigError> {
-        Config::try_from((read::<RawConfig>(value.clone(), "")?, env))
+        let (value, written) = shorthand::rewrite(value.clone());
+        let mut raw: RawConfig = read(value, "").map_err(|e| written.as_written(e))?;
+        raw.written = written;
+        Config::try_from((raw, env))
     }
 
     /// The token of target `target`.
@@ -177,6 +183,56 @@ impl Config {
             count += 1 + target.policy.client_keys.as_ref().map_or(0, |k| k.len());
         }
         Slots { first, count }
+    }
+
+    /// The index of the target `authority` (and, if asked, the path and the
+    /// routed cluster) belongs to: the first whose hosts match, whose paths
+    /// (if any) prefix its path, and whose clusters (if any) contain the
+    /// cluster Envoy routed it to (see [`crate::route`]). `None`: the request
+    /// is not ours.
+    pub fn route(&self, authority: &str, request: &mut dyn Routed) -> Option<usize> {
+        self.targets.iter().position(|target| {
+            let host = if target.clusters.is_empty() {
+                target.hosts.matches_bare(authority)
+            } else {
+                target.hosts.matches_spelled(authority)
+            };
+            host && (target.paths.is_empty()
+                || request
+                    .path()
+                    .is_some_and(|path| scope::in_scope(path, &target.paths)))
+                && if target.clusters.is_empty() {
+                    !request.names_destination()
+                        && request.cluster().is_some_and(|c| !client_chosen(c))
+                } else {
+                    request
+                        .cluster()
+                        .is_some_and(|cluster| target.clusters.iter().any(|c| c == cluster))
+                }
+        })
+    }
+
+    /// Why a request that no target took might have been meant for one
+    /// (`request` answers from what [`Config::route`] already read).
+    pub fn near_miss(&self, authority: &str, request: &mut dyn Routed) -> Option<NearMiss> {
+        let unbound = self
+            .targets
+            .iter()
+            .any(|t| t.clusters.is_empty() && t.hosts.matches_bare(authority));
+        if unbound && (request.names_destination() || request.cluster().is_some_and(client_chosen))
+        {
+            return Some(NearMiss::ClientChosenDestination);
+        }
+        let spelled = self
+            .targets
+            .iter()
+            .any(|t| t.clusters.is_empty() && t.hosts.matches_spelled(authority));
+        if spelled {
+            return Some(NearMiss::Spelling);
+        }
+        let host = host_without_port(authority);
+        let host = host.strip_suffix('.').unwrap_or(host);
+        crate::azure::host(host).map(|_| NearMiss::UnlistedAzureHost)
     }
 }
 

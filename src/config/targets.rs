@@ -1,35 +1,17 @@
-//! The targets: the shorthand or `targets` expanded into drafts, each
-//! checked (name, hosts, paths, clusters, resource, cloud, policy) and
+//! The targets, as read (the shorthand already rewritten into `targets`):
+//! each checked (name, hosts, paths, clusters, resource, cloud, policy) and
 //! compiled into the plan, with the distinct tokens they use.
 
-use serde_json::{Map, Value};
-
-use super::checks::{milliseconds, Env};
 use super::defaults::*;
-use super::errors::{invalid, ConfigError};
-use super::raw::{RawClientKey, RawConfig};
+use super::raw::{RawClientKey, RawConfig, Written};
 use super::{Config, Target, TokenSpec};
 use crate::azure::{self, Cloud, Service};
+use crate::fields::checks::milliseconds;
+use crate::fields::errors::{invalid, ConfigError};
+use crate::fields::Env;
 use crate::policy::{sha256_hex, ClientKeys, ClientToken, OnTokenFailure, Policy};
 use crate::rewrite::{HostPattern, HostPatterns};
 use crate::source::Source;
-
-/// JSON, for error messages.
-struct Draft {
-    /// `targets[1].`, or empty for the shorthand.
-    prefix: String,
-    /// A target the configuration names (not one `{}` stands for speculatively).
-    prefetch: bool,
-    name: String,
-    hosts: Option<Vec<String>>,
-    paths: Option<Vec<String>>,
-    clusters: Option<Vec<String>>,
-    resource: Option<String>,
-    token_source: Option<Map<String, Value>>,
-    on_token_failure: Option<OnTokenFailure>,
-    client_token: Option<ClientToken>,
-    client_keys: Option<Vec<RawClientKey>>,
-}
 
 impl<'a> TryFrom<(RawConfig, Env<'a>)> for Config {
     type Error = ConfigError;
@@ -49,12 +31,37 @@ impl<'a> TryFrom<(RawConfig, Env<'a>)> for Config {
             MAX_INVALIDATION_INTERVAL_MS,
             DEFAULT_INVALIDATION_INTERVAL_MS,
         )?;
-        let drafts = drafts(raw)?;
-        let mut targets: Vec<Target> = Vec::with_capacity(drafts.len());
+        let written = raw.written;
+        if let Written::Targets { beside: Some(key) } = written {
+            return Err(invalid(
+                format!("targets` and `{key}"),
+                "are both set at the top level",
+                format!("move `{key}` into each target that needs it (the shorthand and `targets` are exclusive)"),
+            ));
+        }
+        let raw_targets = raw.targets.unwrap_or_default();
+        if raw_targets.is_empty() {
+            return Err(invalid(
+                "targets",
+                "is empty, so no request would ever be authorized",
+                "list at least one target, or remove the field for the Azure OpenAI defaults",
+            ));
+        }
+        if raw_targets.len() > MAX_TARGETS {
+            return Err(invalid(
+                "targets",
+                format!("has {} entries", raw_targets.len()),
+                format!("use at most {MAX_TARGETS}, with wildcard hosts where possible"),
+            ));
+        }
+        let mut targets: Vec<Target> = Vec::with_capacity(raw_targets.len());
         let mut tokens: Vec<TokenSpec> = Vec::new();
-        for draft in drafts {
-            let field = |name: &str| format!("{}{name}", draft.prefix);
-            let name = check_name(&draft.name, &field("name"))?;
+        for (index, raw) in raw_targets.into_iter().enumerate() {
+            let prefix = written.prefix(index);
+            let prefetch = written.prefetch(index);
+            let name = raw.name.unwrap_or_else(|| format!("target-{index}"));
+            let field = |name: &str| format!("{prefix}{name}");
+            let name = check_name(&name, &field("name"))?;
             if let Some(other) = targets.iter().find(|t| t.name == name) {
                 return Err(invalid(
                     field("name"),
@@ -65,33 +72,29 @@ impl<'a> TryFrom<(RawConfig, Env<'a>)> for Config {
                     ),
                 ));
             }
-            let clusters = check_clusters(draft.clusters.as_deref(), &field("clusters"))?;
-            let hosts = check_hosts(
-                draft.hosts.as_deref(),
-                &field("hosts"),
-                !clusters.is_empty(),
-            )?;
-            let paths = check_paths(draft.paths.as_deref(), &field("paths"))?;
-            let source = Source::configure(draft.token_source, &field("token_source"), env)?;
-            let resource = match draft.resource.as_deref() {
+            let clusters = check_clusters(raw.clusters.as_deref(), &field("clusters"))?;
+            let hosts = check_hosts(raw.hosts.as_deref(), &field("hosts"), !clusters.is_empty())?;
+            let paths = check_paths(raw.paths.as_deref(), &field("paths"))?;
+            let source = Source::configure(raw.token_source, &field("token_source"), env)?;
+            let resource = match raw.resource.as_deref() {
                 Some(r) => check_resource(r, &field("resource"))?,
-                None => default_resource(&hosts, &paths, &draft.prefix)?
+                None => default_resource(&hosts, &paths, &prefix)?
                     .unwrap_or_else(|| Cloud::audience(source.cloud()).to_owned()),
             };
-            check_cloud(&source, &resource, &draft.prefix, draft.resource.is_some())?;
+            check_cloud(&source, &resource, &prefix, raw.resource.is_some())?;
             let spec = TokenSpec {
                 source,
                 resource,
                 token_wait_timeout_ms,
                 invalidation_interval_ms,
                 label: name.clone(),
-                prefetch: draft.prefetch,
+                prefetch,
             };
             let fingerprint = spec.fingerprint();
             let token = match tokens.iter().position(|t| t.fingerprint() == fingerprint) {
-                Some(index) => {
-                    tokens[index].prefetch |= draft.prefetch;
-                    index
+                Some(known) => {
+                    tokens[known].prefetch |= prefetch;
+                    known
                 }
                 None => {
                     tokens.push(spec);
@@ -99,10 +102,10 @@ impl<'a> TryFrom<(RawConfig, Env<'a>)> for Config {
                 }
             };
             let policy = check_policy(
-                draft.on_token_failure,
-                draft.client_token,
-                draft.client_keys,
-                &draft.prefix,
+                raw.on_token_failure,
+                raw.client_token,
+                raw.client_keys,
+                &prefix,
             )?;
             let target = Target {
                 name,
@@ -118,7 +121,7 @@ impl<'a> TryFrom<(RawConfig, Env<'a>)> for Config {
                 .find(|(_, earlier)| earlier.shadows(&target))
             {
                 return Err(invalid(
-                    draft.prefix.trim_end_matches('.'),
+                    prefix.trim_end_matches('.'),
                     format!(
                         "(\"{}\") can never match: targets[{earlier}] (\"{}\") comes first and matches every request it would",
                         target.name, targets[earlier].name
@@ -132,89 +135,6 @@ impl<'a> TryFrom<(RawConfig, Env<'a>)> for Config {
     }
 }
 
-/// The targets as written: `targets`, or the shorthand. The shorthand without
-/// `hosts` and `resource` stands for two targets, Foundry project paths first.
-fn drafts(raw: RawConfig) -> Result<Vec<Draft>, ConfigError> {
-    if let Some(targets) = raw.targets {
-        for (key, set) in [
-            ("hosts", raw.hosts.is_some()),
-            ("resource", raw.resource.is_some()),
-            ("token_source", raw.token_source.is_some()),
-            ("on_token_failure", raw.on_token_failure.is_some()),
-            ("client_token", raw.client_token.is_some()),
-            ("client_keys", raw.client_keys.is_some()),
-        ] {
-            if set {
-                return Err(invalid(
-                    format!("targets` and `{key}"),
-                    "are both set at the top level",
-                    format!("move `{key}` into each target that needs it (the shorthand and `targets` are exclusive)"),
-                ));
-            }
-        }
-        if targets.is_empty() {
-            return Err(invalid(
-                "targets",
-                "is empty, so no request would ever be authorized",
-                "list at least one target, or remove the field for the Azure OpenAI defaults",
-            ));
-        }
-        if targets.len() > MAX_TARGETS {
-            return Err(invalid(
-                "targets",
-                format!("has {} entries", targets.len()),
-                format!("use at most {MAX_TARGETS}, with wildcard hosts where possible"),
-            ));
-        }
-        return Ok(targets
-            .into_iter()
-            .enumerate()
-            .map(|(i, t)| Draft {
-                prefix: format!("targets[{i}]."),
-                prefetch: true,
-                name: t.name.unwrap_or_else(|| format!("target-{i}")),
-                hosts: t.hosts,
-                paths: t.paths,
-                clusters: t.clusters,
-                resource: t.resource,
-                token_source: t.token_source,
-                on_token_failure: t.on_token_failure,
-                client_token: t.client_token,
-                client_keys: t.client_keys,
-            })
-            .collect());
-    }
-    let shorthand = |name: &str, hosts, paths, prefetch| Draft {
-        prefix: String::new(),
-        prefetch,
-        name: name.to_owned(),
-        hosts,
-        paths,
-        clusters: None,
-        resource: raw.resource.clone(),
-        token_source: raw.token_source.clone(),
-        on_token_failure: raw.on_token_failure,
-        client_token: raw.client_token,
-        client_keys: raw.client_keys.clone(),
-    };
-    if raw.hosts.is_some() || raw.resource.is_some() {
-        return Ok(vec![shorthand(
-            DEFAULT_TARGET,
-            raw.hosts.clone(),
-            None,
-            true,
-        )]);
-    }
-    Ok(vec![
-        shorthand(
-            FOUNDRY_TARGET,
-            Some(vec!["*.services.ai.azure.com".to_owned()]),
-            Some(vec![FOUNDRY_PROJECT_PATH.to_owned()]),
-            false,
-        ),
-        shorthand(DEFAULT_TARGET, None, None, true),
-    ])
-}
 /// Names appear in metric labels and log lines.
 fn check_name(name: &str, field: &str) -> Result<String, ConfigError> {
     let ok = (1..=64).contains(&name.len())

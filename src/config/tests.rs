@@ -754,3 +754,160 @@ fn the_plan_names_forward_key_targets_per_token_and_dense_counter_slots() {
         }
     );
 }
+
+/// Routing: the first matching target wins ([`Config::route`]).
+mod routing {
+    use super::*;
+    use crate::route::{NearMiss, Routed};
+
+    /// A request with a fixed path and cluster that counts what was asked.
+    #[derive(Default)]
+    struct Fixed {
+        path: Option<String>,
+        cluster: Option<String>,
+        asked_path: usize,
+        asked_cluster: usize,
+    }
+
+    impl Routed for Fixed {
+        fn path(&mut self) -> Option<&str> {
+            self.asked_path += 1;
+            self.path.as_deref()
+        }
+        fn cluster(&mut self) -> Option<&str> {
+            self.asked_cluster += 1;
+            self.cluster.as_deref()
+        }
+    }
+
+    fn request(path: &str, cluster: &str) -> Fixed {
+        Fixed {
+            path: Some(path.to_owned()),
+            cluster: Some(cluster.to_owned()),
+            ..Fixed::default()
+        }
+    }
+
+    fn config(json: &str) -> Config {
+        Config::parse(json.as_bytes()).unwrap()
+    }
+
+    fn name(c: &Config, target: Option<usize>) -> Option<&str> {
+        target.map(|t| c.targets[t].name.as_str())
+    }
+
+    #[test]
+    fn the_first_matching_target_wins_and_no_match_is_none() {
+        let c = config(
+            r#"{"targets":[
+                {"name":"east","hosts":["east.openai.azure.com"]},
+                {"name":"all","hosts":["*.openai.azure.com"]}]}"#,
+        );
+        let mut r = request("/", "aoai");
+        assert_eq!(
+            name(&c, c.route("east.openai.azure.com", &mut r)),
+            Some("east")
+        );
+        assert_eq!(
+            name(&c, c.route("west.openai.azure.com", &mut r)),
+            Some("all")
+        );
+        assert_eq!(c.route("api.example.com", &mut r), None);
+        assert_eq!(r.asked_path, 0, "no target has paths");
+    }
+
+    #[test]
+    fn default_targets_send_foundry_project_paths_to_their_own_target() {
+        let c = Config::default();
+        let mut projects = request("/api/projects/p1/threads?api-version=v1", "x");
+        let mut openai = request("/openai/deployments/d/chat/completions", "x");
+        assert_eq!(
+            name(&c, c.route("acct.services.ai.azure.com", &mut projects)),
+            Some("foundry-projects")
+        );
+        assert_eq!(
+            name(&c, c.route("acct.services.ai.azure.com", &mut openai)),
+            Some("default")
+        );
+        let mut plain = request("/openai/x", "x");
+        assert_eq!(
+            name(&c, c.route("myres.openai.azure.com", &mut plain)),
+            Some("default")
+        );
+        assert_eq!(
+            plain.asked_path, 0,
+            "an openai.azure.com request never reads its path"
+        );
+    }
+
+    #[test]
+    fn clusters_bind_a_target_to_where_envoy_routes() {
+        let c = config(
+            r#"{"targets":[{"name":"east","hosts":["*.openai.azure.com"],"clusters":["aoai_east"]}]}"#,
+        );
+        let mut routed = request("/", "aoai_east");
+        let mut elsewhere = request("/", "catch_all");
+        let mut unrouted = Fixed::default();
+        assert_eq!(
+            name(&c, c.route("east.openai.azure.com", &mut routed)),
+            Some("east")
+        );
+        assert_eq!(c.route("east.openai.azure.com", &mut elsewhere), None);
+        assert_eq!(c.route("east.openai.azure.com", &mut unrouted), None);
+        // Bound to its cluster, the target may ignore port and dot spellings.
+        let mut routed = request("/", "aoai_east");
+        assert_eq!(
+            name(&c, c.route("east.openai.azure.com.:443", &mut routed)),
+            Some("east")
+        );
+    }
+
+    #[test]
+    fn port_and_dot_spellings_without_clusters_match_nothing_and_are_near_misses() {
+        let c = Config::default();
+        for host in ["myres.openai.azure.com:443", "myres.openai.azure.com."] {
+            let mut r = request("/", "aoai");
+            assert_eq!(c.route(host, &mut r), None, "{host}");
+            assert_eq!(
+                c.near_miss(host, &mut r),
+                Some(NearMiss::Spelling),
+                "{host}"
+            );
+        }
+        let only_east = config(r#"{"hosts":["east.openai.azure.com"]}"#);
+        let mut r = request("/", "aoai");
+        assert_eq!(
+            only_east.near_miss("west.openai.azure.com", &mut r),
+            Some(NearMiss::UnlistedAzureHost)
+        );
+        assert_eq!(only_east.near_miss("api.example.com", &mut r), None);
+        assert_eq!(
+            only_east.near_miss("openai.azure.com.evil.example", &mut r),
+            None
+        );
+    }
+
+    #[test]
+    fn an_unbound_target_never_matches_a_cluster_the_client_picks() {
+        let c = Config::default();
+        for cluster in ["PassthroughCluster", "InboundPassthroughClusterIpv6"] {
+            let mut r = request("/openai/x", cluster);
+            assert_eq!(c.route("myres.openai.azure.com", &mut r), None, "{cluster}");
+            assert_eq!(
+                c.near_miss("myres.openai.azure.com", &mut r),
+                Some(NearMiss::ClientChosenDestination)
+            );
+        }
+        let mut unrouted = Fixed::default();
+        assert_eq!(c.route("myres.openai.azure.com", &mut unrouted), None);
+    }
+
+    #[test]
+    fn any_host_is_allowed_only_where_the_cluster_decides() {
+        let c = config(r#"{"targets":[{"hosts":["*"],"clusters":["azure_openai"]}]}"#);
+        let mut routed = request("/", "azure_openai");
+        assert_eq!(c.route("127.0.0.1:10000", &mut routed), Some(0));
+        let mut other = request("/", "other");
+        assert_eq!(c.route("127.0.0.1:10000", &mut other), None);
+    }
+}

@@ -15,12 +15,12 @@
 
 use serde_json::{json, Map, Value};
 
+use super::upstream::{UpstreamFailure, MAX_ERROR_BODY};
 use crate::claims::Claims;
 use crate::lifecycle::Replacement;
 use crate::rewrite::host_without_port as strip_port;
 use crate::safe;
 use crate::source::Source;
-use crate::upstream::{UpstreamFailure, MAX_ERROR_BODY};
 use crate::wire;
 
 pub use crate::diagnose::{diagnosis, header};

@@ -16,10 +16,9 @@ use crate::token::{FailureClass, FetchFailure};
 pub const DIAGNOSIS_HEADER: &str = "x-aoai-msi-diagnosis";
 
 pub mod annotate;
-pub mod table;
 pub mod upstream;
 
-pub use table::{aadsts, code, diagnosis, header, EVERY};
+pub use crate::codes::{aadsts, code, diagnosis, header, EVERY};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Diagnosis {

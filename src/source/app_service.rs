@@ -5,15 +5,12 @@
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
-use super::identity::{check_selector, IdentitySelector};
-use super::{
-    percent_encode, unavailable, Configure, Endpoint, Refusal, Step, TokenRequest, TokenSource,
-    Verdict,
-};
-use crate::config::checks::{non_empty, required_env, split_endpoint, timeout, Env};
-use crate::config::defaults::env;
-use crate::config::errors::{invalid, read, ConfigError};
-use crate::diagnose::table::code;
+use super::identity::{check_selector, IdentityGet, IdentitySelector};
+use super::{unavailable, Configure, Endpoint, Refusal, Step, TokenSource, Verdict};
+use crate::codes::code;
+use crate::fields::checks::{non_empty, split_endpoint, timeout};
+use crate::fields::env::{self, required_env, Env};
+use crate::fields::errors::{invalid, read, ConfigError};
 use crate::token::{FailureClass, Secret};
 
 pub const APP_SERVICE_API_VERSION: &str = "2019-08-01";
@@ -83,18 +80,8 @@ fn check_app_service(
         field,
         "the identity endpoint's secret",
     )?;
-    let identity = check_selector(
-        field,
-        [
-            (
-                "client_id",
-                raw.client_id,
-                IdentitySelector::ClientId as fn(String) -> _,
-            ),
-            ("object_id", raw.object_id, IdentitySelector::ObjectId),
-            ("mi_res_id", raw.mi_res_id, IdentitySelector::ResourceId),
-        ],
-    )?;
+    let selectors = [raw.client_id, raw.object_id, raw.mi_res_id];
+    let identity = check_selector(field, selectors, "mi_res_id")?;
     let cluster = match raw.cluster {
         Some(c) => non_empty(
             &c,
@@ -145,22 +132,16 @@ impl TokenSource for AppServiceSource {
     }
 
     fn token_request(&self, resource: &str, _now_ms: u64, _nonce: u64, _: Option<Secret>) -> Step {
-        let separator = if self.path.contains('?') { '&' } else { '?' };
-        let mut path = format!(
-            "{}{separator}api-version={APP_SERVICE_API_VERSION}&resource={}",
-            self.path,
-            percent_encode(resource)
-        );
-        if let Some((name, value)) = self.identity.app_service_param() {
-            path.push_str(&format!("&{name}={}", percent_encode(value)));
+        IdentityGet {
+            cluster: &self.cluster,
+            authority: &self.authority,
+            timeout_ms: self.timeout_ms,
+            path: &self.path,
+            api_version: APP_SERVICE_API_VERSION,
+            selector: self.identity.app_service_param(),
+            proof: ("x-identity-header", self.header.expose().to_owned()),
         }
-        Step::Call(TokenRequest::get(
-            &self.cluster,
-            self.timeout_ms,
-            path,
-            &self.authority,
-            ("x-identity-header", self.header.expose().to_owned()),
-        ))
+        .call(resource)
     }
 
     fn endpoint(&self, _cluster: &str) -> Endpoint {

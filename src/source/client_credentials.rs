@@ -7,12 +7,12 @@ use jwt_simple::prelude::*;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use super::entra::{self, app_ids, entra_endpoint, entra_request, token_url, EntraApp};
+use super::entra::{self, app_ids, entra_endpoint, token_url, EntraApp, Proof};
 use super::{Configure, Endpoint, Refusal, Step, TokenSource, Verdict};
 use crate::azure::Cloud;
-use crate::config::checks::{env_name, required_env, shown_env, timeout, Env};
-use crate::config::defaults::env;
-use crate::config::errors::{invalid, read, ConfigError};
+use crate::fields::checks::timeout;
+use crate::fields::env::{self, env_name, required_env, shown_env, Env};
+use crate::fields::errors::{invalid, read, ConfigError};
 use crate::token::{FetchFailure, Secret};
 
 pub use super::entra::JWT_BEARER;
@@ -264,30 +264,19 @@ impl TokenSource for ClientCredentialsSource {
     }
 
     fn token_request(&self, resource: &str, now_ms: u64, nonce: u64, _: Option<Secret>) -> Step {
-        let proof = match &self.credential {
+        let app = self.app();
+        match &self.credential {
             ClientCredential::Secret { value, .. } => {
-                vec![("client_secret", value.expose().to_owned())]
+                app.token_request(resource, Proof::Secret(value.expose()))
             }
             ClientCredential::Certificate { key, .. } => {
                 let url = token_url(&self.authority, &self.tenant_id);
                 match client_assertion(key, &self.client_id, &url, now_ms, nonce) {
-                    Ok(assertion) => vec![
-                        ("client_assertion_type", JWT_BEARER.to_owned()),
-                        ("client_assertion", assertion),
-                    ],
-                    Err(failure) => return Step::Done(Err(failure)),
+                    Ok(assertion) => app.token_request(resource, Proof::Assertion(&assertion)),
+                    Err(failure) => Step::Done(Err(failure)),
                 }
             }
-        };
-        entra_request(
-            &self.cluster,
-            &self.authority,
-            &self.tenant_id,
-            &self.client_id,
-            self.timeout_ms,
-            resource,
-            proof,
-        )
+        }
     }
 
     fn endpoint(&self, _cluster: &str) -> Endpoint {
@@ -295,18 +284,26 @@ impl TokenSource for ClientCredentialsSource {
     }
 
     fn refused(&self, refusal: &Refusal<'_>, details: &mut Map<String, Value>) -> Verdict {
+        entra::refused(&self.app(), refusal, details)
+    }
+}
+
+impl ClientCredentialsSource {
+    /// The application as its token requests and refusals name it.
+    fn app(&self) -> EntraApp<'_> {
         let (secret_env, thumbprint) = match &self.credential {
             ClientCredential::Secret { env, .. } => (Some(env.as_str()), None),
             ClientCredential::Certificate { key, .. } => (None, Some(key.thumbprint.as_str())),
         };
-        let app = EntraApp {
+        EntraApp {
+            cluster: &self.cluster,
             authority: &self.authority,
             tenant: &self.tenant_id,
             client: &self.client_id,
+            timeout_ms: self.timeout_ms,
             secret_env,
             thumbprint,
-        };
-        entra::refused(&app, refusal, details)
+        }
     }
 }
 
@@ -355,4 +352,3 @@ pub(crate) fn jti(nonce: u64, now_ms: u64) -> String {
         b & 0xffff_ffff_ffff
     )
 }
-

@@ -1,14 +1,14 @@
 //! What the Entra sources share (`client_credentials`, `workload_identity`):
-//! the v2.0 token request, the authority and application ids they are
+//! the application and its v2.0 token request, the authority and ids they are
 //! configured with, and the words for Entra's refusals (AZURE_FACTS §2).
 
 use serde_json::{json, Map, Value};
 
 use super::{percent_encode, unavailable, Endpoint, Refusal, Step, TokenRequest, Verdict};
-use crate::config::checks::{check_authority, non_empty, Env};
-use crate::config::defaults::env;
-use crate::config::errors::{invalid, ConfigError};
-use crate::diagnose::table::{aadsts, code};
+use crate::codes::{aadsts, code};
+use crate::fields::checks::{check_authority, non_empty};
+use crate::fields::env::{self, Env};
+use crate::fields::errors::{invalid, ConfigError};
 use crate::token::FailureClass;
 
 pub const DEFAULT_ENTRA_CLUSTER: &str = "entra";
@@ -25,47 +25,6 @@ pub const ENTRA_AUTHORITIES: [&str; 3] = [
 /// `https://<authority>/<tenant>/oauth2/v2.0/token`: the client assertion's `aud`.
 pub fn token_url(authority: &str, tenant: &str) -> String {
     format!("https://{authority}/{tenant}/oauth2/v2.0/token")
-}
-
-pub(crate) fn entra_request(
-    cluster: &str,
-    authority: &str,
-    tenant: &str,
-    client_id: &str,
-    timeout_ms: u64,
-    resource: &str,
-    proof: Vec<(&str, String)>,
-) -> Step {
-    let scope = format!("{}/.default", resource.trim_end_matches('/'));
-    let mut form = vec![
-        ("grant_type", "client_credentials".to_owned()),
-        ("client_id", client_id.to_owned()),
-        ("scope", scope),
-    ];
-    form.extend(proof);
-    let body = form
-        .iter()
-        .map(|(k, v)| format!("{k}={}", percent_encode(v)))
-        .collect::<Vec<_>>()
-        .join("&")
-        .into_bytes();
-    Step::Call(TokenRequest {
-        cluster: cluster.to_owned(),
-        timeout_ms,
-        headers: vec![
-            (":method", "POST".to_owned()),
-            (
-                ":path",
-                format!("/{}/oauth2/v2.0/token", percent_encode(tenant)),
-            ),
-            (":authority", authority.to_owned()),
-            (
-                "content-type",
-                "application/x-www-form-urlencoded".to_owned(),
-            ),
-        ],
-        body,
-    })
 }
 
 /// The Entra cluster and authority host; `injected` is the webhook's
@@ -174,15 +133,70 @@ pub(crate) fn endpoint(authority: &str) -> Endpoint {
     }
 }
 
-/// The application an Entra source signs in as, for the words of a refusal.
+/// The application an Entra source signs in as: where its token requests
+/// go, who it is, and for the words of a refusal, what its credential is.
 pub(crate) struct EntraApp<'a> {
+    pub cluster: &'a str,
     pub authority: &'a str,
     pub tenant: &'a str,
     pub client: &'a str,
+    pub timeout_ms: u64,
     /// The variable of a client secret.
     pub secret_env: Option<&'a str>,
     /// `x5t#S256` of a client certificate.
     pub thumbprint: Option<&'a str>,
+}
+
+/// What proves the application in a token request.
+pub(crate) enum Proof<'a> {
+    /// A client secret.
+    Secret(&'a str),
+    /// A client assertion: one signed with the application's certificate,
+    /// or a federated (service-account) token.
+    Assertion(&'a str),
+}
+
+impl EntraApp<'_> {
+    /// The v2.0 client-credentials grant for a token for `resource`: a form
+    /// POST to `/<tenant>/oauth2/v2.0/token` (AZURE_FACTS §2).
+    pub(crate) fn token_request(&self, resource: &str, proof: Proof<'_>) -> Step {
+        let scope = format!("{}/.default", resource.trim_end_matches('/'));
+        let mut form = vec![
+            ("grant_type", "client_credentials"),
+            ("client_id", self.client),
+            ("scope", &scope),
+        ];
+        match proof {
+            Proof::Secret(secret) => form.push(("client_secret", secret)),
+            Proof::Assertion(assertion) => form.extend([
+                ("client_assertion_type", JWT_BEARER),
+                ("client_assertion", assertion),
+            ]),
+        }
+        let body = form
+            .iter()
+            .map(|(k, v)| format!("{k}={}", percent_encode(v)))
+            .collect::<Vec<_>>()
+            .join("&")
+            .into_bytes();
+        Step::Call(TokenRequest {
+            cluster: self.cluster.to_owned(),
+            timeout_ms: self.timeout_ms,
+            headers: vec![
+                (":method", "POST".to_owned()),
+                (
+                    ":path",
+                    format!("/{}/oauth2/v2.0/token", percent_encode(self.tenant)),
+                ),
+                (":authority", self.authority.to_owned()),
+                (
+                    "content-type",
+                    "application/x-www-form-urlencoded".to_owned(),
+                ),
+            ],
+            body,
+        })
+    }
 }
 
 /// What Entra's refusal means, by its AADSTS codes.

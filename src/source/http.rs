@@ -9,9 +9,10 @@ use super::{
     unavailable, Configure, CredentialKind, Endpoint, Refusal, Step, TokenRequest, TokenSource,
     Verdict,
 };
-use crate::config::checks::{check_authority, milliseconds, non_empty, timeout, Env};
-use crate::config::errors::{invalid, read, ConfigError};
-use crate::diagnose::table::code;
+use crate::codes::code;
+use crate::fields::checks::{check_authority, milliseconds, non_empty, timeout};
+use crate::fields::env::Env;
+use crate::fields::errors::{invalid, read, ConfigError};
 use crate::token::{parse_credential, FailureClass, FetchFailure, Issued, Secret};
 
 /// A local service that hands out a key or a token (a vault agent, a
@@ -117,7 +118,6 @@ fn check_http(raw: RawHttp, field: &str) -> Result<HttpSource, ConfigError> {
         timeout_ms: timeout(raw.timeout_ms, field)?,
     })
 }
-
 
 impl TokenSource for HttpSource {
     fn cluster(&self) -> &str {

@@ -1,8 +1,10 @@
-//! Which managed identity to ask for: IMDS and App Service take the same
-//! three selectors under different parameter names.
+//! What the managed-identity sources share: which identity to ask for (IMDS
+//! and App Service take the same three selectors under different parameter
+//! names), and the token GET both endpoints take.
 
-use crate::config::checks::non_empty;
-use crate::config::errors::{invalid, ConfigError};
+use super::{percent_encode, Step, TokenRequest};
+use crate::fields::checks::non_empty;
+use crate::fields::errors::{invalid, ConfigError};
 
 /// Which managed identity IMDS should issue a token for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -48,13 +50,20 @@ impl IdentitySelector {
 }
 
 /// A selector field: its name, its value if set, and what it selects.
-pub(crate) type Candidate = (&'static str, Option<String>, fn(String) -> IdentitySelector);
+type Candidate = (&'static str, Option<String>, fn(String) -> IdentitySelector);
 
-/// The one identity selector a source may carry.
+/// The one identity selector a source may carry: `client_id`, `object_id`,
+/// or a resource id under the name its endpoint gives it (`resource_key`).
 pub(crate) fn check_selector(
     field: &str,
-    candidates: [Candidate; 3],
+    [client_id, object_id, resource_id]: [Option<String>; 3],
+    resource_key: &'static str,
 ) -> Result<IdentitySelector, ConfigError> {
+    let candidates: [Candidate; 3] = [
+        ("client_id", client_id, IdentitySelector::ClientId),
+        ("object_id", object_id, IdentitySelector::ObjectId),
+        (resource_key, resource_id, IdentitySelector::ResourceId),
+    ];
     let sub = |name: &str| format!("{field}.{name}");
     let mut selectors = Vec::new();
     for (name, value, make) in candidates {
@@ -90,4 +99,47 @@ pub(crate) fn check_selector(
 
 fn candidates_names(selectors: &[(&'static str, IdentitySelector)]) -> Vec<&'static str> {
     selectors.iter().map(|(n, _)| *n).collect()
+}
+
+/// The token GET of a managed-identity endpoint (IMDS, App Service's).
+pub(crate) struct IdentityGet<'a> {
+    pub cluster: &'a str,
+    pub authority: &'a str,
+    pub timeout_ms: u64,
+    /// The endpoint's path, which may carry a query of its own.
+    pub path: &'a str,
+    pub api_version: &'static str,
+    /// The selector's parameter, as this endpoint names it.
+    pub selector: Option<(&'static str, &'a str)>,
+    /// The one header that proves the call comes from the machine itself
+    /// (IMDS's `metadata`, App Service's `x-identity-header`).
+    pub proof: (&'static str, String),
+}
+
+impl IdentityGet<'_> {
+    /// The call for a token for `resource`: the path with the API version,
+    /// the resource and the selector added to its query.
+    pub(crate) fn call(self, resource: &str) -> Step {
+        let separator = if self.path.contains('?') { '&' } else { '?' };
+        let mut path = format!(
+            "{}{separator}api-version={}&resource={}",
+            self.path,
+            self.api_version,
+            percent_encode(resource)
+        );
+        if let Some((name, value)) = self.selector {
+            path.push_str(&format!("&{name}={}", percent_encode(value)));
+        }
+        Step::Call(TokenRequest {
+            cluster: self.cluster.to_owned(),
+            timeout_ms: self.timeout_ms,
+            headers: vec![
+                (":method", "GET".to_owned()),
+                (":path", path),
+                (":authority", self.authority.to_owned()),
+                self.proof,
+            ],
+            body: Vec::new(),
+        })
+    }
 }

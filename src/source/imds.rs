@@ -4,14 +4,12 @@
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
-use super::identity::{check_selector, IdentitySelector};
-use super::{
-    percent_encode, unavailable, Configure, Endpoint, Refusal, Step, TokenRequest, TokenSource,
-    Verdict,
-};
-use crate::config::checks::{check_authority, non_empty, timeout, Env};
-use crate::config::errors::{read, ConfigError};
-use crate::diagnose::table::code;
+use super::identity::{check_selector, IdentityGet, IdentitySelector};
+use super::{unavailable, Configure, Endpoint, Refusal, Step, TokenSource, Verdict};
+use crate::codes::code;
+use crate::fields::checks::{check_authority, non_empty, timeout};
+use crate::fields::env::Env;
+use crate::fields::errors::{read, ConfigError};
 use crate::token::{FailureClass, Secret};
 
 pub const IMDS_PATH: &str = "/metadata/identity/oauth2/token";
@@ -70,18 +68,8 @@ fn check_imds(raw: RawImds, field: &str) -> Result<ImdsSource, ConfigError> {
         )?,
         None => DEFAULT_AUTHORITY.to_owned(),
     };
-    let identity = check_selector(
-        field,
-        [
-            (
-                "client_id",
-                raw.client_id,
-                IdentitySelector::ClientId as fn(String) -> _,
-            ),
-            ("object_id", raw.object_id, IdentitySelector::ObjectId),
-            ("msi_res_id", raw.msi_res_id, IdentitySelector::ResourceId),
-        ],
-    )?;
+    let selectors = [raw.client_id, raw.object_id, raw.msi_res_id];
+    let identity = check_selector(field, selectors, "msi_res_id")?;
     Ok(ImdsSource {
         cluster,
         authority,
@@ -89,7 +77,6 @@ fn check_imds(raw: RawImds, field: &str) -> Result<ImdsSource, ConfigError> {
         timeout_ms: timeout(raw.timeout_ms, field)?,
     })
 }
-
 
 impl TokenSource for ImdsSource {
     fn cluster(&self) -> &str {
@@ -121,20 +108,16 @@ impl TokenSource for ImdsSource {
     }
 
     fn token_request(&self, resource: &str, _now_ms: u64, _nonce: u64, _: Option<Secret>) -> Step {
-        let mut path = format!(
-            "{IMDS_PATH}?api-version={IMDS_API_VERSION}&resource={}",
-            percent_encode(resource)
-        );
-        if let Some((name, value)) = self.identity.query_param() {
-            path.push_str(&format!("&{name}={}", percent_encode(value)));
+        IdentityGet {
+            cluster: &self.cluster,
+            authority: &self.authority,
+            timeout_ms: self.timeout_ms,
+            path: IMDS_PATH,
+            api_version: IMDS_API_VERSION,
+            selector: self.identity.query_param(),
+            proof: ("metadata", "true".to_owned()),
         }
-        Step::Call(TokenRequest::get(
-            &self.cluster,
-            self.timeout_ms,
-            path,
-            &self.authority,
-            ("metadata", "true".to_owned()),
-        ))
+        .call(resource)
     }
 
     fn endpoint(&self, _cluster: &str) -> Endpoint {

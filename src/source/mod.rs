@@ -26,9 +26,10 @@ use std::fmt;
 use serde_json::{Map, Value};
 
 use crate::azure::Cloud;
-use crate::config::checks::{json_kind, Env};
-use crate::config::errors::{invalid, ConfigError};
-use crate::diagnose::table::code;
+use crate::codes::code;
+use crate::fields::checks::json_kind;
+use crate::fields::env::Env;
+use crate::fields::errors::{invalid, ConfigError};
 use crate::token::{parse_response, FailureClass, FetchFailure, Issued, Secret};
 
 pub mod entra;
@@ -407,28 +408,6 @@ pub struct TokenRequest {
 }
 
 impl TokenRequest {
-    /// A GET of `path` on `cluster`, with the one header that proves where
-    /// it comes from (IMDS's `metadata`, App Service's `x-identity-header`).
-    pub(crate) fn get(
-        cluster: &str,
-        timeout_ms: u64,
-        path: String,
-        authority: &str,
-        proof: (&'static str, String),
-    ) -> TokenRequest {
-        TokenRequest {
-            cluster: cluster.to_owned(),
-            timeout_ms,
-            headers: vec![
-                (":method", "GET".to_owned()),
-                (":path", path),
-                (":authority", authority.to_owned()),
-                proof,
-            ],
-            body: Vec::new(),
-        }
-    }
-
     pub fn header(&self, name: &str) -> &str {
         self.headers
             .iter()

@@ -5,12 +5,12 @@
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
-use super::entra::{self, app_ids, entra_endpoint, entra_request, EntraApp, JWT_BEARER};
+use super::entra::{self, app_ids, entra_endpoint, EntraApp, Proof};
 use super::{Configure, Endpoint, Exchange, Refusal, Step, TokenRequest, TokenSource, Verdict};
 use crate::azure::Cloud;
-use crate::config::checks::{check_authority, non_empty, split_endpoint, timeout, Env};
-use crate::config::defaults::env;
-use crate::config::errors::{invalid, read, ConfigError};
+use crate::fields::checks::{check_authority, non_empty, split_endpoint, timeout};
+use crate::fields::env::{self, Env};
+use crate::fields::errors::{invalid, read, ConfigError};
 use crate::token::{FetchFailure, Secret};
 
 pub const DEFAULT_ASSERTION_CLUSTER: &str = "federated_token";
@@ -175,18 +175,9 @@ impl TokenSource for WorkloadIdentitySource {
         assertion: Option<Secret>,
     ) -> Step {
         match assertion {
-            Some(assertion) => entra_request(
-                &self.cluster,
-                &self.authority,
-                &self.tenant_id,
-                &self.client_id,
-                self.timeout_ms,
-                resource,
-                vec![
-                    ("client_assertion_type", JWT_BEARER.to_owned()),
-                    ("client_assertion", assertion.expose().to_owned()),
-                ],
-            ),
+            Some(assertion) => self
+                .app()
+                .token_request(resource, Proof::Assertion(assertion.expose())),
             None => Step::Done(Err(FetchFailure::AssertionUnavailable {
                 problem: "no service-account token was fetched first".to_owned(),
             })),
@@ -209,14 +200,22 @@ impl TokenSource for WorkloadIdentitySource {
     }
 
     fn refused(&self, refusal: &Refusal<'_>, details: &mut Map<String, Value>) -> Verdict {
-        let app = EntraApp {
+        entra::refused(&self.app(), refusal, details)
+    }
+}
+
+impl WorkloadIdentitySource {
+    /// The application as its token requests and refusals name it.
+    fn app(&self) -> EntraApp<'_> {
+        EntraApp {
+            cluster: &self.cluster,
             authority: &self.authority,
             tenant: &self.tenant_id,
             client: &self.client_id,
+            timeout_ms: self.timeout_ms,
             secret_env: None,
             thumbprint: None,
-        };
-        entra::refused(&app, refusal, details)
+        }
     }
 }
 
@@ -250,4 +249,3 @@ pub fn parse_assertion(status: Option<u16>, body: &[u8]) -> Result<Secret, Fetch
     }
     Ok(Secret::new(token.to_owned()))
 }
-

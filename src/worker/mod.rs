@@ -27,8 +27,8 @@ pub use host::{Host, Level, Status};
 pub use stream::{Flow, Stream};
 
 use crate::agent::{self, Agent, Command, Event, Waiter};
-use crate::annotate;
 use crate::config::Config;
+use crate::diagnose::annotate;
 use crate::diagnose::Diagnosis;
 use crate::limiter::LogLimiter;
 use crate::metrics as m;

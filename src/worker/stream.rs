@@ -5,7 +5,8 @@
 use super::host::{say, Host};
 use super::{write_credential, Held, Released, Worker};
 use crate::agent::Replacement;
-use crate::annotate::{self, BodyMode, BodyStep, Facts, Inspection};
+use crate::diagnose::annotate::{self, BodyMode, BodyStep, Facts, Inspection};
+use crate::diagnose::upstream::{self, UpstreamFailure};
 use crate::diagnose::{self, Diagnosis, DIAGNOSIS_HEADER};
 use crate::metrics as m;
 use crate::policy::FALLBACK_HEADER;
@@ -13,7 +14,6 @@ use crate::request::{self, Arrival, Decision, Refusal};
 use crate::rewrite::{API_KEY_HEADER, AUTHORIZATION_HEADER};
 use crate::route::{NearMiss, Routed, ORIGINAL_DST_HEADER};
 use crate::safe;
-use crate::upstream::{self, UpstreamFailure};
 use crate::wire;
 
 /// What the host does with the callback's headers or body.

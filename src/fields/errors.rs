@@ -7,7 +7,7 @@ use std::fmt;
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::defaults::DEFAULT_RESOURCE;
+use crate::azure::audience::COGNITIVE_SERVICES as DEFAULT_RESOURCE;
 
 /// Why a configuration was refused. `Display` names the field by its full
 /// path and says what to write instead.
@@ -55,6 +55,38 @@ impl fmt::Display for ConfigError {
 }
 
 impl std::error::Error for ConfigError {}
+
+impl ConfigError {
+    /// The same error, its field renamed (the shorthand's fields are read
+    /// inside `targets` but named where they stand, at the top level).
+    pub(crate) fn with_field(self, rename: impl FnOnce(String) -> String) -> ConfigError {
+        match self {
+            ConfigError::NotJson(e) => ConfigError::NotJson(e),
+            ConfigError::UnknownField { field, expected } => ConfigError::UnknownField {
+                field: rename(field),
+                expected,
+            },
+            ConfigError::WrongType {
+                field,
+                expected,
+                found,
+            } => ConfigError::WrongType {
+                field: rename(field),
+                expected,
+                found,
+            },
+            ConfigError::Invalid {
+                field,
+                problem,
+                fix,
+            } => ConfigError::Invalid {
+                field: rename(field),
+                problem,
+                fix,
+            },
+        }
+    }
+}
 
 pub(crate) fn invalid(
     field: impl Into<String>,

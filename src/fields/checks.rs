@@ -1,20 +1,14 @@
-//! Checks every part of the configuration shares: numbers in a range, names
-//! of hosts and variables, values read from the VM's environment. Each
-//! names its field and never repeats what may be a secret.
+//! Checks every part of the configuration shares: numbers in a range,
+//! names of hosts, endpoints and clusters, a call's timeout. Each names its
+//! field and never repeats what may be a secret.
 
 use serde_json::Value;
 
-use super::defaults::{DEFAULT_FETCH_TIMEOUT_MS, MAX_FETCH_TIMEOUT_MS};
 use super::errors::{invalid, ConfigError};
 
-/// The VM's environment, as Envoy hands it to the module
-/// (`vm_config.environment_variables`): read once, at configuration time.
-pub type Env<'a> = &'a dyn Fn(&str) -> Option<String>;
-
-/// No environment at all.
-pub fn no_env(_: &str) -> Option<String> {
-    None
-}
+/// Timeout of one token call.
+pub const DEFAULT_FETCH_TIMEOUT_MS: u64 = 10_000;
+pub const MAX_FETCH_TIMEOUT_MS: u64 = 60_000;
 
 pub(crate) fn milliseconds(
     value: Option<u64>,
@@ -63,57 +57,6 @@ pub(crate) fn split_endpoint(url: &str) -> Option<(String, String)> {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':' | b'[' | b']'))
         && path.bytes().all(|b| b.is_ascii_graphic());
     ok.then(|| (authority.to_owned(), path.to_owned()))
-}
-
-pub(crate) fn env_name(name: &str, field: &str) -> Result<String, ConfigError> {
-    let ok = (1..=128).contains(&name.len())
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
-    if ok {
-        Ok(name.to_owned())
-    } else {
-        // Not repeated: a value pasted where its variable's name belongs.
-        Err(invalid(
-            field,
-            "is not an environment variable name",
-            "write the variable's name, such as \"AZURE_CLIENT_SECRET\", not its value",
-        ))
-    }
-}
-
-/// A variable of the VM's environment that a source cannot do without.
-pub(crate) fn required_env(
-    env: Env<'_>,
-    var: &str,
-    field: &str,
-    what: &str,
-) -> Result<String, ConfigError> {
-    match env(var) {
-        Some(v) if !v.trim().is_empty() => Ok(v.trim().to_owned()),
-        _ => {
-            let var = shown_env(var);
-            Err(invalid(
-                field,
-                format!("reads {what} from the environment variable {var}, which the VM does not have (or is empty)"),
-                format!("add {var} to vm_config.environment_variables.host_env_keys (Istio: vmConfig.env) and set it in the proxy's environment"),
-            ))
-        }
-    }
-}
-
-/// A variable's name as a message may repeat it: conventional names
-/// (`AZURE_CLIENT_SECRET`) as they are; anything else may be a value pasted
-/// where its name belongs, and is not repeated.
-pub(crate) fn shown_env(name: &str) -> &str {
-    let conventional = (1..=64).contains(&name.len())
-        && name.starts_with(|c: char| c.is_ascii_uppercase())
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_');
-    if conventional {
-        name
-    } else {
-        "it names (not repeated here: it is not an UPPER_CASE name)"
-    }
 }
 
 /// The kind of a JSON value, never the value.

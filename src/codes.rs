@@ -104,7 +104,7 @@ mod tests {
 
     #[test]
     fn every_code_is_listed_once_and_documented_in_the_readme() {
-        let readme = include_str!("../../README.md");
+        let readme = include_str!("../README.md");
         for (i, code) in EVERY.iter().enumerate() {
             assert!(readme.contains(&format!("`{code}`")), "README lacks {code}");
             assert!(!EVERY[..i].contains(code), "{code} is listed twice");
