@@ -2,9 +2,10 @@
 //! requests to Azure OpenAI with a managed-identity token, and explains
 //! authorization failures.
 //!
-//! Everything but [`glue`] is pure: decisions are functions of their inputs and
+//! Everything but `glue` is pure: decisions are functions of their inputs and
 //! of the time, testable on the host and in wasm. `glue` is the only code that
-//! calls proxy-wasm, and it is compiled only for wasm with the `glue` feature.
+//! calls proxy-wasm, and it is compiled only for wasm with the `glue` feature
+//! (the native build's host is the `aoai-msi-native` crate, `native/`).
 
 pub mod agent;
 pub mod azure;

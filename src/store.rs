@@ -1,14 +1,14 @@
 //! The shared-data record every worker reads and writes, and the
 //! compare-and-swap loop that keeps it consistent.
 //!
-//! One record per token identity (see [`Config::token_fingerprint`]) holds the
+//! One record per token identity (see [`TokenSpec::fingerprint`]) holds the
 //! current token, the lease of the worker fetching the next one (single
 //! flight), the last failure with its retry time (shared backoff), and a
 //! rejected token's replacement request. A second key lists the notification
 //! queue of every live VM with its last heartbeat, so the queues of VMs that
 //! went away (configuration reloads) stop being written to.
 //!
-//! [`Config::token_fingerprint`]: crate::config::Config::token_fingerprint
+//! [`TokenSpec::fingerprint`]: crate::config::TokenSpec::fingerprint
 
 use serde::{Deserialize, Serialize};
 

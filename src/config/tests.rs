@@ -911,3 +911,12 @@ mod routing {
         assert_eq!(c.route("127.0.0.1:10000", &mut other), None);
     }
 }
+
+#[test]
+fn a_target_that_is_not_an_object_is_called_a_json_object_not_a_rust_type() {
+    let message = err(r#"{"targets": [5]}"#);
+    assert!(message.contains("targets[0]"), "{message}");
+    assert!(message.contains("a JSON object"), "{message}");
+    assert!(!message.contains("struct"), "{message}");
+    assert!(!message.contains("Raw"), "{message}");
+}

@@ -246,6 +246,9 @@ fn expected_words(field: &str, serde_says: &str) -> String {
         "token_source" | "configuration" => "a JSON object".to_owned(),
         name if name.ends_with("_ms") => "a whole number of milliseconds".to_owned(),
         _ if serde_says == "u64" => "a whole number".to_owned(),
+        // serde names the Rust type it reads ("struct RawTarget"): the user
+        // wrote JSON.
+        _ if serde_says.starts_with("struct ") => "a JSON object".to_owned(),
         _ => serde_says.to_owned(),
     }
 }

@@ -12,7 +12,7 @@
 //!
 //! Each source is one file: its configuration (the JSON it takes and how it
 //! is checked), its calls and answers, its fingerprint, its description and
-//! the words of its diagnoses, behind [`TokenSource`]. The [`sources!`] list
+//! the words of its diagnoses, behind [`TokenSource`]. The `sources!` list
 //! below registers it: adding a source is one file and one line there.
 //!
 //! A fetch is an [`Exchange`]: one call, or two for workload identity (the
@@ -187,12 +187,19 @@ pub(crate) fn unavailable(why: &str, said: &str) -> Verdict {
     )
 }
 
-/// Registers the sources: one line each, `Variant(module::Type)`. Declares
-/// the modules, the [`Source`] enum, its dispatch to [`TokenSource`] and the
-/// reader of `token_source` by `type`.
+// Each source's module, declared outside `sources!` so that `cargo fmt`
+// (which does not follow modules declared inside a macro) formats it.
+pub mod app_service;
+pub mod client_credentials;
+pub mod http;
+pub mod imds;
+pub mod workload_identity;
+
+/// Registers the sources: one line each, `Variant(module::Type)`, for a
+/// module declared above. Declares the [`Source`] enum, its dispatch to
+/// [`TokenSource`] and the reader of `token_source` by `type`.
 macro_rules! sources {
     ($($variant:ident($module:ident::$ty:ident),)*) => {
-        $(pub mod $module;)*
         $(pub use $module::$ty;)*
 
         /// Where one token comes from, with everything needed to ask for it.
