@@ -115,6 +115,7 @@ bench: setup build build-native $(VENV)/.matplotlib
 	@command -v wrk >/dev/null || apt-get install -y -q wrk || (apt-get update -q && apt-get install -y -q wrk)
 	@command -v valgrind >/dev/null || apt-get install -y -q valgrind || (apt-get update -q && apt-get install -y -q valgrind)
 	cargo build --release --target wasm32-wasip1 -p bench-empty-filter -p bench-probe-filter
+	cargo build --release -p bench-empty-native
 	cp target/wasm32-wasip1/release/bench_probe_filter.wasm target/wasm32-wasip1/release/bench_probe_filter_trimmed.wasm
 	cargo run --quiet -p trim-exports -- target/wasm32-wasip1/release/bench_probe_filter_trimmed.wasm $(UNUSED_CALLBACKS)
 	@if [ -n "$(BASELINE)" ]; then scripts/build-baseline.sh $(BASELINE); fi
