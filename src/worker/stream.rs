@@ -313,6 +313,12 @@ impl Stream {
         Flow::Continue
     }
 
+    /// Does the response body matter to this request (an answer being read
+    /// for its diagnosis)? When not, a host need not measure the body.
+    pub fn reads_response_body(&self) -> bool {
+        self.inspection.is_some()
+    }
+
     /// A chunk of the answer's body (`size` bytes buffered so far).
     pub fn response_body<H: Host>(
         &mut self,
