@@ -332,10 +332,11 @@ fn worker_for(shared: &Arc<Shared>, filter: *mut c_void, main: bool) -> Option<R
     if !shared.alive() {
         return None;
     }
-    let mailbox = Arc::new(Mailbox::default());
-    if main {
-        mailbox.set_main(shared);
-    }
+    let mailbox = Arc::new(if main {
+        Mailbox::on_main(shared)
+    } else {
+        Mailbox::on_thread()
+    });
     shared.add_mailbox(&mailbox);
     let host = NativeHost::new(shared.clone(), mailbox);
     let worker = {
@@ -363,6 +364,30 @@ fn worker_for(shared: &Arc<Shared>, filter: *mut c_void, main: bool) -> Option<R
             log(Level::Critical, &format!("cannot start: {e}"));
             None
         }
+    }
+}
+
+/// This thread's workers of live configurations, with mail waiting.
+fn with_mail() -> Vec<Rc<Live>> {
+    WORKERS.with(|w| match w.try_borrow() {
+        Ok(w) => w
+            .values()
+            .filter(|live| live.host.mailbox.pending() && live.host.shared.alive())
+            .cloned()
+            .collect(),
+        Err(_) => Vec::new(),
+    })
+}
+
+/// Take in the mail of every worker on this thread, whatever its
+/// configuration: a worker has no requests of its own to be woken through
+/// once a reload has replaced its configuration, yet the answer to the token
+/// call it leads still comes to it (and until it does, it holds the lease
+/// that every worker of the new configuration waits on).
+fn drain_thread() {
+    for live in with_mail() {
+        let _hook = live.host.hook(std::ptr::null_mut());
+        live.drain();
     }
 }
 
@@ -400,26 +425,26 @@ struct Filter {
     envoy: *mut c_void,
     live: Option<Rc<Live>>,
     stream: RefCell<Stream>,
-    /// Its scheduler is one of the worker's doorbells.
+    /// Its scheduler is one of the thread's doorbells.
     doorbell: Cell<bool>,
     finished: Cell<bool>,
 }
 
 impl Filter {
     /// Held: keep a doorbell on this request while it lives, and ring it if
-    /// mail is already waiting.
-    fn park(&self, live: &Live) {
+    /// mail is already waiting for a worker of this thread.
+    fn park(&self) {
         if !self.doorbell.get() {
             // SAFETY: this filter, live, on its own thread.
             let scheduler =
                 unsafe { abi::envoy_dynamic_module_callback_http_filter_scheduler_new(self.envoy) };
             if !scheduler.is_null() {
-                live.host.mailbox.add_doorbell(self.id, Ptr(scheduler));
+                host::thread_bell().add(self.id, Ptr(scheduler));
                 self.doorbell.set(true);
             }
         }
-        if live.host.mailbox.pending() {
-            live.host.mailbox.ring();
+        if !with_mail().is_empty() {
+            host::thread_bell().ring();
         }
     }
 
@@ -517,6 +542,7 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_request_headers(
             };
             let _hook = live.host.hook(envoy);
             live.drain();
+            drain_thread();
             let headers = live.host.request_headers();
             let pairs: Vec<(&[u8], &[u8])> = headers
                 .iter()
@@ -529,7 +555,7 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_request_headers(
             match flow {
                 Flow::Continue => CONTINUE,
                 Flow::Pause => {
-                    filter.park(live);
+                    filter.park();
                     STOP_ALL_ITERATION_AND_WATERMARK
                 }
             }
@@ -719,7 +745,11 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_destroy(filter: *co
             host::remove_filter(filter.id);
             let Some(live) = &filter.live else { return };
             if filter.doorbell.get() {
-                live.host.mailbox.remove_doorbell(filter.id);
+                host::thread_bell().remove(filter.id);
+                // Mail may have rung this very doorbell: ring another.
+                if !with_mail().is_empty() {
+                    host::thread_bell().ring();
+                }
             }
             {
                 // Envoy's pointer is no longer to be used.
@@ -736,7 +766,7 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_destroy(filter: *co
     )
 }
 
-/// The doorbell: mail for this thread's worker.
+/// The doorbell: mail for a worker of this thread.
 ///
 /// # Safety
 /// Called by Envoy on the filter's thread with its live pointers.
@@ -758,6 +788,7 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_scheduled(
                 let _hook = live.host.hook(envoy);
                 live.drain();
             }
+            drain_thread();
         },
     )
 }
