@@ -121,3 +121,119 @@ fn guarded_to<T>(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::RefCell;
+    use std::panic::panic_any;
+
+    /// Records what a failed hook logged and answered.
+    #[derive(Default)]
+    struct Recorder {
+        lines: RefCell<Vec<String>>,
+        replies: RefCell<Vec<(usize, FailedReply)>>,
+        /// Its log panics too.
+        log_panics: bool,
+    }
+
+    impl Outlet for Recorder {
+        fn log(&self, line: &str) {
+            self.lines.borrow_mut().push(line.to_owned());
+            if self.log_panics {
+                panic_any("the log failed as well");
+            }
+        }
+
+        fn reply(&self, envoy: *mut c_void, reply: &FailedReply) {
+            self.replies
+                .borrow_mut()
+                .push((envoy as usize, reply.clone()));
+        }
+    }
+
+    const FILTER: usize = 0x5eed;
+    const STOP: u32 = 3;
+
+    fn request_side(out: &Recorder, body: impl FnOnce() -> u32) -> u32 {
+        guarded_to(
+            out,
+            "request_headers",
+            OnPanic::FailRequest(FILTER as *mut c_void, STOP),
+            body,
+        )
+    }
+
+    #[test]
+    fn a_panicking_request_hook_answers_500_filter_failed_and_stops_the_request() {
+        let out = Recorder::default();
+        // Nothing unwinds out of the guard: the outer catch sees a value.
+        let status = catch_unwind(AssertUnwindSafe(|| {
+            request_side(&out, || panic_any(String::from("boom")))
+        }));
+        assert_eq!(status.ok(), Some(STOP));
+        let replies = out.replies.borrow();
+        assert_eq!(replies.len(), 1, "one local reply");
+        let (filter, reply) = &replies[0];
+        assert_eq!(*filter, FILTER, "to the request of the hook that failed");
+        assert_eq!(reply.status, 500);
+        assert_eq!(
+            reply.headers,
+            [
+                ("x-aoai-msi-diagnosis", "FilterFailed"),
+                ("content-type", "application/json")
+            ]
+        );
+        let body: serde_json::Value = serde_json::from_str(&reply.body).expect("JSON body");
+        assert_eq!(body["error"]["code"], "FilterFailed");
+        assert!(body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("not forwarded")));
+        assert_eq!(reply.details, "aoai_msi_filter_failed");
+        assert_eq!(
+            *out.lines.borrow(),
+            ["panic in request_headers: boom".to_owned()]
+        );
+    }
+
+    #[test]
+    fn a_panicking_response_hook_lets_the_answer_pass_without_a_local_reply() {
+        let out = Recorder::default();
+        const CONTINUE: u32 = 0;
+        let status = catch_unwind(AssertUnwindSafe(|| {
+            guarded_to(&out, "response_headers", OnPanic::Return(CONTINUE), || {
+                panic_any("boom")
+            })
+        }));
+        assert_eq!(status.ok(), Some(CONTINUE));
+        assert!(out.replies.borrow().is_empty(), "no local reply");
+        assert_eq!(
+            *out.lines.borrow(),
+            ["panic in response_headers: boom".to_owned()]
+        );
+    }
+
+    #[test]
+    fn a_hook_that_does_not_panic_returns_its_own_value_untouched() {
+        let out = Recorder::default();
+        assert_eq!(request_side(&out, || 0), 0);
+        assert!(out.replies.borrow().is_empty());
+        assert!(out.lines.borrow().is_empty());
+    }
+
+    #[test]
+    fn a_log_that_panics_too_still_fails_the_request_closed_without_unwinding() {
+        let out = Recorder {
+            log_panics: true,
+            ..Recorder::default()
+        };
+        let status = catch_unwind(AssertUnwindSafe(|| request_side(&out, || panic_any(42u8))));
+        assert_eq!(status.ok(), Some(STOP));
+        assert_eq!(out.replies.borrow().len(), 1);
+        // A payload that is not text is logged without it.
+        assert_eq!(
+            *out.lines.borrow(),
+            ["panic in request_headers: ".to_owned()]
+        );
+    }
+}
