@@ -2,6 +2,7 @@
 #
 #   make run     the filter in Envoy against the local Azure emulator (Ctrl-C stops it)
 #   make test    formatting, lints, unit tests, the core in wasm, end-to-end tests in Envoy
+#                (the wasm filter, then the native module)
 #   make build   target/wasm32-wasip1/release/aoai_msi_filter.wasm
 
 SHELL        := bash
@@ -141,7 +142,17 @@ dist: build
 	@echo "sha256 (the bare hash, for WasmPlugin.sha256, vm_config.code.remote.sha256, Envoy Gateway's sha256):"
 	@cut -d' ' -f1 dist/aoai_msi_filter.wasm.sha256
 
-test: lint test-unit test-manifests test-wasm test-fuzz test-e2e test-demo
+# The end-to-end suites run for both builds: the wasm filter, then the native
+# module (README, Native build). Each starts many Envoys on 2 cores: under
+# `make -j` the native suites still wait for the wasm ones (below).
+test: lint test-unit test-manifests test-wasm test-fuzz test-e2e test-e2e-native test-demo
+
+# Never both end-to-end runs at once: when a goal runs test-e2e, test-e2e-native
+# comes after it (an order-only prerequisite only then, so `make test-e2e-native`
+# alone does not run the wasm suites).
+ifneq ($(filter test test-e2e,$(MAKECMDGOALS)),)
+test-e2e-native: | test-e2e
+endif
 
 # The Kubernetes manifests (envoy/istio/, envoy/envoy-gateway/) against the
 # CRD schemas published on the npm registry (Istio's, Gateway API's). Envoy

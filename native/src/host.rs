@@ -159,19 +159,102 @@ pub enum Mail {
 /// The doorbell's event id (filter scheduler).
 pub const DOORBELL: u64 = 1;
 
-/// One worker's incoming mail and its doorbells.
+/// The doorbells of one Envoy worker thread: schedulers of the requests
+/// held there, whatever their configuration. Mail for any worker of the
+/// thread rings one, and the scheduled hook takes in the mail of every
+/// worker of the thread: a worker needs no request of its own to be woken
+/// (after a reload, none of its configuration may ever come again, while
+/// the answer to its token call is still on its way).
 #[derive(Default)]
+pub struct Bell {
+    doorbells: Mutex<Vec<(u32, Ptr)>>,
+}
+
+thread_local! {
+    static BELL: Arc<Bell> = Arc::new(Bell::default());
+}
+
+/// This thread's doorbells.
+pub fn thread_bell() -> Arc<Bell> {
+    BELL.with(Arc::clone)
+}
+
+impl Bell {
+    /// Run the scheduled event on one of the thread's held requests.
+    /// Without one, the mail waits for the thread's next request.
+    pub fn ring(&self) {
+        let doorbells = lock(&self.doorbells);
+        if let Some((_, scheduler)) = doorbells.first() {
+            // SAFETY: a scheduler in the list is not deleted while the lock
+            // is held, and committing is thread-safe.
+            unsafe {
+                abi::envoy_dynamic_module_callback_http_filter_scheduler_commit(
+                    scheduler.0,
+                    DOORBELL,
+                )
+            };
+        }
+    }
+
+    /// On the thread of request `filter`: its scheduler is a doorbell.
+    pub fn add(&self, filter: u32, scheduler: Ptr) {
+        lock(&self.doorbells).push((filter, scheduler));
+    }
+
+    /// On the thread of request `filter`, which is going: delete its
+    /// scheduler (the caller rings another if mail is waiting: it may have
+    /// been rung on this very doorbell).
+    pub fn remove(&self, filter: u32) {
+        let mut doorbells = lock(&self.doorbells);
+        if let Some(at) = doorbells.iter().position(|(id, _)| *id == filter) {
+            let (_, scheduler) = doorbells.remove(at);
+            // SAFETY: created by scheduler_new for this filter and removed
+            // from the list under the lock, so no commit races the delete.
+            unsafe { abi::envoy_dynamic_module_callback_http_filter_scheduler_delete(scheduler.0) };
+        }
+    }
+}
+
+/// How a mailbox wakes its worker's thread.
+enum Wake {
+    /// A worker thread: its doorbells.
+    Thread(Arc<Bell>),
+    /// The main thread: its configuration's scheduler.
+    Main(Weak<Shared>),
+}
+
+/// One worker's incoming mail.
 pub struct Mailbox {
     mail: Mutex<VecDeque<Mail>>,
     pending: AtomicBool,
     tick_posted: AtomicBool,
-    /// Schedulers of this worker's live requests that can wake its thread.
-    doorbells: Mutex<Vec<(u32, Ptr)>>,
-    /// The main thread's worker is woken through its configuration's scheduler.
-    main: OnceLock<Weak<Shared>>,
+    wake: Wake,
 }
 
 impl Mailbox {
+    /// The mailbox of a worker on this (worker) thread.
+    pub fn on_thread() -> Mailbox {
+        Mailbox::with(Wake::Thread(thread_bell()))
+    }
+
+    /// The mailbox of the main thread's worker of `shared`.
+    pub fn on_main(shared: &Arc<Shared>) -> Mailbox {
+        Mailbox::with(Wake::Main(Arc::downgrade(shared)))
+    }
+
+    fn with(wake: Wake) -> Mailbox {
+        Mailbox {
+            mail: Mutex::new(VecDeque::new()),
+            pending: AtomicBool::new(false),
+            tick_posted: AtomicBool::new(false),
+            wake,
+        }
+    }
+
+    pub fn is_main(&self) -> bool {
+        matches!(self.wake, Wake::Main(_))
+    }
+
     pub fn post(&self, mail: Mail) {
         lock(&self.mail).push_back(mail);
         self.pending.store(true, Ordering::Release);
@@ -189,31 +272,16 @@ impl Mailbox {
         self.pending.load(Ordering::Acquire)
     }
 
-    /// This is the main thread's mailbox.
-    pub fn set_main(&self, shared: &Arc<Shared>) {
-        let _ = self.main.set(Arc::downgrade(shared));
-    }
-
-    /// Wake the thread: run the scheduled event on one of its live requests
-    /// (on the main thread: a configuration event). Without one, the mail
-    /// waits for the thread's next callback.
+    /// Wake the worker's thread (see [`Bell::ring`]; on the main thread: a
+    /// configuration event).
     pub fn ring(&self) {
-        if let Some(shared) = self.main.get() {
-            if let Some(shared) = shared.upgrade() {
-                shared.commit(EVENT_MAIL);
+        match &self.wake {
+            Wake::Thread(bell) => bell.ring(),
+            Wake::Main(shared) => {
+                if let Some(shared) = shared.upgrade() {
+                    shared.commit(EVENT_MAIL);
+                }
             }
-            return;
-        }
-        let doorbells = lock(&self.doorbells);
-        if let Some((_, scheduler)) = doorbells.first() {
-            // SAFETY: a scheduler in the list is not deleted while the lock
-            // is held, and committing is thread-safe.
-            unsafe {
-                abi::envoy_dynamic_module_callback_http_filter_scheduler_commit(
-                    scheduler.0,
-                    DOORBELL,
-                )
-            };
         }
     }
 
@@ -223,29 +291,6 @@ impl Mailbox {
         }
         self.tick_posted.store(false, Ordering::Release);
         std::mem::take(&mut *lock(&self.mail))
-    }
-
-    pub fn add_doorbell(&self, filter: u32, scheduler: Ptr) {
-        lock(&self.doorbells).push((filter, scheduler));
-    }
-
-    /// The request `filter` is going: delete its scheduler, and if mail is
-    /// waiting (maybe rung on this very doorbell), ring another.
-    pub fn remove_doorbell(&self, filter: u32) {
-        {
-            let mut doorbells = lock(&self.doorbells);
-            if let Some(at) = doorbells.iter().position(|(id, _)| *id == filter) {
-                let (_, scheduler) = doorbells.remove(at);
-                // SAFETY: created by scheduler_new for this filter and removed
-                // from the list under the lock, so no commit races the delete.
-                unsafe {
-                    abi::envoy_dynamic_module_callback_http_filter_scheduler_delete(scheduler.0)
-                };
-            }
-        }
-        if self.pending() {
-            self.ring();
-        }
     }
 }
 
@@ -500,7 +545,7 @@ impl Shared {
             .filter_map(Weak::upgrade)
             .collect();
         for mailbox in mailboxes {
-            if mailbox.main.get().is_none() {
+            if !mailbox.is_main() {
                 mailbox.post_tick();
             }
         }

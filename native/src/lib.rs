@@ -9,8 +9,9 @@
 //!
 //! Token calls go out from the main thread, as configuration callouts (a
 //! client hanging up cannot cancel them); their answers come back to the
-//! thread that asked, through its mailbox. Every hook catches panics: a
-//! panic never crosses into Envoy, and the request fails closed.
+//! thread that asked, through its mailbox. Every hook catches panics
+//! ([`guard`]): a panic never crosses into Envoy, and the request fails
+//! closed.
 
 #![cfg(not(target_arch = "wasm32"))]
 // A panic must unwind to the hook's catch, never abort Envoy.
@@ -18,44 +19,23 @@
 compile_error!("build the native module with panic = \"unwind\" (make build-native does)");
 
 mod abi;
+mod guard;
 mod host;
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::ffi::c_void;
-use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::rc::Rc;
 use std::sync::Arc;
 
 use aoai_msi_filter::config::Config;
-use aoai_msi_filter::diagnose::DIAGNOSIS_HEADER;
 use aoai_msi_filter::token::MAX_RESPONSE_BYTES;
 use aoai_msi_filter::wire;
 use aoai_msi_filter::worker::{Flow, Host, Level, Stream, Worker, DRAIN_LIMIT, TICK};
 
 use abi::{EnvoyBuffer, EnvoyHeader};
+use guard::{guarded, OnPanic};
 use host::{log, Mail, Mailbox, MetricIds, NativeHost, Ptr, Shared};
-
-/// The diagnosis of a request whose hook panicked: answered 500, never
-/// forwarded half-handled.
-const PANIC_CODE: &str = "FilterFailed";
-
-/// Run a hook; a panic is logged and turned into `fallback`.
-fn guarded<T>(hook: &str, fallback: impl FnOnce() -> T, body: impl FnOnce() -> T) -> T {
-    match catch_unwind(AssertUnwindSafe(body)) {
-        Ok(value) => value,
-        Err(panic) => {
-            let what = panic
-                .downcast_ref::<&str>()
-                .map(|s| (*s).to_owned())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_default();
-            // Logging itself must not panic again across the boundary.
-            let _ = catch_unwind(|| log(Level::Critical, &format!("panic in {hook}: {what}")));
-            catch_unwind(AssertUnwindSafe(fallback)).unwrap_or_else(|_| std::process::abort())
-        }
-    }
-}
 
 // ---------------------------------------------------------------- program
 
@@ -81,7 +61,7 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_new(
     _name: EnvoyBuffer,
     config: EnvoyBuffer,
 ) -> *const c_void {
-    guarded("config_new", std::ptr::null, || {
+    guarded("config_new", OnPanic::Return(std::ptr::null()), || {
         // SAFETY: Envoy's buffer, valid for this hook.
         let bytes = unsafe { config.to_vec() };
         let env = |name: &str| std::env::var(name).ok();
@@ -112,22 +92,18 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_new(
 /// `config` is a pointer `config_new` returned, destroyed once.
 #[no_mangle]
 pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_destroy(config: *const c_void) {
-    guarded(
-        "config_destroy",
-        || (),
-        || {
-            if config.is_null() {
-                return;
-            }
-            // SAFETY: made by Box::into_raw in config_new; Envoy destroys it once.
-            let handle = unsafe { Box::from_raw(config as *mut ConfigHandle) };
-            // The main thread's worker stops while its configuration still lives.
-            let key = Arc::as_ptr(&handle.shared) as usize;
-            let main = WORKERS.with(|w| w.try_borrow_mut().ok().and_then(|mut w| w.remove(&key)));
-            drop(main);
-            handle.shared.stop();
-        },
-    )
+    guarded("config_destroy", OnPanic::Return(()), || {
+        if config.is_null() {
+            return;
+        }
+        // SAFETY: made by Box::into_raw in config_new; Envoy destroys it once.
+        let handle = unsafe { Box::from_raw(config as *mut ConfigHandle) };
+        // The main thread's worker stops while its configuration still lives.
+        let key = Arc::as_ptr(&handle.shared) as usize;
+        let main = WORKERS.with(|w| w.try_borrow_mut().ok().and_then(|mut w| w.remove(&key)));
+        drop(main);
+        handle.shared.stop();
+    })
 }
 
 /// # Safety
@@ -145,36 +121,32 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_scheduled(
     config: *const c_void,
     event: u64,
 ) {
-    guarded(
-        "config_scheduled",
-        || (),
-        || {
-            // SAFETY: Envoy passes the live configuration.
-            let Some(handle) = (unsafe { config_handle(config) }) else {
-                return;
-            };
-            let shared = &handle.shared;
-            match event {
-                host::EVENT_OUTBOX => shared.send_outbox(),
-                host::EVENT_START | host::EVENT_TICK | host::EVENT_MAIL => {
-                    shared.start();
-                    if event == host::EVENT_TICK {
-                        shared.broadcast_tick();
-                    }
-                    // The main thread's own worker: it keeps tokens fresh while
-                    // no request comes (as the wasm build's main-thread VMs do).
-                    if let Some(live) = worker_for(shared, std::ptr::null_mut(), true) {
-                        let _hook = live.host.hook(std::ptr::null_mut());
-                        if event == host::EVENT_TICK {
-                            live.host.mailbox.post_tick();
-                        }
-                        live.drain();
-                    }
+    guarded("config_scheduled", OnPanic::Return(()), || {
+        // SAFETY: Envoy passes the live configuration.
+        let Some(handle) = (unsafe { config_handle(config) }) else {
+            return;
+        };
+        let shared = &handle.shared;
+        match event {
+            host::EVENT_OUTBOX => shared.send_outbox(),
+            host::EVENT_START | host::EVENT_TICK | host::EVENT_MAIL => {
+                shared.start();
+                if event == host::EVENT_TICK {
+                    shared.broadcast_tick();
                 }
-                _ => {}
+                // The main thread's own worker: it keeps tokens fresh while
+                // no request comes (as the wasm build's main-thread VMs do).
+                if let Some(live) = worker_for(shared, std::ptr::null_mut(), true) {
+                    let _hook = live.host.hook(std::ptr::null_mut());
+                    if event == host::EVENT_TICK {
+                        live.host.mailbox.post_tick();
+                    }
+                    live.drain();
+                }
             }
-        },
-    )
+            _ => {}
+        }
+    })
 }
 
 /// # Safety
@@ -190,56 +162,52 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_http_callout
     chunks: *const EnvoyBuffer,
     chunks_size: usize,
 ) {
-    guarded(
-        "config_http_callout_done",
-        || (),
-        || {
-            // SAFETY: Envoy passes the live configuration.
-            let Some(handle) = (unsafe { config_handle(config) }) else {
-                return;
-            };
-            // "Success" also for an HTTP error: the status is `:status`.
-            let mut status = None;
-            let mut body = Vec::new();
-            if result == abi::CALLOUT_SUCCESS {
-                // SAFETY: Envoy's arrays of the given sizes, valid for this hook.
-                let headers = unsafe { slice(headers, headers_size) };
-                for h in headers {
-                    // SAFETY: Envoy's buffers, valid for this hook.
-                    let key = unsafe {
+    guarded("config_http_callout_done", OnPanic::Return(()), || {
+        // SAFETY: Envoy passes the live configuration.
+        let Some(handle) = (unsafe { config_handle(config) }) else {
+            return;
+        };
+        // "Success" also for an HTTP error: the status is `:status`.
+        let mut status = None;
+        let mut body = Vec::new();
+        if result == abi::CALLOUT_SUCCESS {
+            // SAFETY: Envoy's arrays of the given sizes, valid for this hook.
+            let headers = unsafe { slice(headers, headers_size) };
+            for h in headers {
+                // SAFETY: Envoy's buffers, valid for this hook.
+                let key = unsafe {
+                    EnvoyBuffer {
+                        ptr: h.key_ptr,
+                        length: h.key_length,
+                    }
+                    .to_vec()
+                };
+                if key == b":status" {
+                    // SAFETY: as above.
+                    let value = unsafe {
                         EnvoyBuffer {
-                            ptr: h.key_ptr,
-                            length: h.key_length,
+                            ptr: h.value_ptr,
+                            length: h.value_length,
                         }
                         .to_vec()
                     };
-                    if key == b":status" {
-                        // SAFETY: as above.
-                        let value = unsafe {
-                            EnvoyBuffer {
-                                ptr: h.value_ptr,
-                                length: h.value_length,
-                            }
-                            .to_vec()
-                        };
-                        status = wire::status(&value);
-                    }
-                }
-                // One byte past the bound, so an oversized body is recognised unread.
-                // SAFETY: as above.
-                for chunk in unsafe { slice(chunks, chunks_size) } {
-                    if body.len() > MAX_RESPONSE_BYTES {
-                        break;
-                    }
-                    // SAFETY: Envoy's buffer, valid for this hook.
-                    let bytes = unsafe { chunk.to_vec() };
-                    let room = MAX_RESPONSE_BYTES + 1 - body.len();
-                    body.extend_from_slice(&bytes[..bytes.len().min(room)]);
+                    status = wire::status(&value);
                 }
             }
-            handle.shared.answered(callout, status, body);
-        },
-    )
+            // One byte past the bound, so an oversized body is recognised unread.
+            // SAFETY: as above.
+            for chunk in unsafe { slice(chunks, chunks_size) } {
+                if body.len() > MAX_RESPONSE_BYTES {
+                    break;
+                }
+                // SAFETY: Envoy's buffer, valid for this hook.
+                let bytes = unsafe { chunk.to_vec() };
+                let room = MAX_RESPONSE_BYTES + 1 - body.len();
+                body.extend_from_slice(&bytes[..bytes.len().min(room)]);
+            }
+        }
+        handle.shared.answered(callout, status, body);
+    })
 }
 
 /// # Safety
@@ -332,10 +300,11 @@ fn worker_for(shared: &Arc<Shared>, filter: *mut c_void, main: bool) -> Option<R
     if !shared.alive() {
         return None;
     }
-    let mailbox = Arc::new(Mailbox::default());
-    if main {
-        mailbox.set_main(shared);
-    }
+    let mailbox = Arc::new(if main {
+        Mailbox::on_main(shared)
+    } else {
+        Mailbox::on_thread()
+    });
     shared.add_mailbox(&mailbox);
     let host = NativeHost::new(shared.clone(), mailbox);
     let worker = {
@@ -363,6 +332,30 @@ fn worker_for(shared: &Arc<Shared>, filter: *mut c_void, main: bool) -> Option<R
             log(Level::Critical, &format!("cannot start: {e}"));
             None
         }
+    }
+}
+
+/// This thread's workers of live configurations, with mail waiting.
+fn with_mail() -> Vec<Rc<Live>> {
+    WORKERS.with(|w| match w.try_borrow() {
+        Ok(w) => w
+            .values()
+            .filter(|live| live.host.mailbox.pending() && live.host.shared.alive())
+            .cloned()
+            .collect(),
+        Err(_) => Vec::new(),
+    })
+}
+
+/// Take in the mail of every worker on this thread, whatever its
+/// configuration: a worker has no requests of its own to be woken through
+/// once a reload has replaced its configuration, yet the answer to the token
+/// call it leads still comes to it (and until it does, it holds the lease
+/// that every worker of the new configuration waits on).
+fn drain_thread() {
+    for live in with_mail() {
+        let _hook = live.host.hook(std::ptr::null_mut());
+        live.drain();
     }
 }
 
@@ -400,26 +393,26 @@ struct Filter {
     envoy: *mut c_void,
     live: Option<Rc<Live>>,
     stream: RefCell<Stream>,
-    /// Its scheduler is one of the worker's doorbells.
+    /// Its scheduler is one of the thread's doorbells.
     doorbell: Cell<bool>,
     finished: Cell<bool>,
 }
 
 impl Filter {
     /// Held: keep a doorbell on this request while it lives, and ring it if
-    /// mail is already waiting.
-    fn park(&self, live: &Live) {
+    /// mail is already waiting for a worker of this thread.
+    fn park(&self) {
         if !self.doorbell.get() {
             // SAFETY: this filter, live, on its own thread.
             let scheduler =
                 unsafe { abi::envoy_dynamic_module_callback_http_filter_scheduler_new(self.envoy) };
             if !scheduler.is_null() {
-                live.host.mailbox.add_doorbell(self.id, Ptr(scheduler));
+                host::thread_bell().add(self.id, Ptr(scheduler));
                 self.doorbell.set(true);
             }
         }
-        if live.host.mailbox.pending() {
-            live.host.mailbox.ring();
+        if !with_mail().is_empty() {
+            host::thread_bell().ring();
         }
     }
 
@@ -446,7 +439,7 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_new(
     config: *const c_void,
     envoy: *mut c_void,
 ) -> *const c_void {
-    guarded("filter_new", std::ptr::null, || {
+    guarded("filter_new", OnPanic::Return(std::ptr::null()), || {
         // SAFETY: Envoy passes the live configuration.
         let Some(handle) = (unsafe { config_handle(config) }) else {
             return std::ptr::null();
@@ -470,28 +463,6 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_new(
     })
 }
 
-/// Fail closed: answer the request in hand with a 500 that says so.
-fn reply_failed(envoy: *mut c_void) {
-    let body = format!(
-        "{{\"error\":{{\"code\":\"{PANIC_CODE}\",\"message\":\"aoai-msi-filter failed on this request (see the Envoy log); it was not forwarded.\"}}}}"
-    );
-    let headers = [
-        abi::ModuleHeader::of(DIAGNOSIS_HEADER.as_bytes(), PANIC_CODE.as_bytes()),
-        abi::ModuleHeader::of(b"content-type", b"application/json"),
-    ];
-    // SAFETY: the live filter of the hook that failed; buffers alive for the call.
-    unsafe {
-        abi::envoy_dynamic_module_callback_http_send_response(
-            envoy,
-            500,
-            headers.as_ptr(),
-            headers.len(),
-            abi::ModuleBuffer::of(body.as_bytes()),
-            abi::ModuleBuffer::of(b"aoai_msi_filter_failed"),
-        )
-    };
-}
-
 /// # Safety
 /// Called by Envoy on the filter's thread with its live pointers.
 #[no_mangle]
@@ -503,10 +474,7 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_request_headers(
     use abi::headers_status::{CONTINUE, STOP_ALL_ITERATION_AND_WATERMARK};
     guarded(
         "request_headers",
-        || {
-            reply_failed(envoy);
-            STOP_ALL_ITERATION_AND_WATERMARK
-        },
+        OnPanic::FailRequest(envoy, STOP_ALL_ITERATION_AND_WATERMARK),
         || {
             // SAFETY: Envoy passes the live filter.
             let Some(filter) = (unsafe { filter_of(filter) }) else {
@@ -517,6 +485,7 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_request_headers(
             };
             let _hook = live.host.hook(envoy);
             live.drain();
+            drain_thread();
             let headers = live.host.request_headers();
             let pairs: Vec<(&[u8], &[u8])> = headers
                 .iter()
@@ -529,7 +498,7 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_request_headers(
             match flow {
                 Flow::Continue => CONTINUE,
                 Flow::Pause => {
-                    filter.park(live);
+                    filter.park();
                     STOP_ALL_ITERATION_AND_WATERMARK
                 }
             }
@@ -565,10 +534,7 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_request_body(
     use abi::body_status::{CONTINUE, STOP_ITERATION_AND_BUFFER};
     guarded(
         "request_body",
-        || {
-            reply_failed(envoy);
-            STOP_ITERATION_AND_BUFFER
-        },
+        OnPanic::FailRequest(envoy, STOP_ITERATION_AND_BUFFER),
         || match request_rest(envoy, filter) {
             Flow::Continue => CONTINUE,
             Flow::Pause => STOP_ITERATION_AND_BUFFER,
@@ -586,10 +552,7 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_request_trailers(
     use abi::trailers_status::{CONTINUE, STOP_ITERATION};
     guarded(
         "request_trailers",
-        || {
-            reply_failed(envoy);
-            STOP_ITERATION
-        },
+        OnPanic::FailRequest(envoy, STOP_ITERATION),
         || match request_rest(envoy, filter) {
             Flow::Continue => CONTINUE,
             Flow::Pause => STOP_ITERATION,
@@ -606,29 +569,25 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_response_headers(
     _end_of_stream: bool,
 ) -> u32 {
     use abi::headers_status::CONTINUE;
-    guarded(
-        "response_headers",
-        || CONTINUE,
-        || {
-            // SAFETY: Envoy passes the live filter.
-            let Some(filter) = (unsafe { filter_of(filter) }) else {
-                return CONTINUE;
-            };
-            let Some(live) = &filter.live else {
-                return CONTINUE;
-            };
-            let _hook = live.host.hook(envoy);
-            live.drain();
-            // A reply the filter sends from its own request callback comes
-            // back here at once: its stream is busy, and the reply carries its
-            // diagnosis already.
-            if let Ok(mut stream) = filter.stream.try_borrow_mut() {
-                stream.response_headers(&live.worker, &live.host);
-            }
-            live.drain_posted();
-            CONTINUE
-        },
-    )
+    guarded("response_headers", OnPanic::Return(CONTINUE), || {
+        // SAFETY: Envoy passes the live filter.
+        let Some(filter) = (unsafe { filter_of(filter) }) else {
+            return CONTINUE;
+        };
+        let Some(live) = &filter.live else {
+            return CONTINUE;
+        };
+        let _hook = live.host.hook(envoy);
+        live.drain();
+        // A reply the filter sends from its own request callback comes
+        // back here at once: its stream is busy, and the reply carries its
+        // diagnosis already.
+        if let Ok(mut stream) = filter.stream.try_borrow_mut() {
+            stream.response_headers(&live.worker, &live.host);
+        }
+        live.drain_posted();
+        CONTINUE
+    })
 }
 
 /// # Safety
@@ -640,33 +599,27 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_response_body(
     end_of_stream: bool,
 ) -> u32 {
     use abi::body_status::{CONTINUE, STOP_ITERATION_AND_BUFFER};
-    guarded(
-        "response_body",
-        || CONTINUE,
-        || {
-            // SAFETY: Envoy passes the live filter.
-            let Some(filter) = (unsafe { filter_of(filter) }) else {
-                return CONTINUE;
-            };
-            let Some(live) = &filter.live else {
-                return CONTINUE;
-            };
-            let _hook = live.host.hook(envoy);
-            live.drain();
-            let size = live.host.response_body_size();
-            let flow = match filter.stream.try_borrow_mut() {
-                Ok(mut stream) => {
-                    stream.response_body(&live.worker, &live.host, size, end_of_stream)
-                }
-                Err(_) => Flow::Continue,
-            };
-            live.drain_posted();
-            match flow {
-                Flow::Continue => CONTINUE,
-                Flow::Pause => STOP_ITERATION_AND_BUFFER,
-            }
-        },
-    )
+    guarded("response_body", OnPanic::Return(CONTINUE), || {
+        // SAFETY: Envoy passes the live filter.
+        let Some(filter) = (unsafe { filter_of(filter) }) else {
+            return CONTINUE;
+        };
+        let Some(live) = &filter.live else {
+            return CONTINUE;
+        };
+        let _hook = live.host.hook(envoy);
+        live.drain();
+        let size = live.host.response_body_size();
+        let flow = match filter.stream.try_borrow_mut() {
+            Ok(mut stream) => stream.response_body(&live.worker, &live.host, size, end_of_stream),
+            Err(_) => Flow::Continue,
+        };
+        live.drain_posted();
+        match flow {
+            Flow::Continue => CONTINUE,
+            Flow::Pause => STOP_ITERATION_AND_BUFFER,
+        }
+    })
 }
 
 /// # Safety
@@ -686,57 +639,53 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_stream_complete(
     envoy: *mut c_void,
     filter: *const c_void,
 ) {
-    guarded(
-        "stream_complete",
-        || (),
-        || {
-            // SAFETY: Envoy passes the live filter.
-            let Some(filter) = (unsafe { filter_of(filter) }) else {
-                return;
-            };
-            if let Some(live) = &filter.live {
-                let _hook = live.host.hook(envoy);
-                filter.finish(live);
-                live.drain_posted();
-            }
-        },
-    )
+    guarded("stream_complete", OnPanic::Return(()), || {
+        // SAFETY: Envoy passes the live filter.
+        let Some(filter) = (unsafe { filter_of(filter) }) else {
+            return;
+        };
+        if let Some(live) = &filter.live {
+            let _hook = live.host.hook(envoy);
+            filter.finish(live);
+            live.drain_posted();
+        }
+    })
 }
 
 /// # Safety
 /// `filter` is a pointer `filter_new` returned, destroyed once, on its thread.
 #[no_mangle]
 pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_destroy(filter: *const c_void) {
-    guarded(
-        "filter_destroy",
-        || (),
-        || {
-            if filter.is_null() {
-                return;
+    guarded("filter_destroy", OnPanic::Return(()), || {
+        if filter.is_null() {
+            return;
+        }
+        // SAFETY: made by Box::into_raw in filter_new; Envoy destroys it once.
+        let filter = unsafe { Box::from_raw(filter as *mut Filter) };
+        host::remove_filter(filter.id);
+        let Some(live) = &filter.live else { return };
+        if filter.doorbell.get() {
+            host::thread_bell().remove(filter.id);
+            // Mail may have rung this very doorbell: ring another.
+            if !with_mail().is_empty() {
+                host::thread_bell().ring();
             }
-            // SAFETY: made by Box::into_raw in filter_new; Envoy destroys it once.
-            let filter = unsafe { Box::from_raw(filter as *mut Filter) };
-            host::remove_filter(filter.id);
-            let Some(live) = &filter.live else { return };
-            if filter.doorbell.get() {
-                live.host.mailbox.remove_doorbell(filter.id);
-            }
-            {
-                // Envoy's pointer is no longer to be used.
-                let _hook = live.host.hook(std::ptr::null_mut());
-                filter.finish(live);
-            }
-            live.filters.set(live.filters.get().saturating_sub(1));
-            if live.filters.get() == 0 {
-                // The thread goes idle and will not tick: report its counts now.
-                let _hook = live.host.hook(std::ptr::null_mut());
-                live.worker.flush(&live.host);
-            }
-        },
-    )
+        }
+        {
+            // Envoy's pointer is no longer to be used.
+            let _hook = live.host.hook(std::ptr::null_mut());
+            filter.finish(live);
+        }
+        live.filters.set(live.filters.get().saturating_sub(1));
+        if live.filters.get() == 0 {
+            // The thread goes idle and will not tick: report its counts now.
+            let _hook = live.host.hook(std::ptr::null_mut());
+            live.worker.flush(&live.host);
+        }
+    })
 }
 
-/// The doorbell: mail for this thread's worker.
+/// The doorbell: mail for a worker of this thread.
 ///
 /// # Safety
 /// Called by Envoy on the filter's thread with its live pointers.
@@ -746,20 +695,17 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_scheduled(
     filter: *const c_void,
     _event: u64,
 ) {
-    guarded(
-        "scheduled",
-        || (),
-        || {
-            // SAFETY: Envoy passes the live filter.
-            let Some(filter) = (unsafe { filter_of(filter) }) else {
-                return;
-            };
-            if let Some(live) = &filter.live {
-                let _hook = live.host.hook(envoy);
-                live.drain();
-            }
-        },
-    )
+    guarded("scheduled", OnPanic::Return(()), || {
+        // SAFETY: Envoy passes the live filter.
+        let Some(filter) = (unsafe { filter_of(filter) }) else {
+            return;
+        };
+        if let Some(live) = &filter.live {
+            let _hook = live.host.hook(envoy);
+            live.drain();
+        }
+        drain_thread();
+    })
 }
 
 // ---------------------------------------------------------------- unused hooks
