@@ -40,7 +40,20 @@ impl EnvoyBuffer {
             return Vec::new();
         }
         // SAFETY: the caller guarantees `length` readable bytes at `ptr`.
-        unsafe { std::slice::from_raw_parts(self.ptr, self.length) }.to_vec()
+        unsafe { self.as_slice() }.to_vec()
+    }
+
+    /// The bytes, borrowed for as long as the caller says Envoy keeps them.
+    ///
+    /// # Safety
+    /// `ptr` must be null or point to `length` bytes that stay readable and
+    /// unchanged for `'a` (Envoy's buffers: until the hook returns).
+    pub unsafe fn as_slice<'a>(self) -> &'a [u8] {
+        if self.ptr.is_null() || self.length == 0 {
+            return &[];
+        }
+        // SAFETY: the caller guarantees `length` readable bytes at `ptr` for `'a`.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.length) }
     }
 }
 

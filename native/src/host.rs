@@ -818,8 +818,9 @@ impl NativeHost {
         self.response_chunks().iter().map(|c| c.length).sum()
     }
 
-    /// Every request header of the request in hand, copied out.
-    pub fn request_headers(&self) -> Vec<(Vec<u8>, Vec<u8>)> {
+    /// Every request header of the request in hand, as Envoy's own buffers
+    /// (see [`header_pairs`]): one call for the map, no copy of any value.
+    pub fn request_headers(&self) -> Vec<EnvoyHeader> {
         let Ok(filter) = self.filter() else {
             return Vec::new();
         };
@@ -846,29 +847,11 @@ impl NativeHost {
                     headers.as_mut_ptr(),
                 )
             };
-        if !ok {
-            return Vec::new();
+        if ok {
+            headers
+        } else {
+            Vec::new()
         }
-        headers
-            .iter()
-            .map(|h| {
-                // SAFETY: Envoy's buffers, valid until the end of this hook.
-                unsafe {
-                    (
-                        EnvoyBuffer {
-                            ptr: h.key_ptr,
-                            length: h.key_length,
-                        }
-                        .to_vec(),
-                        EnvoyBuffer {
-                            ptr: h.value_ptr,
-                            length: h.value_length,
-                        }
-                        .to_vec(),
-                    )
-                }
-            })
-            .collect()
     }
 
     fn metric_call(&self, id: u32, delta: i64, set: bool) -> Result<(), Status> {
@@ -1156,6 +1139,30 @@ impl Host for NativeHost {
             Err(Status(status::REFUSED))
         }
     }
+}
+
+/// Name and value of each header, borrowed from Envoy.
+///
+/// # Safety
+/// The headers must come from [`NativeHost::request_headers`] in the hook
+/// that is still running: Envoy keeps their bytes until the hook returns,
+/// and the pairs must not outlive it.
+pub unsafe fn header_pairs(headers: &[EnvoyHeader]) -> Vec<(&[u8], &[u8])> {
+    headers
+        .iter()
+        .map(|h| {
+            let name = EnvoyBuffer {
+                ptr: h.key_ptr,
+                length: h.key_length,
+            };
+            let value = EnvoyBuffer {
+                ptr: h.value_ptr,
+                length: h.value_length,
+            };
+            // SAFETY: Envoy's buffers, readable until this hook returns (the caller's promise).
+            unsafe { (name.as_slice(), value.as_slice()) }
+        })
+        .collect()
 }
 
 #[cfg(test)]

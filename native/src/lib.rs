@@ -487,10 +487,8 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_request_headers(
             live.drain();
             drain_thread();
             let headers = live.host.request_headers();
-            let pairs: Vec<(&[u8], &[u8])> = headers
-                .iter()
-                .map(|(n, v)| (n.as_slice(), v.as_slice()))
-                .collect();
+            // SAFETY: taken in this hook, and dropped before it returns.
+            let pairs = unsafe { host::header_pairs(&headers) };
             let flow = match filter.stream.try_borrow_mut() {
                 Ok(mut stream) => stream.request_headers(&live.worker, &live.host, &pairs),
                 Err(_) => Flow::Continue,
@@ -609,9 +607,13 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_response_body(
         };
         let _hook = live.host.hook(envoy);
         live.drain();
-        let size = live.host.response_body_size();
         let flow = match filter.stream.try_borrow_mut() {
-            Ok(mut stream) => stream.response_body(&live.worker, &live.host, size, end_of_stream),
+            // Most answers are not read: no need to measure them.
+            Ok(stream) if !stream.reads_response_body() => Flow::Continue,
+            Ok(mut stream) => {
+                let size = live.host.response_body_size();
+                stream.response_body(&live.worker, &live.host, size, end_of_stream)
+            }
             Err(_) => Flow::Continue,
         };
         live.drain_posted();
