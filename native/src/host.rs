@@ -1056,6 +1056,14 @@ impl Host for NativeHost {
         }
     }
 
+    /// Only the main thread's worker: a worker thread runs only inside
+    /// Envoy's callbacks for requests, and with none held there the answer
+    /// to its call waits for the thread's next request (a client waiting on
+    /// a request parked on another thread may never send one).
+    fn wakes_when_idle(&self) -> bool {
+        self.mailbox.is_main()
+    }
+
     fn define_metric(&self, _kind: Kind, name: &str) -> Result<u32, Status> {
         let (metric, mask, values) = parse_stat_name(name).ok_or(Status(status::BAD_ARGUMENT))?;
         let id = *self
