@@ -131,6 +131,8 @@ pub struct Agent {
     /// Kept fresh: from start-up for a prefetched token, else from the first
     /// request that needs it (or the first time another VM has fetched it).
     active: bool,
+    /// Starts refreshes ahead of expiry (see [`Agent::refresh_ahead`]).
+    refreshes_ahead: bool,
     parked: Parked,
     kicked: bool,
     /// Monotonic time this VM started the exchange in flight, and its step.
@@ -152,6 +154,7 @@ impl Agent {
         let key = Agent::record_key(&spec);
         Agent {
             active: spec.prefetch,
+            refreshes_ahead: true,
             spec,
             key,
             vm,
@@ -180,6 +183,16 @@ impl Agent {
     }
 
     /// Shared-data key of the record for this token.
+    /// `false`: leave refreshing ahead of expiry to other VMs; this one
+    /// fetches only when no usable token exists or a replacement is wanted
+    /// (a request of its own then waits for the answer). For a host that
+    /// cannot run a VM holding no request to take in its call's answer: a
+    /// refresh that VM led could wait there, lease held, while the token
+    /// runs out for everyone.
+    pub fn refresh_ahead(&mut self, refreshes: bool) {
+        self.refreshes_ahead = refreshes;
+    }
+
     pub fn record_key(spec: &TokenSpec) -> String {
         format!("aoai-msi-filter/v2/{}/token", spec.fingerprint())
     }
@@ -301,14 +314,16 @@ impl Agent {
         let busy = self.fetch_started_ms.is_some();
         let vm = self.vm;
         let lease_ms = self.lease_ms();
+        let refreshes_ahead = self.refreshes_ahead;
         let outcome = store::update(store, &self.key, |record| {
             let mut record = record.unwrap_or_default();
             let usable = record.token.as_ref().is_some_and(|t| t.usable(now_ms));
             let fresh = usable
-                && record
-                    .token
-                    .as_ref()
-                    .is_some_and(|t| !t.refresh_due(now_ms))
+                && (!refreshes_ahead
+                    || record
+                        .token
+                        .as_ref()
+                        .is_some_and(|t| !t.refresh_due(now_ms)))
                 && !record.wants_replacement();
             let backing_off = record
                 .failure
@@ -1222,6 +1237,36 @@ mod tests {
         let (_, d) = rejected(&agents[0].tick(T0 + 5_000, &mut store)).unwrap();
         assert_eq!((d.status, d.code), (503, code::TOKEN_ENDPOINT_UNAVAILABLE));
         assert!(d.retry_after_s.is_some());
+    }
+
+    #[test]
+    fn a_vm_that_leaves_refreshing_ahead_fetches_only_when_no_usable_token_is_left() {
+        let (mut agents, mut store) = vms(2);
+        agents[1].refresh_ahead(false);
+        assert_eq!(fetches(&agents[0].sync(T0, &mut store)), 1);
+        agents[0].fetched(T0 + 5, &mut store, Ok(token(T0 + 5, 3600, "t")));
+        let first = token(T0 + 5, 3600, "t");
+        let (due, unusable) = (first.refresh_at_ms(), first.unusable_at_ms());
+        assert!(due < unusable);
+        // Refresh due: the follower leaves it to the other VM, and adopts
+        // what that one fetched.
+        assert_eq!(fetches(&agents[1].tick(due, &mut store)), 0);
+        assert_eq!(fetches(&agents[1].sync(due, &mut store)), 0);
+        assert_eq!(fetches(&agents[0].tick(due, &mut store)), 1);
+        agents[0].fetched(due + 5, &mut store, Ok(token(due + 5, 3600, "u")));
+        assert_eq!(fetches(&agents[1].sync(due + 6, &mut store)), 0);
+        assert_eq!(agents[1].admit(due + 6, 1, 0), authorized("Bearer u"));
+        // Nobody refreshed in time: the follower fetches for its own waiters.
+        let (mut agents, mut store) = vms(1);
+        agents[0].refresh_ahead(false);
+        assert_eq!(fetches(&agents[0].sync(T0, &mut store)), 1, "no token yet");
+        agents[0].fetched(T0 + 5, &mut store, Ok(token(T0 + 5, 3600, "t")));
+        assert_eq!(fetches(&agents[0].sync(due, &mut store)), 0);
+        assert!(matches!(
+            agents[0].admit(unusable, 2, 0),
+            Admission::Park { .. }
+        ));
+        assert_eq!(fetches(&agents[0].sync(unusable, &mut store)), 1);
     }
 
     #[test]

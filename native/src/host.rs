@@ -14,6 +14,7 @@ use std::collections::hash_map::RandomState;
 use std::collections::{HashMap, VecDeque};
 use std::ffi::c_void;
 use std::hash::{BuildHasher, Hasher};
+use std::path::{Path, PathBuf};
 use std::ptr::null_mut;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
@@ -21,11 +22,13 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use aoai_msi_filter::config::Config;
 use aoai_msi_filter::metrics::{Kind, Metric, ALL};
+use aoai_msi_filter::safe;
 use aoai_msi_filter::source::TokenRequest;
 use aoai_msi_filter::store::{SharedStore, StoreError};
 use aoai_msi_filter::worker::{Host, Level, Status};
 
 use crate::abi::{self, EnvoyBuffer, EnvoyHeader, ModuleBuffer, ModuleHeader};
+use crate::federated;
 
 /// Every log line of the module starts with this (Envoy prints it under
 /// `[dynamic_modules]`).
@@ -411,6 +414,9 @@ impl MetricIds {
 /// Everything of one filter configuration that all threads share.
 pub struct Shared {
     pub config: Config,
+    /// `AZURE_FEDERATED_TOKEN_FILE`, as Envoy's environment had it when the
+    /// configuration loaded: workload-identity assertions are read from it.
+    pub token_file: Option<PathBuf>,
     /// Envoy's configuration, until it goes: read-locked around every use
     /// from any thread, so it cannot go in the middle of one.
     envoy_config: RwLock<Option<Ptr>>,
@@ -426,9 +432,15 @@ pub struct Shared {
 
 impl Shared {
     /// On the main thread, in `config_new`.
-    pub fn new(config: Config, config_ptr: *mut c_void, metrics: MetricIds) -> Shared {
+    pub fn new(
+        config: Config,
+        token_file: Option<PathBuf>,
+        config_ptr: *mut c_void,
+        metrics: MetricIds,
+    ) -> Shared {
         Shared {
             config,
+            token_file,
             envoy_config: RwLock::new(Some(Ptr(config_ptr))),
             scheduler: Mutex::new(None),
             outbox: Mutex::new(VecDeque::new()),
@@ -813,6 +825,35 @@ impl NativeHost {
         }
     }
 
+    /// Answer the assertion call `call` with the token file, through the
+    /// mailbox like any answer (taken in after the worker has recorded the
+    /// call): what the token-file listener would have served.
+    fn answer_from_file(&self, call: u32, file: &Path) {
+        let answer = match federated::read_token(file) {
+            Ok(body) => Mail::Answer {
+                call,
+                status: Some(200),
+                body,
+            },
+            Err(e) => {
+                log(
+                    Level::Warn,
+                    &format!(
+                        "cannot read the service-account token file {} ({}): {e}",
+                        safe::free_text(&file.display().to_string(), 200),
+                        federated::TOKEN_FILE_VARIABLE
+                    ),
+                );
+                Mail::Answer {
+                    call,
+                    status: None,
+                    body: Vec::new(),
+                }
+            }
+        };
+        self.mailbox.post(answer);
+    }
+
     /// Bytes of the response body held so far.
     pub fn response_body_size(&self) -> usize {
         self.response_chunks().iter().map(|c| c.length).sum()
@@ -976,6 +1017,12 @@ impl Host for NativeHost {
     /// a request going away cannot cancel it.
     fn dispatch(&self, request: &TokenRequest) -> Result<u32, Status> {
         let call = NEXT_CALL.fetch_add(1, Ordering::Relaxed);
+        if let Some(file) = &self.shared.token_file {
+            if federated::is_assertion_call(&self.shared.config, request) {
+                self.answer_from_file(call, file);
+                return Ok(call);
+            }
+        }
         lock(&self.shared.outbox).push_back(Outgoing {
             call,
             mailbox: Arc::downgrade(&self.mailbox),
@@ -989,6 +1036,14 @@ impl Host for NativeHost {
         } else {
             Err(Status(status::REFUSED))
         }
+    }
+
+    /// Only the main thread's worker: a worker thread runs only inside
+    /// Envoy's callbacks for requests, and with none held there the answer
+    /// to its call waits for the thread's next request (a client waiting on
+    /// a request parked on another thread may never send one).
+    fn wakes_when_idle(&self) -> bool {
+        self.mailbox.is_main()
     }
 
     fn define_metric(&self, _kind: Kind, name: &str) -> Result<u32, Status> {

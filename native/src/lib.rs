@@ -19,6 +19,7 @@
 compile_error!("build the native module with panic = \"unwind\" (make build-native does)");
 
 mod abi;
+mod federated;
 mod guard;
 mod host;
 
@@ -81,7 +82,12 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_new(
             }
         };
         let handle = ConfigHandle {
-            shared: Arc::new(Shared::new(config, config_envoy, metrics)),
+            shared: Arc::new(Shared::new(
+                config,
+                federated::token_file(env),
+                config_envoy,
+                metrics,
+            )),
         };
         handle.shared.arm();
         Box::into_raw(Box::new(handle)) as *const c_void

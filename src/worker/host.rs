@@ -47,6 +47,12 @@ pub trait Host {
     /// Send a token call; its answer comes back to [`super::Worker::answered`]
     /// under the returned call id.
     fn dispatch(&self, request: &TokenRequest) -> Result<u32, Status>;
+    /// Can the host run this worker, while it holds no request, to take in
+    /// the answer to its token call? A worker that cannot leaves refreshing
+    /// ahead to those that can (`Agent::refresh_ahead`).
+    fn wakes_when_idle(&self) -> bool {
+        true
+    }
     fn define_metric(&self, kind: Kind, name: &str) -> Result<u32, Status>;
     fn increment_metric(&self, id: u32, delta: i64) -> Result<(), Status>;
     fn record_metric(&self, id: u32, value: u64) -> Result<(), Status>;

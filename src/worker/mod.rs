@@ -129,6 +129,7 @@ impl Worker {
         for (token, spec) in config.tokens.iter().enumerate() {
             let mut agent = Agent::new(spec.clone(), sequence, h.random_seed());
             agent.forward_keys_for(config.forward_key_targets(token));
+            agent.refresh_ahead(h.wakes_when_idle());
             store::ensure_record(&mut store, agent.key()).map_err(|e| e.to_string())?;
             agents.push(agent);
         }
