@@ -117,32 +117,28 @@ pub enum Buffer {
 /// `proxy_continue_stream`'s stream: the request direction.
 const STREAM_REQUEST: u32 = 0;
 
-/// Take ownership of what the host allocated through the SDK's
-/// `proxy_on_memory_allocate` (a boxed slice of exactly `size` bytes).
-///
-/// # Safety
-/// `data` must be null or a pointer the host obtained from
-/// `proxy_on_memory_allocate(size)`, not yet freed.
-unsafe fn owned(data: *mut u8, size: usize) -> Option<Vec<u8>> {
-    if data.is_null() {
-        None
-    } else {
-        // SAFETY: allocated as a Box<[u8]> of `size` bytes: capacity == size.
-        Some(unsafe { Vec::from_raw_parts(data, size, size) })
-    }
-}
-
 /// One host call that hands back a value: it writes a pointer and a length
-/// and returns a status. `Ok(None)` when the host has no such value.
-fn get(call: impl FnOnce(*mut *mut u8, *mut usize) -> u32) -> Result<Option<Vec<u8>>, u32> {
+/// and returns a status. The value is taken over (the host allocated it
+/// through the SDK's `proxy_on_memory_allocate`, a boxed slice of exactly
+/// `size` bytes); `None` when the host wrote no pointer.
+fn call_for(call: impl FnOnce(*mut *mut u8, *mut usize) -> u32) -> (u32, Option<Vec<u8>>) {
     let (mut data, mut size) = (null_mut(), 0usize);
     let code = call(&mut data, &mut size);
-    // SAFETY: `data`/`size` were just written by the host call that returned `code`.
-    let value = unsafe { owned(data, size) };
-    match code {
-        OK => Ok(Some(value.unwrap_or_default())),
-        NOT_FOUND => Ok(None),
-        other => Err(other),
+    let value = (!data.is_null()).then(|| {
+        // SAFETY: just written by the host call, allocated as a Box<[u8]>
+        // of `size` bytes (capacity == size), not yet freed.
+        unsafe { Vec::from_raw_parts(data, size, size) }
+    });
+    (code, value)
+}
+
+/// [`call_for`] with the usual statuses: `Ok(None)` when the host has no
+/// such value.
+fn get(call: impl FnOnce(*mut *mut u8, *mut usize) -> u32) -> Result<Option<Vec<u8>>, u32> {
+    match call_for(call) {
+        (OK, value) => Ok(Some(value.unwrap_or_default())),
+        (NOT_FOUND, _) => Ok(None),
+        (other, _) => Err(other),
     }
 }
 
@@ -231,12 +227,11 @@ pub fn property(path: &[u8]) -> Option<Vec<u8>> {
 
 /// `(value, cas)`; a key that was never set is `(None, None)`.
 pub fn shared_data(key: &str) -> Result<(Option<Vec<u8>>, Option<u32>), u32> {
-    let (mut data, mut size, mut cas) = (null_mut(), 0usize, 0u32);
+    let mut cas = 0u32;
     // SAFETY: the host reads `key` and writes a pointer, a length and a CAS value.
-    let code =
-        unsafe { proxy_get_shared_data(key.as_ptr(), key.len(), &mut data, &mut size, &mut cas) };
-    // SAFETY: as in `get`.
-    let value = unsafe { owned(data, size) };
+    let (code, value) = call_for(|data, size| unsafe {
+        proxy_get_shared_data(key.as_ptr(), key.len(), data, size, &mut cas)
+    });
     match code {
         OK => Ok((value, (cas != 0).then_some(cas))),
         NOT_FOUND => Ok((None, None)),

@@ -31,56 +31,10 @@ fn status_error(status: u32) -> StoreError {
     StoreError::Host(format!("host status {status}"))
 }
 
-/// The filter's log lines go straight to the host; a host that refuses a
-/// line loses the line, never the VM.
-struct HostLogger;
-
-static LOGGER: HostLogger = HostLogger;
-
-impl log::Log for HostLogger {
-    fn enabled(&self, _: &log::Metadata<'_>) -> bool {
-        true
-    }
-
-    fn log(&self, record: &log::Record<'_>) {
-        let level = match record.level() {
-            log::Level::Trace => Level::Trace,
-            log::Level::Debug => Level::Debug,
-            log::Level::Info => Level::Info,
-            log::Level::Warn => Level::Warn,
-            log::Level::Error => Level::Error,
-        };
-        log_at(level, &record.args().to_string());
-    }
-
-    fn flush(&self) {}
-}
-
-pub fn install_logger() {
-    let _ = log::set_logger(&LOGGER);
-    log::set_max_level(log::LevelFilter::Trace);
-}
-
 /// Last words of a panicking VM.
 pub fn log_critical(message: &str) {
-    log_at(Level::Critical, message);
-}
-
-fn log_at(level: Level, line: &str) {
-    let level = match level {
-        Level::Trace => 0,
-        Level::Debug => 1,
-        Level::Info => 2,
-        Level::Warn => 3,
-        Level::Error => 4,
-        Level::Critical => 5,
-    };
-    abi::log(level, line);
-}
-
-/// Milliseconds since the Unix epoch, by the host's clock (0 if it has none).
-pub fn now_ms() -> u64 {
-    abi::now_nanos().map_or(0, |nanos| nanos / 1_000_000)
+    // `Level` lists the levels in proxy-wasm's order, from 0.
+    abi::log(Level::Critical as u32, message);
 }
 
 pub fn plugin_configuration() -> Vec<u8> {
@@ -91,22 +45,6 @@ pub fn plugin_configuration() -> Vec<u8> {
 /// empty when the host cannot give them.
 pub fn request_headers() -> Vec<u8> {
     abi::header_pairs(Map::RequestHeaders)
-}
-
-/// The VM's environment: what `vm_config.environment_variables` passes in
-/// (read through WASI, once, at configuration time).
-pub fn env_var(name: &str) -> Option<String> {
-    std::env::var(name).ok()
-}
-
-/// 64 random bits from the host (WASI `random_get`), or a fallback from the
-/// clock if the host has none.
-pub fn random_seed() -> u64 {
-    let mut bytes = [0u8; 8];
-    match getrandom::getrandom(&mut bytes) {
-        Ok(()) => u64::from_le_bytes(bytes),
-        Err(_) => abi::now_nanos().unwrap_or(0).rotate_left(29),
-    }
 }
 
 /// `:status` of a token call's answer, if it got one.
@@ -122,14 +60,9 @@ pub fn call_body(size: usize) -> Vec<u8> {
 
 /// Empty a queue, returning what it held; at most `limit` messages.
 pub fn drain(queue: u32, limit: usize) -> Vec<Vec<u8>> {
-    let mut messages = Vec::new();
-    while messages.len() < limit {
-        let Some(message) = abi::dequeue(queue) else {
-            break;
-        };
-        messages.push(message);
-    }
-    messages
+    std::iter::from_fn(|| abi::dequeue(queue))
+        .take(limit)
+        .collect()
 }
 
 /// The worker's host: proxy-wasm, entered through the VM's root context
@@ -146,12 +79,18 @@ impl Host for Wasm {
         HostStore
     }
 
+    /// By the host's clock (0 if it has none).
     fn now_ms(&self) -> u64 {
-        now_ms()
+        abi::now_nanos().map_or(0, |nanos| nanos / 1_000_000)
     }
 
+    /// From WASI `random_get`, or from the clock if the host has none.
     fn random_seed(&self) -> u64 {
-        random_seed()
+        let mut bytes = [0u8; 8];
+        match getrandom::getrandom(&mut bytes) {
+            Ok(()) => u64::from_le_bytes(bytes),
+            Err(_) => abi::now_nanos().unwrap_or(0).rotate_left(29),
+        }
     }
 
     /// Envoy filters by its own log level.
@@ -160,7 +99,7 @@ impl Host for Wasm {
     }
 
     fn log(&self, level: Level, line: &str) {
-        log_at(level, line);
+        abi::log(level as u32, line);
     }
 
     fn register_queue(&self, name: &str) -> Result<u32, Status> {

@@ -13,14 +13,12 @@ use std::rc::Rc;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType};
 
-use crate::config::Config;
 use crate::token::MAX_RESPONSE_BYTES;
 use crate::wire;
 use crate::worker::{Flow, Stream, Worker, DRAIN_LIMIT};
 use host::Wasm;
 
 proxy_wasm::main! {{
-    host::install_logger();
     std::panic::set_hook(Box::new(|info| host::log_critical(&format!("aoai-msi-filter: {info}"))));
     proxy_wasm::set_root_context(|id| Box::new(Root { host: Wasm { root: id }, worker: None }));
 }}
@@ -69,25 +67,23 @@ impl Context for Root {
 
 impl RootContext for Root {
     fn on_configure(&mut self, _size: usize) -> bool {
-        let config = match Config::parse_with_env(&host::plugin_configuration(), &host::env_var) {
-            Ok(config) => config,
-            Err(e) => {
-                log::error!("invalid plugin configuration: {e}");
-                return false;
-            }
-        };
-        match Worker::start(&self.host, config, self.host.root) {
-            Ok(worker) => {
+        // The VM's environment is what `vm_config.environment_variables`
+        // passes in, read through WASI.
+        let env = |name: &str| std::env::var(name).ok();
+        match Worker::configure(
+            &self.host,
+            &host::plugin_configuration(),
+            &env,
+            self.host.root,
+        ) {
+            Some(worker) => {
                 self.worker = Some(Rc::new(Live {
                     worker,
                     host: self.host,
                 }));
                 true
             }
-            Err(e) => {
-                log::error!("cannot start: {e}");
-                false
-            }
+            None => false,
         }
     }
 
@@ -123,10 +119,18 @@ struct Request {
     stream: Stream,
 }
 
-fn action(flow: Flow) -> Action {
-    match flow {
-        Flow::Continue => Action::Continue,
-        Flow::Pause => Action::Pause,
+impl Request {
+    /// One step of the request with its VM's worker; without one (the
+    /// configuration failed) every request passes.
+    fn step(&mut self, step: impl FnOnce(&mut Stream, &Worker, &Wasm) -> Flow) -> Action {
+        match self
+            .worker
+            .as_deref()
+            .map(|w| step(&mut self.stream, w, &self.host))
+        {
+            Some(Flow::Pause) => Action::Pause,
+            Some(Flow::Continue) | None => Action::Continue,
+        }
     }
 }
 
@@ -137,42 +141,30 @@ impl Context for Request {}
 /// overriding `on_log` or `on_done` here would have no effect.
 impl HttpContext for Request {
     fn on_http_request_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
-        let Some(worker) = &self.worker else {
-            return Action::Continue;
-        };
-        // Every request header in one host call: each separate read costs
-        // another copy into the VM (measured by `make bench`: reading
-        // `:authority` and `:path` apart cost 8 000 instructions more).
-        let map = host::request_headers();
-        let headers = wire::deserialize_pairs(&map).unwrap_or_default();
-        action(self.stream.request_headers(worker, &self.host, &headers))
+        self.step(|stream, w, host| {
+            // Every request header in one host call: each separate read costs
+            // another copy into the VM (measured by `make bench`: reading
+            // `:authority` and `:path` apart cost 8 000 instructions more).
+            let map = host::request_headers();
+            let headers = wire::deserialize_pairs(&map).unwrap_or_default();
+            stream.request_headers(w, host, &headers)
+        })
     }
 
     fn on_http_request_body(&mut self, _size: usize, _end_of_stream: bool) -> Action {
-        self.worker.as_ref().map_or(Action::Continue, |w| {
-            action(self.stream.request_body_or_trailers(w))
-        })
+        self.step(|stream, w, _| stream.request_body_or_trailers(w))
     }
 
     fn on_http_request_trailers(&mut self, _trailers: usize) -> Action {
-        self.worker.as_ref().map_or(Action::Continue, |w| {
-            action(self.stream.request_body_or_trailers(w))
-        })
+        self.step(|stream, w, _| stream.request_body_or_trailers(w))
     }
 
     fn on_http_response_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
-        self.worker.as_ref().map_or(Action::Continue, |w| {
-            action(self.stream.response_headers(w, &self.host))
-        })
+        self.step(|stream, w, host| stream.response_headers(w, host))
     }
 
     fn on_http_response_body(&mut self, size: usize, end_of_stream: bool) -> Action {
-        self.worker.as_ref().map_or(Action::Continue, |w| {
-            action(
-                self.stream
-                    .response_body(w, &self.host, size, end_of_stream),
-            )
-        })
+        self.step(|stream, w, host| stream.response_body(w, host, size, end_of_stream))
     }
 }
 

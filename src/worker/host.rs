@@ -14,16 +14,17 @@ use crate::store::SharedStore;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Status(pub u32);
 
-/// Log levels, in the host's order.
+/// Log levels, numbered as proxy-wasm and Envoy's dynamic modules both
+/// number them (`level as u32`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Level {
-    Trace,
-    Debug,
-    Info,
-    Warn,
-    Error,
+    Trace = 0,
+    Debug = 1,
+    Info = 2,
+    Warn = 3,
+    Error = 4,
     /// Start-up problems that must stand out.
-    Critical,
+    Critical = 5,
 }
 
 /// The operations of one worker's host. "The request in hand" is the one

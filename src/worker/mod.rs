@@ -122,6 +122,23 @@ enum Released {
 impl Worker {
     /// A worker for `config`: its agents, its queue in the process-wide
     /// registry, its tick.
+    /// A worker from the plugin configuration as the host hands it over,
+    /// or `None` after saying why (the host then refuses the configuration).
+    /// `fallback_id` numbers the worker if the shared store cannot.
+    pub fn configure<H: Host>(
+        h: &H,
+        configuration: &[u8],
+        env: crate::config::Env<'_>,
+        fallback_id: u32,
+    ) -> Option<Worker> {
+        let config = Config::parse_with_env(configuration, env)
+            .map_err(|e| say!(h, Error, "invalid plugin configuration: {e}"))
+            .ok()?;
+        Worker::start(h, config, fallback_id)
+            .map_err(|e| say!(h, Error, "cannot start: {e}"))
+            .ok()
+    }
+
     pub fn start<H: Host>(h: &H, config: Config, fallback_id: u32) -> Result<Worker, String> {
         let mut store = h.store();
         let sequence = store::next_sequence(&mut store, SEQUENCE_KEY).unwrap_or(fallback_id);
