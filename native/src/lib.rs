@@ -438,6 +438,26 @@ unsafe fn filter_of<'a>(filter: *const c_void) -> Option<&'a Filter> {
     unsafe { (filter as *const Filter).as_ref() }
 }
 
+/// One step of a filter inside its hook: Envoy's pointer made current for
+/// the filter's worker and the worker's mail taken in, then `step`. `None`
+/// when the filter is null or has no worker (it then passes everything).
+///
+/// # Safety
+/// `filter` is a live pointer `filter_new` returned; `envoy` is Envoy's
+/// pointer for it, passed to this hook.
+unsafe fn in_hook<R>(
+    envoy: *mut c_void,
+    filter: *const c_void,
+    step: impl FnOnce(&Filter, &Live) -> R,
+) -> Option<R> {
+    // SAFETY: the caller's guarantee.
+    let filter = unsafe { filter_of(filter) }?;
+    let live = filter.live.as_deref()?;
+    let _hook = live.host.hook(envoy);
+    live.drain();
+    Some(step(filter, live))
+}
+
 /// # Safety
 /// Called by Envoy on a worker thread with a live configuration.
 #[no_mangle]
@@ -482,49 +502,37 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_request_headers(
         "request_headers",
         OnPanic::FailRequest(envoy, STOP_ALL_ITERATION_AND_WATERMARK),
         || {
-            // SAFETY: Envoy passes the live filter.
-            let Some(filter) = (unsafe { filter_of(filter) }) else {
-                return CONTINUE;
-            };
-            let Some(live) = &filter.live else {
-                return CONTINUE;
-            };
-            let _hook = live.host.hook(envoy);
-            live.drain();
-            drain_thread();
-            let headers = live.host.request_headers();
-            // SAFETY: taken in this hook, and dropped before it returns.
-            let pairs = unsafe { host::header_pairs(&headers) };
-            let flow = match filter.stream.try_borrow_mut() {
-                Ok(mut stream) => stream.request_headers(&live.worker, &live.host, &pairs),
-                Err(_) => Flow::Continue,
-            };
-            match flow {
-                Flow::Continue => CONTINUE,
-                Flow::Pause => {
-                    filter.park();
-                    STOP_ALL_ITERATION_AND_WATERMARK
+            let step = |filter: &Filter, live: &Live| {
+                drain_thread();
+                let headers = live.host.request_headers();
+                // SAFETY: taken in this hook, and dropped before it returns.
+                let pairs = unsafe { host::header_pairs(&headers) };
+                let flow = match filter.stream.try_borrow_mut() {
+                    Ok(mut stream) => stream.request_headers(&live.worker, &live.host, &pairs),
+                    Err(_) => Flow::Continue,
+                };
+                match flow {
+                    Flow::Continue => CONTINUE,
+                    Flow::Pause => {
+                        filter.park();
+                        STOP_ALL_ITERATION_AND_WATERMARK
+                    }
                 }
-            }
+            };
+            // SAFETY: Envoy passes the live filter and its pointer.
+            unsafe { in_hook(envoy, filter, step) }.unwrap_or(CONTINUE)
         },
     )
 }
 
 /// A body chunk or the trailers of the request.
 fn request_rest(envoy: *mut c_void, filter: *const c_void) -> Flow {
-    // SAFETY: Envoy passes the live filter.
-    let Some(filter) = (unsafe { filter_of(filter) }) else {
-        return Flow::Continue;
-    };
-    let Some(live) = &filter.live else {
-        return Flow::Continue;
-    };
-    let _hook = live.host.hook(envoy);
-    live.drain();
-    match filter.stream.try_borrow() {
+    let step = |filter: &Filter, live: &Live| match filter.stream.try_borrow() {
         Ok(stream) => stream.request_body_or_trailers(&live.worker),
         Err(_) => Flow::Continue,
-    }
+    };
+    // SAFETY: Envoy passes the live filter and its pointer.
+    unsafe { in_hook(envoy, filter, step) }.unwrap_or(Flow::Continue)
 }
 
 /// # Safety
@@ -574,22 +582,17 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_response_headers(
 ) -> u32 {
     use abi::headers_status::CONTINUE;
     guarded("response_headers", OnPanic::Return(CONTINUE), || {
-        // SAFETY: Envoy passes the live filter.
-        let Some(filter) = (unsafe { filter_of(filter) }) else {
-            return CONTINUE;
+        let step = |filter: &Filter, live: &Live| {
+            // A reply the filter sends from its own request callback comes
+            // back here at once: its stream is busy, and the reply carries
+            // its diagnosis already.
+            if let Ok(mut stream) = filter.stream.try_borrow_mut() {
+                stream.response_headers(&live.worker, &live.host);
+            }
+            live.drain_posted();
         };
-        let Some(live) = &filter.live else {
-            return CONTINUE;
-        };
-        let _hook = live.host.hook(envoy);
-        live.drain();
-        // A reply the filter sends from its own request callback comes
-        // back here at once: its stream is busy, and the reply carries its
-        // diagnosis already.
-        if let Ok(mut stream) = filter.stream.try_borrow_mut() {
-            stream.response_headers(&live.worker, &live.host);
-        }
-        live.drain_posted();
+        // SAFETY: Envoy passes the live filter and its pointer.
+        let _ = unsafe { in_hook(envoy, filter, step) };
         CONTINUE
     })
 }
@@ -604,29 +607,24 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_response_body(
 ) -> u32 {
     use abi::body_status::{CONTINUE, STOP_ITERATION_AND_BUFFER};
     guarded("response_body", OnPanic::Return(CONTINUE), || {
-        // SAFETY: Envoy passes the live filter.
-        let Some(filter) = (unsafe { filter_of(filter) }) else {
-            return CONTINUE;
-        };
-        let Some(live) = &filter.live else {
-            return CONTINUE;
-        };
-        let _hook = live.host.hook(envoy);
-        live.drain();
-        let flow = match filter.stream.try_borrow_mut() {
-            // Most answers are not read: no need to measure them.
-            Ok(stream) if !stream.reads_response_body() => Flow::Continue,
-            Ok(mut stream) => {
-                let size = live.host.response_body_size();
-                stream.response_body(&live.worker, &live.host, size, end_of_stream)
+        let step = |filter: &Filter, live: &Live| {
+            let flow = match filter.stream.try_borrow_mut() {
+                // Most answers are not read: no need to measure them.
+                Ok(stream) if !stream.reads_response_body() => Flow::Continue,
+                Ok(mut stream) => {
+                    let size = live.host.response_body_size();
+                    stream.response_body(&live.worker, &live.host, size, end_of_stream)
+                }
+                Err(_) => Flow::Continue,
+            };
+            live.drain_posted();
+            match flow {
+                Flow::Continue => CONTINUE,
+                Flow::Pause => STOP_ITERATION_AND_BUFFER,
             }
-            Err(_) => Flow::Continue,
         };
-        live.drain_posted();
-        match flow {
-            Flow::Continue => CONTINUE,
-            Flow::Pause => STOP_ITERATION_AND_BUFFER,
-        }
+        // SAFETY: Envoy passes the live filter and its pointer.
+        unsafe { in_hook(envoy, filter, step) }.unwrap_or(CONTINUE)
     })
 }
 
