@@ -223,36 +223,42 @@ pub fn api_key_param(path: &str) -> Option<Vec<u8>> {
 
 /// `%xx` and `+` decoded; anything else kept as it is.
 fn percent_decode(encoded: &str) -> Vec<u8> {
-    let bytes = encoded.as_bytes();
-    let mut decoded = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = |b: u8| char::from(b).to_digit(16);
-        match (
-            bytes[i],
-            bytes.get(i + 1).copied().and_then(hex),
-            bytes.get(i + 2).copied().and_then(hex),
-        ) {
-            (b'%', Some(hi), Some(lo)) => {
-                decoded.push((hi * 16 + lo) as u8);
-                i += 3;
-            }
-            (b'+', _, _) => {
-                decoded.push(b' ');
-                i += 1;
-            }
-            (b, _, _) => {
-                decoded.push(b);
-                i += 1;
-            }
-        }
-    }
-    decoded
+    PercentDecoded(encoded.as_bytes()).collect()
 }
 
-/// Does `encoded`, percent-decoded, equal `plain` ignoring ASCII case?
+/// The bytes of a query component, percent-decoded (`+` is a space; a `%`
+/// not followed by two hex digits stands for itself), one at a time.
+struct PercentDecoded<'a>(&'a [u8]);
+
+impl Iterator for PercentDecoded<'_> {
+    type Item = u8;
+
+    fn next(&mut self) -> Option<u8> {
+        let hex = |b: Option<&u8>| b.and_then(|b| char::from(*b).to_digit(16));
+        let (&first, rest) = self.0.split_first()?;
+        let (byte, taken) = match (first, hex(rest.first()), hex(rest.get(1))) {
+            (b'%', Some(hi), Some(lo)) => ((hi * 16 + lo) as u8, 3),
+            (b'+', _, _) => (b' ', 1),
+            (b, _, _) => (b, 1),
+        };
+        self.0 = self.0.get(taken..).unwrap_or_default();
+        Some(byte)
+    }
+}
+
+/// Does `encoded`, percent-decoded, equal `plain` ignoring ASCII case? On
+/// every query parameter of every request, so it compares in place: a name
+/// without `%` is compared as it stands, and no name is copied.
 fn percent_decoded_eq_ignore_case(encoded: &str, plain: &str) -> bool {
-    percent_decode(encoded).eq_ignore_ascii_case(plain.as_bytes())
+    if !encoded.contains(['%', '+']) {
+        return encoded.eq_ignore_ascii_case(plain);
+    }
+    let mut decoded = PercentDecoded(encoded.as_bytes());
+    plain.bytes().all(|want| {
+        decoded
+            .next()
+            .is_some_and(|got| got.eq_ignore_ascii_case(&want))
+    }) && decoded.next().is_none()
 }
 
 /// Format the value of the `authorization` header once per token, so the hot
@@ -434,6 +440,44 @@ mod tests {
             "/x?",
         ] {
             assert_eq!(without_api_key_param(untouched), None, "{untouched}");
+        }
+    }
+
+    #[test]
+    fn a_parameter_name_is_compared_decoded_whatever_its_encoding() {
+        for name in [
+            "api-key",
+            "API-KEY",
+            "api%2Dkey",
+            "%61pi-ke%79",
+            "%41PI%2dKEY",
+        ] {
+            assert!(percent_decoded_eq_ignore_case(name, "api-key"), "{name}");
+        }
+        for name in [
+            "api-ke",
+            "api-keyy",
+            "api-key%",
+            "api-key%2",
+            "api%2-key",
+            "api+key",
+            "api%20key",
+            "",
+            "%",
+            "api-key%00",
+        ] {
+            assert!(!percent_decoded_eq_ignore_case(name, "api-key"), "{name}");
+        }
+    }
+
+    #[cfg(not(target_arch = "wasm32"))]
+    proptest::proptest! {
+        #[test]
+        fn comparing_in_place_agrees_with_decoding_first(name in "[aApPiIkKeEyY%2dD+0-9-]{0,12}") {
+            proptest::prop_assert_eq!(
+                percent_decoded_eq_ignore_case(&name, "api-key"),
+                percent_decode(&name).eq_ignore_ascii_case(b"api-key")
+            );
         }
     }
 
