@@ -139,6 +139,7 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_scheduled(
                 shared.start();
                 if event == host::EVENT_TICK {
                     shared.broadcast_tick();
+                    shared.flush_tallies();
                 }
                 // The main thread's own worker: it keeps tokens fresh while
                 // no request comes (as the wasm build's main-thread VMs do).
