@@ -224,13 +224,16 @@ impl Worker {
         }
         let now = h.now_ms();
         self.heartbeat(h, now);
-        self.flush_metrics(h, now);
+        self.flush_counts(h);
+        self.report_expiries(h, now);
     }
 
     /// Report the per-request counts now, not at the next tick: for a host
-    /// whose idle workers are not ticked (the native build's, between requests).
+    /// whose idle workers are not ticked (the native build's, between
+    /// requests). The expiry gauges are left to the ticks: every worker
+    /// would write the same values.
     pub fn flush<H: Host>(&self, h: &H) {
-        self.flush_metrics(h, h.now_ms());
+        self.flush_counts(h);
     }
 
     /// Messages from this worker's queue: records to adopt, deferred batches.
@@ -762,18 +765,8 @@ impl Worker {
         }
     }
 
-    /// Per-tick bookkeeping: flush request counters, refresh the expiry gauges.
-    fn flush_metrics<H: Host>(&self, h: &H, now_ms: u64) {
-        let expiries: Vec<u64> = match self.agents.try_borrow() {
-            Ok(agents) => agents
-                .iter()
-                .map(|a| {
-                    a.expires_at_ms()
-                        .map_or(0, |at| at.saturating_sub(now_ms) / 1000)
-                })
-                .collect(),
-            Err(_) => return,
-        };
+    /// Hand the request counters counted since the last flush to the host.
+    fn flush_counts<H: Host>(&self, h: &H) {
         let Ok(mut metrics) = self.metrics.try_borrow_mut() else {
             return;
         };
@@ -803,6 +796,23 @@ impl Worker {
         if passed > 0 {
             metrics.add(h, m::REQUESTS_PASSED_THROUGH, &[], passed as i64);
         }
+    }
+
+    /// Every tick: seconds until each token expires (0 without one).
+    fn report_expiries<H: Host>(&self, h: &H, now_ms: u64) {
+        let expiries: Vec<u64> = match self.agents.try_borrow() {
+            Ok(agents) => agents
+                .iter()
+                .map(|a| {
+                    a.expires_at_ms()
+                        .map_or(0, |at| at.saturating_sub(now_ms) / 1000)
+                })
+                .collect(),
+            Err(_) => return,
+        };
+        let Ok(mut metrics) = self.metrics.try_borrow_mut() else {
+            return;
+        };
         for (token, seconds) in expiries.into_iter().enumerate() {
             metrics.set(h, m::TOKEN_EXPIRES_IN, &[self.token_label(token)], seconds);
         }
