@@ -408,6 +408,19 @@ impl Agent {
         self.step(now_ms, store, next, step)
     }
 
+    /// The host answered a call of the exchange itself, with a failure (the
+    /// native build reading the workload-identity token file it could not
+    /// read): the exchange ends there.
+    pub fn failed(
+        &mut self,
+        now_ms: u64,
+        store: &mut dyn SharedStore,
+        failure: FetchFailure,
+    ) -> Vec<Command> {
+        self.exchange = None;
+        self.fetched(now_ms, store, Err(failure))
+    }
+
     /// Envoy refused to dispatch a call of the exchange to `cluster`.
     pub fn dispatch_failed(
         &mut self,

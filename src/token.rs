@@ -92,6 +92,14 @@ pub enum FetchFailure {
     WrongAudience { asked: String, got: String },
     /// Workload identity: no usable service-account token to exchange.
     AssertionUnavailable { problem: String },
+    /// Workload identity, read from the projected file itself (a host that
+    /// can read files: the native build): the file could not be read.
+    /// `variable` names the environment variable that gave `path`.
+    AssertionFileUnreadable {
+        variable: String,
+        path: String,
+        error: String,
+    },
 }
 
 /// How a failure is retried and what parked requests are told.
@@ -112,7 +120,8 @@ impl FetchFailure {
             FetchFailure::Dispatch { .. } => FailureClass::Misconfigured,
             FetchFailure::NoResponse
             | FetchFailure::InvalidBody { .. }
-            | FetchFailure::AssertionUnavailable { .. } => FailureClass::Transient,
+            | FetchFailure::AssertionUnavailable { .. }
+            | FetchFailure::AssertionFileUnreadable { .. } => FailureClass::Transient,
             FetchFailure::WrongAudience { .. } => FailureClass::Refused,
             FetchFailure::Status { status, error, .. } => match status {
                 404 | 408 | 410 | 429 | 500..=599 => FailureClass::Transient,
@@ -131,7 +140,8 @@ impl FetchFailure {
             FetchFailure::Status { status, .. } => format!("status_{status}"),
             FetchFailure::InvalidBody { .. } => "invalid_body".to_owned(),
             FetchFailure::WrongAudience { .. } => "wrong_audience".to_owned(),
-            FetchFailure::AssertionUnavailable { .. } => "assertion_unavailable".to_owned(),
+            FetchFailure::AssertionUnavailable { .. }
+            | FetchFailure::AssertionFileUnreadable { .. } => "assertion_unavailable".to_owned(),
         }
     }
 }

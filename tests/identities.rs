@@ -637,6 +637,99 @@ async fn workload_identity_exchanges_the_projected_token_and_follows_its_rotatio
     }
 }
 
+/// The native module, in Envoy's own process, reads the file that
+/// `AZURE_FEDERATED_TOKEN_FILE` names itself, at every exchange, with no
+/// token-file listener; a file it cannot read is named in the diagnosis. The
+/// wasm filter reads no file and no variable it is not given: the same Envoy,
+/// without the listener, tells its user that the listener did not answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_native_module_reads_the_projected_token_file_itself_and_names_one_it_cannot_read() {
+    let emulator = Emulator::start(Settings {
+        token_lifetime_s: 4,
+        ..with_app(app(vec![], vec![], vec![]))
+    })
+    .unwrap();
+    let issuer = emulator.oidc_issuer();
+    emulator.configure(|s| {
+        s.entra_apps[0].federated = vec![FederatedCredential {
+            issuer: issuer.clone(),
+            subject: SUBJECT.into(),
+            audience: EXCHANGE_AUDIENCE.into(),
+        }]
+    });
+    let first = emulator.mint_service_account_token(SUBJECT, EXCHANGE_AUDIENCE, 3600);
+    let mut volume = ProjectedVolume::new(&first);
+    let file = volume.file().display().to_string();
+    let mut env = workload_env().to_vec();
+    env.push(("AZURE_FEDERATED_TOKEN_FILE", &file));
+    // No listener: the assertion cluster refuses every connection.
+    let envoy = envoy_with(&emulator, workload_config(), &WORKLOAD_ENV_KEYS, &env, None);
+
+    if !native() {
+        let (status, code, body) = diagnosis(&envoy).await;
+        let message = body["error"]["message"].as_str().unwrap_or_default();
+        assert_eq!(
+            (status, code.as_str()),
+            (503, "FederatedTokenUnavailable"),
+            "{body}"
+        );
+        // Envoy answers the call to the refusing cluster itself, with a 503.
+        assert!(message.contains("token listener answered 503"), "{message}");
+        assert!(message.contains("The token-file listener"), "{message}");
+        assert!(emulator.entra_requests().is_empty());
+        return;
+    }
+
+    let (status, _, body) = send_chat(&envoy).await;
+    assert_eq!(status, 200, "{body}");
+    let calls = emulator.entra_requests();
+    assert_eq!(
+        form_field(&calls[0].form, "client_assertion"),
+        Some(first.as_str())
+    );
+    // kubelet rotates the token; the 4 s token is refreshed at half-life
+    // with the file as it is then.
+    let second = emulator.mint_service_account_token(SUBJECT, EXCHANGE_AUDIENCE, 3600);
+    volume.rotate(&second);
+    tokio::time::sleep(Duration::from_millis(2_600)).await;
+    assert_eq!(send_chat(&envoy).await.0, 200);
+    let calls = emulator.entra_requests();
+    assert_eq!(
+        form_field(&calls.last().unwrap().form, "client_assertion"),
+        Some(second.as_str()),
+        "the next exchange reads the rotated file, no restart"
+    );
+    let log = envoy.log();
+    for token in [&first, &second] {
+        let signature = token.rsplit('.').next().unwrap();
+        assert!(!log.contains(&signature[..24]), "an assertion in the log");
+    }
+
+    // A path where no file is: the diagnosis names the variable, the path
+    // and why, and what to check; nothing about a listener.
+    let missing = volume.dir().join("no-such-token").display().to_string();
+    let mut env = workload_env().to_vec();
+    env.push(("AZURE_FEDERATED_TOKEN_FILE", &missing));
+    let envoy = envoy_with(&emulator, workload_config(), &WORKLOAD_ENV_KEYS, &env, None);
+    let (status, code, body) = diagnosis(&envoy).await;
+    let message = body["error"]["message"].as_str().unwrap_or_default();
+    println!("FederatedTokenUnavailable (file): {message}");
+    assert_eq!(
+        (status, code.as_str()),
+        (503, "FederatedTokenUnavailable"),
+        "{body}"
+    );
+    for part in [
+        "AZURE_FEDERATED_TOKEN_FILE",
+        missing.as_str(),
+        "No such file or directory",
+        "mounts the projected volume",
+    ] {
+        assert!(message.contains(part), "{part}: {message}");
+    }
+    assert!(!message.contains("listener"), "{message}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_federated_credential_that_does_not_match_is_explained() {
     let emulator = Emulator::start(with_app(app(vec![], vec![], vec![]))).unwrap();

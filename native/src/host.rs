@@ -25,6 +25,7 @@ use aoai_msi_filter::metrics::{Kind, Metric, ALL};
 use aoai_msi_filter::safe;
 use aoai_msi_filter::source::TokenRequest;
 use aoai_msi_filter::store::{SharedStore, StoreError};
+use aoai_msi_filter::token::FetchFailure;
 use aoai_msi_filter::worker::{Host, Level, Status};
 
 use crate::abi::{self, EnvoyBuffer, EnvoyHeader, ModuleBuffer, ModuleHeader};
@@ -147,6 +148,8 @@ pub enum Mail {
         status: Option<u16>,
         body: Vec<u8>,
     },
+    /// A token call answered here with a failure, never sent.
+    Failed { call: u32, failure: FetchFailure },
     /// A token call the main thread could not send.
     Undispatched {
         call: u32,
@@ -899,18 +902,21 @@ impl NativeHost {
                 body,
             },
             Err(e) => {
+                let path = safe::free_text(&file.display().to_string(), 200);
                 log(
                     Level::Warn,
                     &format!(
-                        "cannot read the service-account token file {} ({}): {e}",
-                        safe::free_text(&file.display().to_string(), 200),
+                        "cannot read the service-account token file {path} ({}): {e}",
                         federated::TOKEN_FILE_VARIABLE
                     ),
                 );
-                Mail::Answer {
+                Mail::Failed {
                     call,
-                    status: None,
-                    body: Vec::new(),
+                    failure: FetchFailure::AssertionFileUnreadable {
+                        variable: federated::TOKEN_FILE_VARIABLE.to_owned(),
+                        path,
+                        error: e.to_string(),
+                    },
                 }
             }
         };

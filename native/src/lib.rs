@@ -251,6 +251,7 @@ impl Live {
                 Mail::Answer { call, status, body } => {
                     self.worker.answered(&self.host, call, status, &body)
                 }
+                Mail::Failed { call, failure } => self.worker.failed(&self.host, call, failure),
                 Mail::Undispatched {
                     call,
                     cluster,

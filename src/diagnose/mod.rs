@@ -9,6 +9,7 @@
 use serde_json::{json, Map, Value};
 
 use crate::config::TokenSpec;
+use crate::safe;
 use crate::source::Refusal;
 use crate::store::Failure;
 use crate::token::{FailureClass, FetchFailure};
@@ -131,6 +132,24 @@ impl Diagnosis {
                     ),
                 )
             }
+            FetchFailure::AssertionFileUnreadable {
+                variable,
+                path,
+                error,
+            } => (
+                503,
+                code::FEDERATED_TOKEN_UNAVAILABLE,
+                format!(
+                    "No service-account token to exchange: the file that {} names ({}) cannot be read: {}. \
+                     The workload-identity webhook projects that token into the pod and sets the variable: \
+                     check that the pod is labelled azure.workload.identity/use: \"true\", that its service \
+                     account is annotated with azure.workload.identity/client-id, and that the proxy's container \
+                     mounts the projected volume. The filter reads the file again at every exchange and keeps retrying.",
+                    safe::free_text(variable, 64),
+                    safe::free_text(path, 200),
+                    safe::free_text(error, 200)
+                ),
+            ),
             FetchFailure::Status {
                 status,
                 error,
@@ -336,6 +355,30 @@ mod tests {
             description: Some(description.into()),
             codes: Vec::new(),
         }
+    }
+
+    #[test]
+    fn an_unreadable_token_file_is_named_with_its_variable_and_the_webhook_checks() {
+        let d = Diagnosis::for_failure(
+            &failure(FetchFailure::AssertionFileUnreadable {
+                variable: "AZURE_FEDERATED_TOKEN_FILE".into(),
+                path: "/var/run/secrets/azure/tokens/azure-identity-token\n".into(),
+                error: "No such file or directory (os error 2)".into(),
+            }),
+            &spec(),
+            10_000,
+        );
+        assert_eq!((d.status, d.code), (503, code::FEDERATED_TOKEN_UNAVAILABLE));
+        for part in [
+            "AZURE_FEDERATED_TOKEN_FILE names (/var/run/secrets/azure/tokens/azure-identity-token?)",
+            "No such file or directory",
+            "azure.workload.identity/use",
+            "mounts the projected volume",
+        ] {
+            assert!(d.message.contains(part), "{part}: {}", d.message);
+        }
+        assert!(!d.message.contains("listener"), "{}", d.message);
+        assert!(d.retry_after_s.is_some());
     }
 
     #[test]

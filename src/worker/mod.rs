@@ -39,6 +39,7 @@ use crate::route::NearMiss;
 use crate::safe;
 use crate::source::{CredentialKind, TokenRequest};
 use crate::store;
+use crate::token::FetchFailure;
 use metrics::Metrics;
 
 /// How often each worker checks for refresh, lapsed leases and waiting requests.
@@ -634,6 +635,18 @@ impl Worker {
             .try_borrow_mut()
             .ok()
             .and_then(|mut calls| calls.remove(&call))
+    }
+
+    /// A token call the host answered itself with `failure`, without
+    /// sending it (the native build reads the workload-identity token file
+    /// instead of calling the listener that serves it).
+    pub fn failed<H: Host>(&self, h: &H, call: u32, failure: FetchFailure) {
+        let Some(token) = self.take_call(call) else {
+            return;
+        };
+        self.drive(h, token, |agent, now| {
+            agent.failed(now, &mut h.store(), failure)
+        });
     }
 
     /// A token call the host took but could not send after all (a host that
