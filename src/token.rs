@@ -92,6 +92,14 @@ pub enum FetchFailure {
     WrongAudience { asked: String, got: String },
     /// Workload identity: no usable service-account token to exchange.
     AssertionUnavailable { problem: String },
+    /// A service principal's SDS generic secret (`client_secret_sds`,
+    /// `client_certificate_sds`) could not be used at this exchange: `field`
+    /// names the setting, `problem` says what is wrong (never the value).
+    SecretUnavailable {
+        secret: String,
+        field: String,
+        problem: String,
+    },
 }
 
 /// How a failure is retried and what parked requests are told.
@@ -112,7 +120,8 @@ impl FetchFailure {
             FetchFailure::Dispatch { .. } => FailureClass::Misconfigured,
             FetchFailure::NoResponse
             | FetchFailure::InvalidBody { .. }
-            | FetchFailure::AssertionUnavailable { .. } => FailureClass::Transient,
+            | FetchFailure::AssertionUnavailable { .. }
+            | FetchFailure::SecretUnavailable { .. } => FailureClass::Transient,
             FetchFailure::WrongAudience { .. } => FailureClass::Refused,
             FetchFailure::Status { status, error, .. } => match status {
                 404 | 408 | 410 | 429 | 500..=599 => FailureClass::Transient,
@@ -132,6 +141,7 @@ impl FetchFailure {
             FetchFailure::InvalidBody { .. } => "invalid_body".to_owned(),
             FetchFailure::WrongAudience { .. } => "wrong_audience".to_owned(),
             FetchFailure::AssertionUnavailable { .. } => "assertion_unavailable".to_owned(),
+            FetchFailure::SecretUnavailable { .. } => "secret_unavailable".to_owned(),
         }
     }
 }
