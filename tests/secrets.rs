@@ -15,7 +15,7 @@ mod support;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use aoai_emulator::{AppSecret, EntraApp, Identity, TENANT_ID};
+use aoai_emulator::{new_certificate, AppSecret, EntraApp, Identity, TENANT_ID};
 use support::*;
 
 const APP_CLIENT: &str = "5ce7a1d0-0000-4000-8000-0000000000c1";
@@ -33,13 +33,22 @@ fn secret(value: &str) -> AppSecret {
 
 /// Settings where the application (with these valid secrets) holds the role.
 fn settings(secrets: Vec<AppSecret>, token_lifetime_s: u64) -> Settings {
+    with_certificates(secrets, vec![], token_lifetime_s)
+}
+
+/// As [`settings`], with certificates (`x5t#S256`) registered too.
+fn with_certificates(
+    secrets: Vec<AppSecret>,
+    certificates: Vec<String>,
+    token_lifetime_s: u64,
+) -> Settings {
     Settings {
         role_holders: [Identity::system().object_id, APP_OBJECT.to_owned()].into(),
         entra_apps: vec![EntraApp {
             client_id: APP_CLIENT.to_owned(),
             object_id: APP_OBJECT.to_owned(),
             secrets,
-            certificates: vec![],
+            certificates,
             federated: vec![],
         }],
         token_lifetime_s,
@@ -57,8 +66,12 @@ fn config(sds: &str) -> String {
 
 /// An SDS source that reads `file` and reloads it when `dir` changes.
 fn file_source(file: &Path, dir: &Path) -> String {
+    named_file_source(SECRET_NAME, file, dir)
+}
+
+fn named_file_source(name: &str, file: &Path, dir: &Path) -> String {
     serde_json::json!({
-        "name": SECRET_NAME,
+        "name": name,
         "sds_config": {
             "path_config_source": {
                 "path": file.display().to_string(),
@@ -73,6 +86,17 @@ fn file_source(file: &Path, dir: &Path) -> String {
 fn sds_file(value: &str) -> String {
     format!(
         "resources:\n- \"@type\": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret\n  name: {SECRET_NAME}\n  generic_secret:\n    secret:\n      inline_string: \"{value}\"\n"
+    )
+}
+
+/// An SDS file holding a multi-line generic secret `name` (a PEM bundle).
+fn sds_file_block(name: &str, value: &str) -> String {
+    let indented: String = value
+        .lines()
+        .map(|line| format!("        {line}\n"))
+        .collect();
+    format!(
+        "resources:\n- \"@type\": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret\n  name: {name}\n  generic_secret:\n    secret:\n      inline_string: |\n{indented}"
     )
 }
 
@@ -297,4 +321,96 @@ async fn an_sds_secret_envoy_has_not_got_is_a_diagnosis_naming_it() {
     }
     assert_eq!(body["error"]["sds_secret"], SECRET_NAME);
     assert!(secrets_sent(&emulator).is_empty(), "Entra was not asked");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_rotated_in_its_sds_file_signs_the_next_assertion_without_a_restart() {
+    let first = new_certificate().unwrap();
+    let second = new_certificate().unwrap();
+    let emulator = Emulator::start(with_certificates(
+        vec![],
+        vec![
+            first.thumbprint_sha256.clone(),
+            second.thumbprint_sha256.clone(),
+        ],
+        4,
+    ))
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("sp-cert.yaml");
+    let bundle = |c: &aoai_emulator::Certificate| format!("{}\n{}", c.cert_pem, c.key_pem);
+    std::fs::write(&file, sds_file_block("sp-cert", &bundle(&first))).unwrap();
+    let config = format!(
+        r#"{{"token_source":{{"type":"client_credentials","tenant_id":"{TENANT_ID}","client_id":"{APP_CLIENT}","cluster":"entra","client_certificate_sds":{}}}}}"#,
+        named_file_source("sp-cert", &file, dir.path())
+    );
+    let yaml = envoy_yaml(emulator.port(), &config, "");
+    if !native() {
+        // Native build only: the wasm filter cannot read SDS secrets.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("wasm-sds.yaml");
+        std::fs::write(&path, &yaml).unwrap();
+        let (ok, out) = validate(&path);
+        assert!(
+            !ok,
+            "the wasm filter must refuse client_certificate_sds:\n{out}"
+        );
+        assert!(
+            out.contains("`token_source.client_certificate_sds`") && out.contains("libaoai_msi.so"),
+            "{out}"
+        );
+        return;
+    }
+    let envoy = Envoy::start_yaml(&yaml, 2);
+    let thumbprints = |emulator: &Emulator| -> Vec<(u16, String)> {
+        emulator
+            .entra_requests()
+            .iter()
+            .map(|call| {
+                let header = call.assertion_header.as_ref().expect("an assertion");
+                (call.status, header["x5t#S256"].as_str().unwrap().to_owned())
+            })
+            .collect()
+    };
+    let (status, _, body) = send_chat(&envoy).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        thumbprints(&emulator),
+        vec![(200, first.thumbprint_sha256.clone())]
+    );
+
+    let updates = "sds.sp-cert.update_success";
+    let before = counter(&envoy, updates);
+    replace_file_atomically(&file, &sds_file_block("sp-cert", &bundle(&second)));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while counter(&envoy, updates) <= before {
+        assert!(
+            Instant::now() < deadline,
+            "Envoy did not reload the SDS file in 10 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let reloaded = thumbprints(&emulator).len();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while thumbprints(&emulator).len() <= reloaded {
+        let (status, _, body) = send_chat(&envoy).await;
+        assert_eq!(status, 200, "{body}");
+        assert!(
+            Instant::now() < deadline,
+            "no exchange after the rotation in 15 s"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let after = &thumbprints(&emulator)[reloaded..];
+    assert!(
+        after
+            .iter()
+            .all(|(status, t)| *status == 200 && *t == second.thumbprint_sha256),
+        "every assertion after the reload is signed with the new certificate: {after:?}"
+    );
+    let log = envoy.log();
+    for c in [&first, &second] {
+        let key_body = c.key_pem.lines().nth(1).unwrap();
+        assert!(!log.contains(key_body), "key material in the log");
+    }
 }
