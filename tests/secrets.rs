@@ -144,7 +144,7 @@ fn assert_wasm_refuses(yaml: &str) {
         .find(|l| l.contains("invalid plugin configuration"))
         .unwrap_or_else(|| panic!("no configuration error in:\n{out}"));
     for needle in [
-        "`token_source.client_secret_sds`",
+        "token_source.client_secret_sds`",
         "client_secret_env",
         "libaoai_msi.so",
     ] {
@@ -177,16 +177,24 @@ fn counter(envoy: &Envoy, name: &str) -> u64 {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_static_bootstrap_secret_named_by_client_secret_sds_signs_the_service_principal_in() {
+async fn static_bootstrap_secrets_named_by_client_secret_sds_sign_the_service_principal_in() {
     let emulator = Emulator::start(settings(vec![secret(FIRST)], 3600)).unwrap();
+    // Two targets, two static secrets: Envoy numbers its subscriptions from 1.
     let statics = format!(
-        "  - name: {SECRET_NAME}\n    generic_secret: {{ secret: {{ inline_string: \"{FIRST}\" }} }}\n"
+        "  - name: {SECRET_NAME}\n    generic_secret: {{ secret: {{ inline_string: \"{FIRST}\" }} }}\n\
+         \x20 - name: other-secret\n    generic_secret: {{ secret: {{ inline_string: \"{SECOND}\" }} }}\n"
     );
-    let yaml = envoy_yaml(
-        emulator.port(),
-        &config(&format!("\"{SECRET_NAME}\"")),
-        &statics,
+    let source = |name: &str| {
+        format!(
+            r#"{{"type":"client_credentials","tenant_id":"{TENANT_ID}","client_id":"{APP_CLIENT}","cluster":"entra","client_secret_sds":"{name}"}}"#
+        )
+    };
+    let config = format!(
+        r#"{{"targets":[{{"name":"main","hosts":["{AOAI_HOST}"],"token_source":{}}},{{"name":"other","hosts":["other.openai.azure.com"],"token_source":{}}}]}}"#,
+        source(SECRET_NAME),
+        source("other-secret")
     );
+    let yaml = envoy_yaml(emulator.port(), &config, &statics);
     if !native() {
         // Native build only: the wasm filter cannot read SDS secrets.
         return assert_wasm_refuses(&yaml);
@@ -201,11 +209,17 @@ async fn a_static_bootstrap_secret_named_by_client_secret_sds_signs_the_service_
         "the application's own token reached Azure"
     );
     let filter_log = envoy.filter_log().join("\n");
+    for line in [
+        "subscribed to the SDS generic secret \"sp-secret\" (static; id 1)",
+        "subscribed to the SDS generic secret \"other-secret\" (static; id 2)",
+    ] {
+        assert!(filter_log.contains(line), "{line}:\n{filter_log}");
+    }
+    let log = envoy.log();
     assert!(
-        filter_log.contains("subscribed to the SDS generic secret \"sp-secret\" (static; id 1)"),
-        "{filter_log}"
+        !log.contains(FIRST) && !log.contains(SECOND),
+        "a secret is in Envoy's log"
     );
-    assert!(!envoy.log().contains(FIRST), "the secret is in Envoy's log");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
