@@ -182,7 +182,7 @@ fuzz:
 # Real Envoy against the emulator; the load test runs alone (60 s, 50 requests/s).
 test-e2e: setup build build-native $(VENV)/.openai-$(OPENAI_VERSION) $(VENV)/.websockets-$(WEBSOCKETS_VERSION)
 	cargo build --quiet --release --target wasm32-wasip1 -p bench-probe-filter
-	ENVOY_BIN=$(abspath $(VENV)/bin/envoy) cargo test --test e2e --test failures --test diagnostics --test sdk --test hardening --test targets --test identities --test surface --test migration --test confinement \
+	ENVOY_BIN=$(abspath $(VENV)/bin/envoy) cargo test --test e2e --test failures --test diagnostics --test sdk --test hardening --test targets --test identities --test surface --test migration --test confinement --test secrets \
 	  -- --test-threads 2 --nocapture
 	ENVOY_BIN=$(abspath $(VENV)/bin/envoy) cargo test --test readme -- --test-threads 2 --nocapture
 	ENVOY_BIN=$(abspath $(VENV)/bin/envoy) cargo test --test load -- --nocapture
@@ -191,7 +191,7 @@ test-e2e: setup build build-native $(VENV)/.openai-$(OPENAI_VERSION) $(VENV)/.we
 # tests/support); the emulator and the probe filter are still needed.
 test-e2e-native: setup build build-native $(VENV)/.openai-$(OPENAI_VERSION) $(VENV)/.websockets-$(WEBSOCKETS_VERSION)
 	cargo build --quiet --release --target wasm32-wasip1 -p bench-probe-filter
-	AOAI_MSI_BUILD=native ENVOY_BIN=$(abspath $(VENV)/bin/envoy) cargo test --test e2e --test failures --test diagnostics --test sdk --test hardening --test targets --test identities --test surface --test migration --test confinement \
+	AOAI_MSI_BUILD=native ENVOY_BIN=$(abspath $(VENV)/bin/envoy) cargo test --test e2e --test failures --test diagnostics --test sdk --test hardening --test targets --test identities --test surface --test migration --test confinement --test secrets \
 	  -- --test-threads 2 --nocapture
 	AOAI_MSI_BUILD=native ENVOY_BIN=$(abspath $(VENV)/bin/envoy) cargo test --test readme -- --test-threads 2 --nocapture
 	AOAI_MSI_BUILD=native ENVOY_BIN=$(abspath $(VENV)/bin/envoy) cargo test --test load -- --nocapture

@@ -46,6 +46,9 @@ table! {
         FEDERATED_CREDENTIAL_MISMATCH = "FederatedCredentialMismatch";
         FEDERATED_TOKEN_EXPIRED = "FederatedTokenExpired";
         FEDERATED_TOKEN_UNAVAILABLE = "FederatedTokenUnavailable";
+        /// The SDS generic secret of a service principal is missing, empty
+        /// or unreadable at an exchange (native build).
+        SDS_SECRET_UNAVAILABLE = "SdsSecretUnavailable";
         CLIENT_KEY_REQUIRED = "ClientKeyRequired";
         CLIENT_KEY_UNKNOWN = "ClientKeyUnknown";
         /// The filter could not write the credential into the request.

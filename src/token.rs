@@ -100,6 +100,14 @@ pub enum FetchFailure {
         path: String,
         error: String,
     },
+    /// A service principal's SDS generic secret (`client_secret_sds`,
+    /// `client_certificate_sds`) could not be used at this exchange: `field`
+    /// names the setting, `problem` says what is wrong (never the value).
+    SecretUnavailable {
+        secret: String,
+        field: String,
+        problem: String,
+    },
 }
 
 /// How a failure is retried and what parked requests are told.
@@ -121,7 +129,8 @@ impl FetchFailure {
             FetchFailure::NoResponse
             | FetchFailure::InvalidBody { .. }
             | FetchFailure::AssertionUnavailable { .. }
-            | FetchFailure::AssertionFileUnreadable { .. } => FailureClass::Transient,
+            | FetchFailure::AssertionFileUnreadable { .. }
+            | FetchFailure::SecretUnavailable { .. } => FailureClass::Transient,
             FetchFailure::WrongAudience { .. } => FailureClass::Refused,
             FetchFailure::Status { status, error, .. } => match status {
                 404 | 408 | 410 | 429 | 500..=599 => FailureClass::Transient,
@@ -142,6 +151,7 @@ impl FetchFailure {
             FetchFailure::WrongAudience { .. } => "wrong_audience".to_owned(),
             FetchFailure::AssertionUnavailable { .. }
             | FetchFailure::AssertionFileUnreadable { .. } => "assertion_unavailable".to_owned(),
+            FetchFailure::SecretUnavailable { .. } => "secret_unavailable".to_owned(),
         }
     }
 }

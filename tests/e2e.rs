@@ -393,6 +393,13 @@ fn invalid_plugin_configurations_fail_envoy_validation_naming_the_field() {
             r#"{"targets":[{"hosts":["*"]}]}"#,
             "`targets[0].hosts[0]` is \"*\"",
         ),
+        // The wasm filter cannot read SDS secrets (its message names the
+        // fix: client_secret_env, or libaoai_msi.so); the native build
+        // refuses it too here, as no such static secret is declared.
+        (
+            r#"{"token_source":{"type":"client_credentials","tenant_id":"t","client_id":"c","client_secret_sds":"sp"}}"#,
+            "`token_source.client_secret_sds`",
+        ),
     ];
     for (i, (config, field)) in cases.iter().enumerate() {
         let (ok, out) = validate(&write_envoy_config(&dir, &format!("bad{i}.yaml"), config));

@@ -320,4 +320,49 @@ extern "C" {
         filter: *mut c_void,
         result: *mut EnvoyBuffer,
     ) -> bool;
+
+    // ---- SDS generic secrets. Not taken from a header: established on the
+    // pip 1.40.0 binary itself, by disassembly (`objdump -d` of the three
+    // exported symbols and of the function `subscribe` tail-calls, with the
+    // strings it references), then by behaviour in a real Envoy
+    // (tests/secrets.rs: a static secret, and an SDS file that rotates):
+    //
+    // * `subscribe` normalises its two buffers (a null pointer or a zero
+    //   length is an empty buffer) and tail-calls the configuration's
+    //   `subscribeGenericSecret`, whose log strings name the two arguments:
+    //   "{}: the name is empty", "{} '{}': no such static secret",
+    //   "{} '{}': the config source is not a valid ConfigSource JSON: {}",
+    //   "{} '{}': secrets can only be subscribed during config
+    //   initialization". Its error paths return 0; a success returns the
+    //   1-based index of the new provider in the configuration's provider
+    //   vector (1 for the first, as the e2e log line shows). Envoy then logs
+    //   "dynamic module failed to subscribe to the generic secret" too.
+    // * `config_get_generic_secret` and `get_generic_secret` (the filter's
+    //   twin, through the filter's configuration at +0x98) check
+    //   `0 < id <= providers.len()`, take `providers[id - 1]`, and read its
+    //   `secret()`: the value of a thread-local slot (a libc++ std::string,
+    //   copied to every Envoy thread when the secret changes), written to
+    //   `*out` as {data, size}. So the bytes are Envoy's, valid on this
+    //   thread until the thread's next update of the secret, and the call
+    //   must be made on an Envoy thread (main or worker): never on a
+    //   thread of the module's own. There is no event hook for an update:
+    //   a module reads the value when it needs it.
+
+    /// Subscribe the configuration to the generic secret `name`: from the
+    /// bootstrap's static secrets when `config_source` is empty, else from
+    /// SDS with `config_source` (an Envoy `ConfigSource` as JSON). Only in
+    /// `on_http_filter_config_new` (main thread). The secret's id, or 0.
+    pub fn envoy_dynamic_module_callback_http_filter_config_generic_secret_subscribe(
+        config: *mut c_void,
+        name: ModuleBuffer,
+        config_source: ModuleBuffer,
+    ) -> usize;
+
+    /// The current value of subscribed secret `id` (1-based); false for an
+    /// unknown id. On an Envoy thread only (see above).
+    pub fn envoy_dynamic_module_callback_http_filter_config_get_generic_secret(
+        config: *mut c_void,
+        id: usize,
+        out: *mut EnvoyBuffer,
+    ) -> bool;
 }

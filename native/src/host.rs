@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use aoai_msi_filter::config::Config;
+use aoai_msi_filter::config::{Config, SdsRef, SdsSecret, SecretHost};
 use aoai_msi_filter::metrics::{Kind, Metric, ALL};
 use aoai_msi_filter::safe;
 use aoai_msi_filter::source::TokenRequest;
@@ -414,15 +414,102 @@ impl MetricIds {
     }
 }
 
+/// Envoy's configuration pointer, until the configuration goes: read-locked
+/// around every use from any thread, so it cannot go in the middle of one.
+pub type EnvoyConfig = RwLock<Option<Ptr>>;
+
+fn read_config(config: &EnvoyConfig) -> std::sync::RwLockReadGuard<'_, Option<Ptr>> {
+    config
+        .read()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+// ---------------------------------------------------------------- secrets
+
+/// SDS generic secrets, as this host gives them to the core: subscribed in
+/// `config_new` (main thread; Envoy refuses later subscriptions), read at
+/// each token exchange with `config_get_generic_secret`. The read happens
+/// on the thread of the worker that builds the request, always an Envoy
+/// thread (a hook or a scheduled event), which the thread-local value Envoy
+/// keeps requires; Envoy updates that value on every thread when SDS
+/// delivers a new one, so the next exchange uses it.
+pub struct Secrets {
+    config: Arc<EnvoyConfig>,
+}
+
+impl Secrets {
+    pub fn new(config: Arc<EnvoyConfig>) -> Secrets {
+        Secrets { config }
+    }
+}
+
+impl SecretHost for Secrets {
+    fn subscribe(&self, secret: &SdsRef) -> Result<SdsSecret, String> {
+        let source = secret.sds_config.as_deref().unwrap_or("");
+        let id = match *read_config(&self.config) {
+            // SAFETY: the live configuration (read-locked), in config_new on
+            // the main thread; both buffers live for the call.
+            Some(ptr) => unsafe {
+                abi::envoy_dynamic_module_callback_http_filter_config_generic_secret_subscribe(
+                    ptr.0,
+                    ModuleBuffer::of(secret.name.as_bytes()),
+                    ModuleBuffer::of(source.as_bytes()),
+                )
+            },
+            None => 0,
+        };
+        if id == 0 {
+            // Envoy logs the reason itself (the ABI does not return it).
+            return Err("Envoy's error line just before this one says why".to_owned());
+        }
+        log(
+            Level::Debug,
+            &format!(
+                "subscribed to the SDS generic secret {:?} ({}; id {id})",
+                secret.name,
+                if secret.sds_config.is_some() {
+                    "SDS"
+                } else {
+                    "static"
+                }
+            ),
+        );
+        let config = Arc::clone(&self.config);
+        Ok(SdsSecret::new(
+            &secret.name,
+            Arc::new(move || read_secret(&config, id)),
+        ))
+    }
+}
+
+/// The current bytes of secret `id`, copied out; `None` for an id Envoy does
+/// not know, or once the configuration is gone.
+fn read_secret(config: &EnvoyConfig, id: usize) -> Option<Vec<u8>> {
+    let guard = read_config(config);
+    let ptr = (*guard)?;
+    let mut out = EnvoyBuffer::EMPTY;
+    // SAFETY: the live configuration (read-locked); `out` is a valid out
+    // pointer; called on an Envoy thread (see `Secrets`).
+    let found = unsafe {
+        abi::envoy_dynamic_module_callback_http_filter_config_get_generic_secret(
+            ptr.0, id, &mut out,
+        )
+    };
+    // SAFETY: Envoy's bytes, valid on this thread until its next update of
+    // the secret, which cannot run while this call is on the thread.
+    let bytes = unsafe { out.to_vec() };
+    // Found but empty stays empty: the core tells "empty" from "not there".
+    found.then_some(bytes)
+}
+
 /// Everything of one filter configuration that all threads share.
 pub struct Shared {
     pub config: Config,
     /// `AZURE_FEDERATED_TOKEN_FILE`, as Envoy's environment had it when the
     /// configuration loaded: workload-identity assertions are read from it.
     pub token_file: Option<PathBuf>,
-    /// Envoy's configuration, until it goes: read-locked around every use
-    /// from any thread, so it cannot go in the middle of one.
-    envoy_config: RwLock<Option<Ptr>>,
+    /// Envoy's configuration, until it goes (shared with [`Secrets`]).
+    envoy_config: Arc<EnvoyConfig>,
     scheduler: Mutex<Option<Ptr>>,
     outbox: Mutex<VecDeque<Outgoing>>,
     /// Envoy callout id → where its answer goes (main thread only).
@@ -440,13 +527,13 @@ impl Shared {
     pub fn new(
         config: Config,
         token_file: Option<PathBuf>,
-        config_ptr: *mut c_void,
+        envoy_config: Arc<EnvoyConfig>,
         metrics: MetricIds,
     ) -> Shared {
         Shared {
             config,
             token_file,
-            envoy_config: RwLock::new(Some(Ptr(config_ptr))),
+            envoy_config,
             scheduler: Mutex::new(None),
             outbox: Mutex::new(VecDeque::new()),
             callouts: Mutex::new(HashMap::new()),
@@ -464,10 +551,7 @@ impl Shared {
 
     /// Call `f` with Envoy's configuration, if it is still there.
     fn with_config<T>(&self, f: impl FnOnce(*mut c_void) -> T) -> Option<T> {
-        let config = self
-            .envoy_config
-            .read()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let config = read_config(&self.envoy_config);
         config.map(|ptr| f(ptr.0))
     }
 

@@ -27,16 +27,16 @@ use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::ffi::c_void;
 use std::rc::Rc;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
-use aoai_msi_filter::config::Config;
+use aoai_msi_filter::config::{Config, HostEnv};
 use aoai_msi_filter::token::MAX_RESPONSE_BYTES;
 use aoai_msi_filter::wire;
 use aoai_msi_filter::worker::{Flow, Host, Level, Stream, Worker, DRAIN_LIMIT, TICK};
 
 use abi::{EnvoyBuffer, EnvoyHeader};
 use guard::{guarded, OnPanic};
-use host::{log, Mail, Mailbox, MetricIds, NativeHost, Ptr, Shared};
+use host::{log, EnvoyConfig, Mail, Mailbox, MetricIds, NativeHost, Ptr, Secrets, Shared};
 
 // ---------------------------------------------------------------- program
 
@@ -66,7 +66,10 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_new(
         // SAFETY: Envoy's buffer, valid for this hook.
         let bytes = unsafe { config.to_vec() };
         let env = |name: &str| std::env::var(name).ok();
-        let config = match Config::parse_with_env(&bytes, &env) {
+        let envoy_config: Arc<EnvoyConfig> = Arc::new(RwLock::new(Some(Ptr(config_envoy))));
+        // SDS generic secrets are subscribed to now, while Envoy allows it.
+        let secrets = Secrets::new(Arc::clone(&envoy_config));
+        let config = match Config::parse_with_host(&bytes, &HostEnv::with_secrets(&env, &secrets)) {
             Ok(config) => config,
             Err(e) => {
                 log(Level::Error, &format!("invalid plugin configuration: {e}"));
@@ -85,7 +88,7 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_new(
             shared: Arc::new(Shared::new(
                 config,
                 federated::token_file(env),
-                config_envoy,
+                envoy_config,
                 metrics,
             )),
         };

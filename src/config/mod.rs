@@ -25,7 +25,7 @@ mod targets;
 pub use self::defaults::*;
 pub use self::raw::RawConfig;
 use crate::fields::errors::read;
-pub use crate::fields::{no_env, ConfigError, Env};
+pub use crate::fields::{no_env, ConfigError, Env, HostEnv, SdsRef, SdsSecret, SecretHost, Vars};
 pub use crate::policy::{ClientKeys, ClientToken, OnTokenFailure, Policy};
 use crate::rewrite::{client_chosen, host_without_port, HostPatterns};
 use crate::route::{NearMiss, Routed};
@@ -136,20 +136,31 @@ impl Config {
 
     /// Parse with the VM's environment: the sources that read variables
     /// (App Service, service principals, workload identity) read them here.
-    pub fn parse_with_env(bytes: &[u8], env: Env<'_>) -> Result<Config, ConfigError> {
+    /// No SDS secrets: a `*_sds` credential is refused.
+    pub fn parse_with_env(bytes: &[u8], vars: Vars<'_>) -> Result<Config, ConfigError> {
+        Config::parse_with_host(bytes, &HostEnv::vars(vars))
+    }
+
+    /// Parse with what the host offers: its environment, and the SDS
+    /// generic secrets it can subscribe to (the native build).
+    pub fn parse_with_host(bytes: &[u8], env: Env<'_>) -> Result<Config, ConfigError> {
         if bytes.iter().all(u8::is_ascii_whitespace) {
-            return Config::from_value_with_env(&Value::Object(Map::new()), env);
+            return Config::from_value_with_host(&Value::Object(Map::new()), env);
         }
         let value: Value =
             serde_json::from_slice(bytes).map_err(|e| ConfigError::NotJson(e.to_string()))?;
-        Config::from_value_with_env(&value, env)
+        Config::from_value_with_host(&value, env)
     }
 
     pub fn from_value(value: &Value) -> Result<Config, ConfigError> {
         Config::from_value_with_env(value, &no_env)
     }
 
-    pub fn from_value_with_env(value: &Value, env: Env<'_>) -> Result<Config, ConfigError> {
+    pub fn from_value_with_env(value: &Value, vars: Vars<'_>) -> Result<Config, ConfigError> {
+        Config::from_value_with_host(value, &HostEnv::vars(vars))
+    }
+
+    pub fn from_value_with_host(value: &Value, env: Env<'_>) -> Result<Config, ConfigError> {
         let (value, written) = shorthand::rewrite(value.clone());
         let mut raw: RawConfig = read(value, "").map_err(|e| written.as_written(e))?;
         raw.written = written;

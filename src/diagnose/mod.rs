@@ -150,6 +150,24 @@ impl Diagnosis {
                     safe::free_text(error, 200)
                 ),
             ),
+            FetchFailure::SecretUnavailable {
+                secret,
+                field,
+                problem,
+            } => {
+                details.insert("sds_secret".into(), json!(secret));
+                (
+                    503,
+                    code::SDS_SECRET_UNAVAILABLE,
+                    format!(
+                        "No credential to sign in with: the SDS generic secret \"{secret}\" ({field}) {problem}. \
+                         Check that Envoy has it: `/config_dump?resource=dynamic_active_secrets` (or \
+                         static_secrets) lists it, the stat sds.{secret}.update_success grows when its source \
+                         changes, and its file or SDS server holds the value. The filter reads it again at the \
+                         next attempt; no restart is needed."
+                    ),
+                )
+            }
             FetchFailure::Status {
                 status,
                 error,

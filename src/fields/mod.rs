@@ -10,5 +10,5 @@ pub mod checks;
 pub mod env;
 pub mod errors;
 
-pub use self::env::{no_env, Env};
+pub use self::env::{no_env, Env, HostEnv, SdsRef, SdsSecret, SecretHost, Vars};
 pub use self::errors::ConfigError;

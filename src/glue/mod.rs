@@ -73,7 +73,8 @@ impl RootContext for Root {
         match Worker::configure(
             &self.host,
             &host::plugin_configuration(),
-            &env,
+            // No SDS secrets: Envoy gives wasm filters none.
+            &crate::config::HostEnv::vars(&env),
             self.host.root,
         ) {
             Some(worker) => {

@@ -2,16 +2,18 @@
 //! secret or a certificate (a fresh RS256 assertion per exchange).
 
 use std::fmt;
+use std::sync::{Arc, Mutex};
 
 use jwt_simple::prelude::*;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use super::entra::{self, app_ids, entra_endpoint, token_url, EntraApp, Proof};
+use super::entra::{self, app_ids, entra_endpoint, token_url, EntraApp, Proof, SecretPlace};
 use super::{Configure, Endpoint, Refusal, Step, TokenSource, Verdict};
 use crate::azure::Cloud;
+use crate::fields::checks::json_kind;
 use crate::fields::checks::timeout;
-use crate::fields::env::{self, env_name, required_env, shown_env, Env};
+use crate::fields::env::{self, env_name, required_env, shown_env, Env, SdsRef, SdsSecret};
 use crate::fields::errors::{invalid, read, ConfigError};
 use crate::token::{FetchFailure, Secret};
 
@@ -39,7 +41,69 @@ pub enum ClientCredential {
     /// A certificate and its private key (PEM), read from `env`: each
     /// exchange carries a new RS256 assertion naming the certificate.
     Certificate { env: String, key: Box<SigningKey> },
+    /// A client secret in an SDS generic secret (`client_secret_sds`), read
+    /// from the host at every exchange: a rotated value is used from the
+    /// next exchange on, without a restart.
+    SdsSecret { secret: SdsSecret, field: String },
+    /// A certificate and its private key (PEM) in an SDS generic secret
+    /// (`client_certificate_sds`), read at every exchange and parsed again
+    /// only when its bytes change.
+    SdsCertificate {
+        secret: SdsSecret,
+        field: String,
+        parsed: ParsedCertificate,
+    },
 }
+
+/// The key last parsed from an SDS certificate, with the SHA-256 of the
+/// bytes it came from. Shared by the clones of a configuration (every
+/// thread's worker): the lock is held to compare and parse, never across a
+/// host call. `Debug` shows the thumbprint only; equality ignores it.
+#[derive(Clone, Default)]
+pub struct ParsedCertificate(Arc<Mutex<Option<LastParsed>>>);
+
+/// The SHA-256 of the PEM bytes last parsed, and the key they held.
+type LastParsed = ([u8; 32], Arc<SigningKey>);
+
+impl ParsedCertificate {
+    /// The key of `pem`: the one parsed before if the bytes are the same.
+    pub(crate) fn key_for(&self, pem: &str) -> Result<Arc<SigningKey>, String> {
+        use sha2::Digest;
+        let digest: [u8; 32] = sha2::Sha256::digest(pem.as_bytes()).into();
+        let mut last = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((seen, key)) = last.as_ref() {
+            if *seen == digest {
+                return Ok(Arc::clone(key));
+            }
+        }
+        let key = Arc::new(SigningKey::from_pem_bundle(pem)?);
+        *last = Some((digest, Arc::clone(&key)));
+        Ok(key)
+    }
+
+    /// The thumbprint of the certificate last read, for a refusal's words.
+    fn thumbprint(&self) -> Option<String> {
+        let last = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        last.as_ref().map(|(_, key)| key.thumbprint.clone())
+    }
+}
+
+impl fmt::Debug for ParsedCertificate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.thumbprint() {
+            Some(thumbprint) => write!(f, "ParsedCertificate(x5t#S256 {thumbprint})"),
+            None => write!(f, "ParsedCertificate(none yet)"),
+        }
+    }
+}
+
+impl PartialEq for ParsedCertificate {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Eq for ParsedCertificate {}
 
 /// An RS256 signing key with the SHA-256 thumbprint of its certificate.
 /// `Debug` shows the thumbprint only.
@@ -127,6 +191,9 @@ struct RawClientCredentials {
     client_id: Option<String>,
     client_secret_env: Option<String>,
     client_certificate_env: Option<String>,
+    /// An SDS generic secret: its name, or `{"name", "sds_config"}`.
+    client_secret_sds: Option<Value>,
+    client_certificate_sds: Option<Value>,
     timeout_ms: Option<u64>,
     /// Refused with a message naming `client_secret_env`: a secret does not
     /// belong in a plugin configuration that Envoy's admin endpoint shows.
@@ -159,48 +226,79 @@ fn check_client_credentials(
     }
     let (cluster, authority) = entra_endpoint(raw.cluster, raw.authority, field, None)?;
     let (tenant_id, client_id) = app_ids(raw.tenant_id, raw.client_id, field, env)?;
-    let credential = match (raw.client_secret_env, raw.client_certificate_env) {
-        (Some(_), Some(_)) => {
-            return Err(invalid(
-                format!(
-                    "{} / {}",
-                    sub("client_secret_env"),
-                    sub("client_certificate_env")
-                ),
-                "are set together",
-                "keep one: a client secret, or a certificate with its private key",
-            ))
+    let given: Vec<String> = [
+        ("client_secret_env", raw.client_secret_env.is_some()),
+        (
+            "client_certificate_env",
+            raw.client_certificate_env.is_some(),
+        ),
+        ("client_secret_sds", raw.client_secret_sds.is_some()),
+        (
+            "client_certificate_sds",
+            raw.client_certificate_sds.is_some(),
+        ),
+    ]
+    .iter()
+    .filter(|(_, set)| *set)
+    .map(|(name, _)| sub(name))
+    .collect();
+    if given.len() > 1 {
+        return Err(invalid(
+            given.join(" / "),
+            "are set together",
+            "keep one: a client secret (client_secret_env or client_secret_sds), or a certificate with its private key (client_certificate_env or client_certificate_sds)",
+        ));
+    }
+    let credential = if let Some(value) = raw.client_secret_sds {
+        let field_name = sub("client_secret_sds");
+        let secret = subscribe(value, &field_name, env, "the client secret")?;
+        ClientCredential::SdsSecret {
+            secret,
+            field: field_name,
         }
-        (None, Some(name)) => {
-            let name = env_name(&name, &sub("client_certificate_env"))?;
-            let pem = required_env(
-                env,
-                &name,
-                field,
-                "the certificate and its private key (PEM)",
-            )?;
-            let key = SigningKey::from_pem_bundle(&pem).map_err(|problem| {
-                invalid(
-                    sub("client_certificate_env"),
-                    format!("names {}, which {problem}", shown_env(&name)),
-                    "put the PEM certificate and its RSA private key (both blocks) in that variable",
-                )
-            })?;
-            ClientCredential::Certificate {
-                env: name,
-                key: Box::new(key),
-            }
+    } else if let Some(value) = raw.client_certificate_sds {
+        let field_name = sub("client_certificate_sds");
+        let secret = subscribe(
+            value,
+            &field_name,
+            env,
+            "the certificate and its private key (PEM)",
+        )?;
+        ClientCredential::SdsCertificate {
+            secret,
+            field: field_name,
+            parsed: ParsedCertificate::default(),
         }
-        (secret_env, None) => {
-            let name = env_name(
-                secret_env.as_deref().unwrap_or(env::AZURE_CLIENT_SECRET),
-                &sub("client_secret_env"),
-            )?;
-            let value = required_env(env, &name, field, "the client secret")?;
-            ClientCredential::Secret {
-                env: name,
-                value: Secret::new(value),
-            }
+    } else if let Some(name) = raw.client_certificate_env {
+        let name = env_name(&name, &sub("client_certificate_env"))?;
+        let pem = required_env(
+            env,
+            &name,
+            field,
+            "the certificate and its private key (PEM)",
+        )?;
+        let key = SigningKey::from_pem_bundle(&pem).map_err(|problem| {
+            invalid(
+                sub("client_certificate_env"),
+                format!("names {}, which {problem}", shown_env(&name)),
+                "put the PEM certificate and its RSA private key (both blocks) in that variable",
+            )
+        })?;
+        ClientCredential::Certificate {
+            env: name,
+            key: Box::new(key),
+        }
+    } else {
+        let name = env_name(
+            raw.client_secret_env
+                .as_deref()
+                .unwrap_or(env::AZURE_CLIENT_SECRET),
+            &sub("client_secret_env"),
+        )?;
+        let value = required_env(env, &name, field, "the client secret")?;
+        ClientCredential::Secret {
+            env: name,
+            value: Secret::new(value),
         }
     };
     Ok(ClientCredentialsSource {
@@ -211,6 +309,94 @@ fn check_client_credentials(
         credential,
         timeout_ms: timeout(raw.timeout_ms, field)?,
     })
+}
+
+/// Read `client_secret_sds` / `client_certificate_sds` (a secret's name, or
+/// `{"name": …, "sds_config": {…}}` as Envoy's own `SdsSecretConfig`) and
+/// subscribe to it through the host, which may not be able to.
+fn subscribe(
+    value: Value,
+    field: &str,
+    env: Env<'_>,
+    what: &str,
+) -> Result<SdsSecret, ConfigError> {
+    let sds = sds_ref(value, field)?;
+    env.subscribe(&sds).map_err(|refused| match refused {
+        None => invalid(
+            field,
+            format!(
+                "names the SDS generic secret \"{}\" for {what}, which the proxy-wasm filter cannot read (Envoy gives wasm filters no secrets)",
+                sds.name
+            ),
+            "use client_secret_env or client_certificate_env (an environment variable of the proxy), or load the native dynamic module libaoai_msi.so instead of the wasm filter: it reads SDS secrets and follows their rotation",
+        ),
+        Some(why) => invalid(
+            field,
+            format!("names the SDS generic secret \"{}\", to which Envoy would not subscribe ({why})", sds.name),
+            match sds.sds_config {
+                None => "declare it in the bootstrap's static_resources.secrets (a generic_secret of that name), or give {\"name\": …, \"sds_config\": {…}} with an SDS config source such as {\"path_config_source\": {\"path\": …, \"watched_directory\": {\"path\": …}}} or {\"ads\": {}}",
+                Some(_) => "check sds_config (an Envoy ConfigSource, such as {\"path_config_source\": {\"path\": …, \"watched_directory\": {\"path\": …}}} or {\"ads\": {}}); SDS also needs the bootstrap's node id and cluster (node: {id, cluster}, or --service-node and --service-cluster)",
+            },
+        ),
+    })
+}
+
+/// An SDS secret's name, and its config source as JSON if it has one.
+fn sds_ref(value: Value, field: &str) -> Result<SdsRef, ConfigError> {
+    let check_name = |name: &str| {
+        let ok = (1..=256).contains(&name.len()) && !name.chars().any(char::is_control);
+        if ok {
+            Ok(name.to_owned())
+        } else {
+            Err(invalid(
+                field,
+                "is not the name of an SDS secret",
+                "write the secret's name as Envoy knows it (its `name` in static_resources.secrets or in the SDS resource)",
+            ))
+        }
+    };
+    match value {
+        Value::String(name) => Ok(SdsRef {
+            name: check_name(&name)?,
+            sds_config: None,
+        }),
+        Value::Object(mut map) => {
+            let name = match map.remove("name") {
+                Some(Value::String(name)) => check_name(&name)?,
+                _ => {
+                    return Err(invalid(
+                        format!("{field}.name"),
+                        "is missing or not a string",
+                        "name the SDS secret: {\"name\": \"…\", \"sds_config\": {…}}",
+                    ))
+                }
+            };
+            let sds_config = match map.remove("sds_config") {
+                None => None,
+                Some(config @ Value::Object(_)) => Some(config.to_string()),
+                Some(other) => {
+                    return Err(ConfigError::WrongType {
+                        field: format!("{field}.sds_config"),
+                        expected: "an Envoy ConfigSource object".to_owned(),
+                        found: json_kind(&other).to_owned(),
+                    })
+                }
+            };
+            if let Some(key) = map.keys().next() {
+                return Err(invalid(
+                    format!("{field}.{key}"),
+                    "is not a field of an SDS secret reference",
+                    "use name and sds_config only",
+                ));
+            }
+            Ok(SdsRef { name, sds_config })
+        }
+        other => Err(ConfigError::WrongType {
+            field: field.to_owned(),
+            expected: "an SDS secret's name, or {\"name\", \"sds_config\"}".to_owned(),
+            found: json_kind(&other).to_owned(),
+        }),
+    }
 }
 
 impl TokenSource for ClientCredentialsSource {
@@ -246,6 +432,12 @@ impl TokenSource for ClientCredentialsSource {
                 ClientCredential::Certificate { env, key } => {
                     format!("certificate from {env} (x5t#S256 {})", key.thumbprint)
                 }
+                ClientCredential::SdsSecret { secret, .. } => {
+                    format!("client secret from the SDS secret {:?}", secret.name())
+                }
+                ClientCredential::SdsCertificate { secret, .. } => {
+                    format!("certificate from the SDS secret {:?}", secret.name())
+                }
             }
         )
     }
@@ -256,6 +448,11 @@ impl TokenSource for ClientCredentialsSource {
             ClientCredential::Certificate { key, .. } => {
                 format!("certificate:{}", key.thumbprint)
             }
+            // Rotates: the secret's name, never a value or a thumbprint.
+            ClientCredential::SdsSecret { secret, .. } => format!("secret_sds:{}", secret.name()),
+            ClientCredential::SdsCertificate { secret, .. } => {
+                format!("certificate_sds:{}", secret.name())
+            }
         };
         format!(
             "client_credentials\n{}\n{}\n{}\n{}\n{credential}",
@@ -265,17 +462,35 @@ impl TokenSource for ClientCredentialsSource {
 
     fn token_request(&self, resource: &str, now_ms: u64, nonce: u64, _: Option<Secret>) -> Step {
         let app = self.app();
+        let unavailable = |secret: &SdsSecret, field: &str, problem: String| {
+            Step::Done(Err(FetchFailure::SecretUnavailable {
+                secret: secret.name().to_owned(),
+                field: field.to_owned(),
+                problem,
+            }))
+        };
         match &self.credential {
             ClientCredential::Secret { value, .. } => {
                 app.token_request(resource, Proof::Secret(value.expose()))
             }
             ClientCredential::Certificate { key, .. } => {
-                let url = token_url(&self.authority, &self.tenant_id);
-                match client_assertion(key, &self.client_id, &url, now_ms, nonce) {
-                    Ok(assertion) => app.token_request(resource, Proof::Assertion(&assertion)),
-                    Err(failure) => Step::Done(Err(failure)),
-                }
+                self.signed(&app, key, resource, now_ms, nonce)
             }
+            ClientCredential::SdsSecret { secret, field } => match secret.read() {
+                Ok(value) => app.token_request(resource, Proof::Secret(&value)),
+                Err(problem) => unavailable(secret, field, problem.to_owned()),
+            },
+            ClientCredential::SdsCertificate {
+                secret,
+                field,
+                parsed,
+            } => match secret.read() {
+                Ok(pem) => match parsed.key_for(&pem) {
+                    Ok(key) => self.signed(&app, &key, resource, now_ms, nonce),
+                    Err(problem) => unavailable(secret, field, problem),
+                },
+                Err(problem) => unavailable(secret, field, problem.to_owned()),
+            },
         }
     }
 
@@ -289,11 +504,31 @@ impl TokenSource for ClientCredentialsSource {
 }
 
 impl ClientCredentialsSource {
+    /// The token request with a fresh assertion signed with `key`.
+    fn signed(
+        &self,
+        app: &EntraApp<'_>,
+        key: &SigningKey,
+        resource: &str,
+        now_ms: u64,
+        nonce: u64,
+    ) -> Step {
+        let url = token_url(&self.authority, &self.tenant_id);
+        match client_assertion(key, &self.client_id, &url, now_ms, nonce) {
+            Ok(assertion) => app.token_request(resource, Proof::Assertion(&assertion)),
+            Err(failure) => Step::Done(Err(failure)),
+        }
+    }
+
     /// The application as its token requests and refusals name it.
     fn app(&self) -> EntraApp<'_> {
-        let (secret_env, thumbprint) = match &self.credential {
-            ClientCredential::Secret { env, .. } => (Some(env.as_str()), None),
-            ClientCredential::Certificate { key, .. } => (None, Some(key.thumbprint.as_str())),
+        let (secret, thumbprint) = match &self.credential {
+            ClientCredential::Secret { env, .. } => (Some(SecretPlace::Env(env.as_str())), None),
+            ClientCredential::Certificate { key, .. } => (None, Some(key.thumbprint.clone())),
+            ClientCredential::SdsSecret { secret, .. } => {
+                (Some(SecretPlace::Sds(secret.name())), None)
+            }
+            ClientCredential::SdsCertificate { parsed, .. } => (None, parsed.thumbprint()),
         };
         EntraApp {
             cluster: &self.cluster,
@@ -301,7 +536,7 @@ impl ClientCredentialsSource {
             tenant: &self.tenant_id,
             client: &self.client_id,
             timeout_ms: self.timeout_ms,
-            secret_env,
+            secret,
             thumbprint,
         }
     }

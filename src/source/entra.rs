@@ -94,7 +94,7 @@ fn id_from(
 ) -> Result<String, ConfigError> {
     let (id, from) = match value {
         Some(v) => (v, field.to_owned()),
-        None => match env(var) {
+        None => match env.var(var) {
             Some(v) => (v, format!("the environment variable {var}")),
             None => {
                 return Err(invalid(
@@ -141,10 +141,36 @@ pub(crate) struct EntraApp<'a> {
     pub tenant: &'a str,
     pub client: &'a str,
     pub timeout_ms: u64,
-    /// The variable of a client secret.
-    pub secret_env: Option<&'a str>,
-    /// `x5t#S256` of a client certificate.
-    pub thumbprint: Option<&'a str>,
+    /// Where a client secret is kept.
+    pub secret: Option<SecretPlace<'a>>,
+    /// `x5t#S256` of a client certificate (of an SDS one: the last one read).
+    pub thumbprint: Option<String>,
+}
+
+/// Where a client secret is kept, to name it in a refusal's fix.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum SecretPlace<'a> {
+    /// The environment variable of `client_secret_env`: read at start.
+    Env(&'a str),
+    /// The SDS generic secret of `client_secret_sds`: read at every exchange.
+    Sds(&'a str),
+}
+
+impl SecretPlace<'_> {
+    fn words(self) -> String {
+        match self {
+            SecretPlace::Env(var) => var.to_owned(),
+            SecretPlace::Sds(name) => format!("the SDS generic secret \"{name}\""),
+        }
+    }
+
+    /// What follows putting a new value there.
+    fn then(self) -> &'static str {
+        match self {
+            SecretPlace::Env(_) => ", and restart the proxy",
+            SecretPlace::Sds(_) => " (the filter reads it at the next exchange: no restart)",
+        }
+    }
 }
 
 /// What proves the application in a token request.
@@ -212,7 +238,13 @@ pub(crate) fn refused(
     if class == FailureClass::Transient {
         return unavailable("Entra is temporarily unavailable", said);
     }
-    let secret_env = app.secret_env.unwrap_or("the client secret's variable");
+    let secret_env = app.secret.map_or_else(
+        || "the client secret's variable".to_owned(),
+        SecretPlace::words,
+    );
+    let then = app
+        .secret
+        .map_or(", and restart the proxy", SecretPlace::then);
     let has = |code: u32| codes.contains(&code);
     if has(aadsts::INVALID_SECRET) {
         return (
@@ -233,7 +265,7 @@ pub(crate) fn refused(
             format!(
                 "The client secret of application {client} in tenant {tenant} has expired (AADSTS7000222){said}. \
                  Create a new one with `az ad app credential reset --id {client} --append`, put its value in \
-                 {secret_env}, and restart the proxy."
+                 {secret_env}{then}."
             ),
         );
     }
@@ -261,7 +293,7 @@ pub(crate) fn refused(
         );
     }
     if has(aadsts::CERTIFICATE_NOT_REGISTERED) {
-        let thumbprint = match app.thumbprint {
+        let thumbprint = match &app.thumbprint {
             Some(thumbprint) => {
                 details.insert("certificate_thumbprint_sha256".into(), json!(thumbprint));
                 format!(" (x5t#S256 {thumbprint})")

@@ -1,7 +1,7 @@
 use std::collections::HashMap;
 
 use super::*;
-use crate::config::{Config, Env};
+use crate::config::{Config, HostEnv, SdsRef, SdsSecret, SecretHost, Vars};
 use crate::token::FailureClass;
 
 const NOW_MS: u64 = 1_763_752_300_000;
@@ -17,7 +17,7 @@ fn env(vars: &[(&str, &str)]) -> HashMap<String, String> {
 
 fn source(json: &str, vars: &HashMap<String, String>) -> Source {
     let lookup = |name: &str| vars.get(name).cloned();
-    let config = Config::parse_with_env(json.as_bytes(), &lookup as Env)
+    let config = Config::parse_with_env(json.as_bytes(), &lookup as Vars)
         .unwrap_or_else(|e| panic!("{json}: {e}"));
     config.tokens[0].source.clone()
 }
@@ -215,7 +215,7 @@ fn certificate_bundles_without_a_certificate_or_a_key_are_refused_by_name() {
         let lookup = |name: &str| vars.get(name).cloned();
         let e = Config::parse_with_env(
             format!(r#"{{"hosts":["a.example"],"token_source":{{"type":"client_credentials","tenant_id":"{TENANT}","client_id":"{CLIENT}","client_certificate_env":"SP_CERT"}}}}"#).as_bytes(),
-            &lookup as Env,
+            &lookup as Vars,
         )
         .unwrap_err()
         .to_string();
@@ -338,7 +338,7 @@ fn sources_that_need_the_environment_name_the_missing_variable_and_the_setting()
         let vars = env(vars);
         let lookup = |name: &str| vars.get(name).cloned();
         let json = format!(r#"{{"hosts":["a.example"],"token_source":{source}}}"#);
-        let e = Config::parse_with_env(json.as_bytes(), &lookup as Env)
+        let e = Config::parse_with_env(json.as_bytes(), &lookup as Vars)
             .unwrap_err()
             .to_string();
         assert!(e.contains(expected), "{source}: {e}");
@@ -356,4 +356,318 @@ fn jtis_are_uuid_shaped_and_differ_by_nonce_and_time() {
     assert_eq!(a.matches('-').count(), 4);
     assert_ne!(a, jti(2, NOW_MS));
     assert_ne!(a, jti(1, NOW_MS + 1));
+}
+
+// ------------------------------------------------------------- SDS secrets
+
+/// A host with SDS generic secrets, as the native build is: what it was
+/// asked to subscribe to, and values a test sets and rotates.
+#[derive(Default)]
+struct FakeSecrets {
+    values: std::sync::Arc<std::sync::Mutex<HashMap<String, Vec<u8>>>>,
+    asked: std::sync::Mutex<Vec<SdsRef>>,
+    refuse: bool,
+}
+
+impl FakeSecrets {
+    fn set(&self, name: &str, value: &str) {
+        self.values
+            .lock()
+            .unwrap()
+            .insert(name.to_owned(), value.as_bytes().to_vec());
+    }
+}
+
+impl SecretHost for FakeSecrets {
+    fn subscribe(&self, secret: &SdsRef) -> Result<SdsSecret, String> {
+        self.asked.lock().unwrap().push(secret.clone());
+        if self.refuse {
+            return Err("no such static secret".to_owned());
+        }
+        let values = std::sync::Arc::clone(&self.values);
+        let name = secret.name.clone();
+        Ok(SdsSecret::new(
+            &secret.name,
+            std::sync::Arc::new(move || values.lock().unwrap().get(&name).cloned()),
+        ))
+    }
+}
+
+fn sds_config(credential: &str) -> String {
+    format!(
+        r#"{{"hosts":["a.example"],"token_source":{{"type":"client_credentials","tenant_id":"{TENANT}","client_id":"{CLIENT}",{credential}}}}}"#
+    )
+}
+
+fn sds_source(json: &str, secrets: &FakeSecrets) -> Result<Config, crate::config::ConfigError> {
+    let env = HostEnv::with_secrets(&no_vars, secrets);
+    Config::parse_with_host(json.as_bytes(), &env)
+}
+
+fn no_vars(_: &str) -> Option<String> {
+    None
+}
+
+#[test]
+fn a_client_secret_from_sds_is_read_at_every_exchange_so_a_rotation_needs_no_restart() {
+    let secrets = FakeSecrets::default();
+    secrets.set("sp-secret", "first-s3cr3t\n");
+    let config = sds_source(&sds_config(r#""client_secret_sds":"sp-secret""#), &secrets).unwrap();
+    let s = &config.tokens[0].source;
+    assert_eq!(
+        *secrets.asked.lock().unwrap(),
+        vec![SdsRef {
+            name: "sp-secret".into(),
+            sds_config: None
+        }],
+        "subscribed once, at configuration"
+    );
+    let first = form(&call(s.begin(RES, NOW_MS, 1).1).body);
+    assert_eq!(first["client_secret"], "first-s3cr3t", "trimmed");
+    secrets.set("sp-secret", "second-s3cr3t");
+    let second = form(&call(s.begin(RES, NOW_MS + 1, 2).1).body);
+    assert_eq!(second["client_secret"], "second-s3cr3t");
+    assert!(
+        s.describe().contains("SDS secret \"sp-secret\""),
+        "{}",
+        s.describe()
+    );
+    let shown = format!("{config:?} {} {}", s.describe(), s.fingerprint());
+    assert!(!shown.contains("s3cr3t"), "{shown}");
+}
+
+#[test]
+fn an_sds_secret_with_a_config_source_hands_its_json_to_the_host() {
+    let secrets = FakeSecrets::default();
+    let config = sds_config(
+        r#""client_secret_sds":{"name":"sp","sds_config":{"path_config_source":{"path":"/etc/sds/sp.yaml"}}}"#,
+    );
+    sds_source(&config, &secrets).unwrap();
+    let asked = secrets.asked.lock().unwrap();
+    assert_eq!(asked[0].name, "sp");
+    let source: serde_json::Value =
+        serde_json::from_str(asked[0].sds_config.as_deref().unwrap()).unwrap();
+    assert_eq!(source["path_config_source"]["path"], "/etc/sds/sp.yaml");
+}
+
+#[test]
+fn a_host_without_secrets_refuses_the_sds_fields_naming_the_field_and_the_fix() {
+    for (credential, field) in [
+        (
+            r#""client_secret_sds":"sp""#,
+            "`token_source.client_secret_sds`",
+        ),
+        (
+            r#""client_certificate_sds":{"name":"sp-cert"}"#,
+            "`token_source.client_certificate_sds`",
+        ),
+    ] {
+        let e = Config::parse_with_env(sds_config(credential).as_bytes(), &no_vars as Vars)
+            .unwrap_err()
+            .to_string();
+        for needle in [field, "proxy-wasm", "client_secret_env", "libaoai_msi.so"] {
+            assert!(e.contains(needle), "{needle}: {e}");
+        }
+    }
+    let targets = format!(
+        r#"{{"targets":[{{"hosts":["a.example"]}},{{"hosts":["b.example"],"token_source":{{"type":"client_credentials","tenant_id":"{TENANT}","client_id":"{CLIENT}","client_secret_sds":"sp"}}}}]}}"#
+    );
+    let e = Config::parse_with_env(targets.as_bytes(), &no_vars as Vars)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("`targets[1].token_source.client_secret_sds`"),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_secret_the_host_will_not_subscribe_to_is_refused_naming_it_and_where_to_declare_it() {
+    let secrets = FakeSecrets {
+        refuse: true,
+        ..FakeSecrets::default()
+    };
+    let e = sds_source(&sds_config(r#""client_secret_sds":"nowhere""#), &secrets)
+        .unwrap_err()
+        .to_string();
+    for needle in [
+        "`token_source.client_secret_sds`",
+        "\"nowhere\"",
+        "no such static secret",
+        "static_resources.secrets",
+        "sds_config",
+    ] {
+        assert!(e.contains(needle), "{needle}: {e}");
+    }
+}
+
+#[test]
+fn the_four_credential_fields_are_exclusive_and_the_error_names_those_set() {
+    let secrets = FakeSecrets::default();
+    let e = sds_source(
+        &sds_config(r#""client_secret_env":"SP","client_certificate_sds":"c""#),
+        &secrets,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("token_source.client_secret_env / token_source.client_certificate_sds"),
+        "{e}"
+    );
+    assert!(
+        e.contains("are set together") && e.contains("keep one"),
+        "{e}"
+    );
+    assert!(
+        secrets.asked.lock().unwrap().is_empty(),
+        "nothing subscribed"
+    );
+}
+
+#[test]
+fn sds_references_of_the_wrong_shape_are_refused_by_path() {
+    let secrets = FakeSecrets::default();
+    for (credential, needle) in [
+        (
+            r#""client_secret_sds":"""#,
+            "`token_source.client_secret_sds` is not the name",
+        ),
+        (
+            r#""client_secret_sds":7"#,
+            "`token_source.client_secret_sds` must be",
+        ),
+        (
+            r#""client_secret_sds":{"sds_config":{}}"#,
+            "`token_source.client_secret_sds.name`",
+        ),
+        (
+            r#""client_secret_sds":{"name":"a","sds_config":"x"}"#,
+            "`token_source.client_secret_sds.sds_config` must be",
+        ),
+        (
+            r#""client_secret_sds":{"name":"a","secret":"x"}"#,
+            "`token_source.client_secret_sds.secret`",
+        ),
+    ] {
+        let e = sds_source(&sds_config(credential), &secrets)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(needle), "{credential}: {e}");
+    }
+}
+
+#[test]
+fn a_missing_or_empty_sds_secret_at_an_exchange_is_a_retried_failure_naming_the_secret() {
+    let secrets = FakeSecrets::default();
+    let config = sds_source(&sds_config(r#""client_secret_sds":"sp""#), &secrets).unwrap();
+    let s = &config.tokens[0].source;
+    for value in [None, Some("  \n")] {
+        if let Some(v) = value {
+            secrets.set("sp", v);
+        }
+        let Step::Done(Err(failure)) = s.begin(RES, NOW_MS, 1).1 else {
+            panic!("no call without a secret");
+        };
+        assert_eq!(failure.class(), FailureClass::Transient);
+        assert_eq!(failure.label(), "secret_unavailable");
+        let FetchFailure::SecretUnavailable { secret, field, .. } = &failure else {
+            panic!("{failure:?}");
+        };
+        assert_eq!(
+            (secret.as_str(), field.as_str()),
+            ("sp", "token_source.client_secret_sds")
+        );
+        let diagnosis = crate::diagnose::Diagnosis::for_failure(
+            &crate::store::Failure {
+                cause: failure.clone(),
+                attempts: 1,
+                retry_at_ms: NOW_MS + 1000,
+                at_ms: NOW_MS,
+            },
+            &config.tokens[0],
+            NOW_MS,
+        );
+        assert_eq!(diagnosis.status, 503);
+        assert_eq!(diagnosis.code, crate::codes::code::SDS_SECRET_UNAVAILABLE);
+        for needle in ["\"sp\"", "token_source.client_secret_sds", "no restart"] {
+            assert!(
+                diagnosis.message.contains(needle),
+                "{needle}: {}",
+                diagnosis.message
+            );
+        }
+    }
+}
+
+#[test]
+fn entra_refusing_an_sds_secret_names_the_secret_not_a_variable() {
+    let secrets = FakeSecrets::default();
+    let config = sds_source(&sds_config(r#""client_secret_sds":"sp""#), &secrets).unwrap();
+    for code in [7000215, 7000222] {
+        let (_, _, message) = config.tokens[0].source.inner().refused(
+            &Refusal {
+                status: 401,
+                codes: &[code],
+                said: "",
+                class: FailureClass::Refused,
+                resource: RES,
+            },
+            &mut Map::new(),
+        );
+        assert!(
+            message.contains("the SDS generic secret \"sp\""),
+            "{message}"
+        );
+        assert!(!message.contains("AZURE_CLIENT_SECRET"), "{message}");
+        assert!(!message.contains("restart the proxy"), "{message}");
+    }
+}
+
+#[test]
+fn an_sds_certificate_signs_assertions_and_is_parsed_again_only_when_its_bytes_change() {
+    let (pem, public, thumbprint) = bundle();
+    let secrets = FakeSecrets::default();
+    secrets.set("sp-cert", &pem);
+    let config = sds_source(
+        &sds_config(r#""client_certificate_sds":"sp-cert""#),
+        &secrets,
+    )
+    .unwrap();
+    let s = &config.tokens[0].source;
+    let fields = form(&call(s.begin(RES, NOW_MS, 1).1).body);
+    let metadata = Token::decode_metadata(&fields["client_assertion"]).unwrap();
+    assert_eq!(
+        metadata.certificate_sha256_thumbprint(),
+        Some(thumbprint.as_str())
+    );
+    let options = VerificationOptions {
+        artificial_time: Some(jwt_simple::prelude::Duration::from_secs(NOW_MS / 1000 + 1)),
+        ..VerificationOptions::default()
+    };
+    public
+        .verify_token::<NoCustomClaims>(&fields["client_assertion"], Some(options))
+        .expect("signed with the SDS certificate's key");
+    assert!(format!("{s:?}").contains(&thumbprint), "{s:?}");
+
+    let parsed = client_credentials::ParsedCertificate::default();
+    let a = parsed.key_for(&pem).unwrap();
+    let b = parsed.key_for(&pem).unwrap();
+    assert!(
+        std::sync::Arc::ptr_eq(&a, &b),
+        "same bytes: the key parsed before"
+    );
+    let (other, _, other_thumbprint) = bundle();
+    let c = parsed.key_for(&other).unwrap();
+    assert_eq!(c.thumbprint, other_thumbprint, "new bytes: parsed again");
+
+    // A rotation to something that is not a bundle: a failure naming the
+    // secret and what is missing, never the bytes.
+    secrets.set("sp-cert", "MIIsecretbytes-not-a-pem");
+    let Step::Done(Err(failure)) = s.begin(RES, NOW_MS, 2).1 else {
+        panic!("no call with a broken certificate");
+    };
+    let shown = format!("{failure:?}");
+    assert!(shown.contains("no -----BEGIN CERTIFICATE-----"), "{shown}");
+    assert!(!shown.contains("MIIsecret"), "{shown}");
+    assert!(!format!("{config:?}").contains("PRIVATE KEY"));
 }

@@ -63,8 +63,9 @@ fn check_workload_identity(
 ) -> Result<WorkloadIdentitySource, ConfigError> {
     let sub = |name: &str| format!("{field}.{name}");
     // The workload-identity webhook sets AZURE_AUTHORITY_HOST (https://login.microsoftonline.com/).
-    let injected =
-        env(env::AZURE_AUTHORITY_HOST).and_then(|url| split_endpoint(&url).map(|(host, _)| host));
+    let injected = env
+        .var(env::AZURE_AUTHORITY_HOST)
+        .and_then(|url| split_endpoint(&url).map(|(host, _)| host));
     let (cluster, authority) = entra_endpoint(raw.cluster, raw.authority, field, injected)?;
     let (tenant_id, client_id) = app_ids(raw.tenant_id, raw.client_id, field, env)?;
     let assertion_cluster = match raw.assertion_cluster {
@@ -213,7 +214,7 @@ impl WorkloadIdentitySource {
             tenant: &self.tenant_id,
             client: &self.client_id,
             timeout_ms: self.timeout_ms,
-            secret_env: None,
+            secret: None,
             thumbprint: None,
         }
     }

@@ -132,7 +132,7 @@ impl Worker {
         env: crate::config::Env<'_>,
         fallback_id: u32,
     ) -> Option<Worker> {
-        let config = Config::parse_with_env(configuration, env)
+        let config = Config::parse_with_host(configuration, env)
             .map_err(|e| say!(h, Error, "invalid plugin configuration: {e}"))
             .ok()?;
         Worker::start(h, config, fallback_id)
