@@ -996,9 +996,25 @@ One IMDS call per refresh at half-life (5 s), whichever build.
 - Envoy's V8 runs with Liftoff switched off (proxy-wasm-cpp-host sets it at
   engine start), so each module is compiled whole by TurboFan when it loads,
   once per process, and the compiled code is shared by every worker's VM: most
-  of a wasm filter's memory is paid once per process, and shrinks with the
-  compiled code (the filter built at opt-level "z", 874 KB instead of 1.1 MB:
-  about 8 MiB less, at +2.5 % instructions per request), not with workers.
+  of a wasm filter's memory is paid once per process, not per worker (each
+  further worker adds about what it adds for the empty module, under 1 MiB).
+- What that once-per-process memory is (one worker, tcmalloc's own figures from
+  the admin `/memory/tcmalloc`, the filter over the empty module): +8.6 MiB in
+  use, +7.1 MiB in per-thread cache free lists, +2.4 MiB in transfer caches,
+  +1.9 MiB of free page-heap pages. Two thirds of it is memory that the compile
+  freed and the allocator keeps for reuse.
+- It follows how the module is shaped for TurboFan more than its size (4
+  workers, per worker over no filter; the filter 13.3–14.0 MiB over eight
+  runs): binaryen `wasm-opt -O3`/`-Oz` (−11 %/−13 % bytes, fewer and bigger
+  functions) 16.3/16.4 MiB; `wasm-opt -Os` without inlining (−11 % bytes)
+  13.5; opt-level "z" for the RSA crates only (−85 KB of code) 13.8; a 128 KiB
+  wasm stack instead of 1 MiB 13.6. Less inlining across the filter's own code
+  helps, at a cost on the hot path: opt-level "s" 10.9–11.7 MiB (+1.8 %
+  instructions per request), "s" for the filter crate alone 12.2 (+1.4 %),
+  `-C llvm-args=-inline-threshold=25` 12.3 (+1.4 %), "z" 11.8 (+3.9 %). (A
+  rebuild that changes little moves the count too: `lto = "thin"`, the same
+  code size, +1.2 %.) The RSA signer alone, never called, added to the empty
+  module (+320 KB) costs 3.9 MiB per worker.
 """
     (ROOT / "BENCHMARKS.md").write_text(text)
     chart(table, counts)
