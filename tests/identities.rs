@@ -548,8 +548,10 @@ fn workload_env() -> [(&'static str, &'static str); 3] {
     ]
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn workload_identity_exchanges_the_projected_token_and_follows_its_rotation() {
+/// An emulator whose application trusts the pod's service account (a
+/// federated credential of its OIDC issuer), handing out 4-second tokens so
+/// that a refresh comes within a test.
+fn emulator_trusting_the_service_account() -> Emulator {
     let emulator = Emulator::start(Settings {
         token_lifetime_s: 4,
         ..with_app(app(vec![], vec![], vec![]))
@@ -563,6 +565,12 @@ async fn workload_identity_exchanges_the_projected_token_and_follows_its_rotatio
             audience: EXCHANGE_AUDIENCE.into(),
         }]
     });
+    emulator
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workload_identity_exchanges_the_projected_token_and_follows_its_rotation() {
+    let emulator = emulator_trusting_the_service_account();
     let first = emulator.mint_service_account_token(SUBJECT, EXCHANGE_AUDIENCE, 3600);
     let mut volume = ProjectedVolume::new(&first);
     let port = free_port();
@@ -644,19 +652,7 @@ async fn workload_identity_exchanges_the_projected_token_and_follows_its_rotatio
 /// without the listener, tells its user that the listener did not answer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_native_module_reads_the_projected_token_file_itself_and_names_one_it_cannot_read() {
-    let emulator = Emulator::start(Settings {
-        token_lifetime_s: 4,
-        ..with_app(app(vec![], vec![], vec![]))
-    })
-    .unwrap();
-    let issuer = emulator.oidc_issuer();
-    emulator.configure(|s| {
-        s.entra_apps[0].federated = vec![FederatedCredential {
-            issuer: issuer.clone(),
-            subject: SUBJECT.into(),
-            audience: EXCHANGE_AUDIENCE.into(),
-        }]
-    });
+    let emulator = emulator_trusting_the_service_account();
     let first = emulator.mint_service_account_token(SUBJECT, EXCHANGE_AUDIENCE, 3600);
     let mut volume = ProjectedVolume::new(&first);
     let file = volume.file().display().to_string();
