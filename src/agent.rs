@@ -183,9 +183,9 @@ impl Agent {
     }
 
     /// Shared-data key of the record for this token.
-    /// `false`: leave refreshing ahead of expiry to other VMs; this one
-    /// fetches only when no usable token exists or a replacement is wanted
-    /// (a request of its own then waits for the answer). For a host that
+    /// `false`: leave refreshing ahead of expiry, and replacing a token the
+    /// upstream rejected, to other VMs; this one fetches only when no usable
+    /// token exists (a request of its own then waits for the answer). For a host that
     /// cannot run a VM holding no request to take in its call's answer: a
     /// refresh that VM led could wait there, lease held, while the token
     /// runs out for everyone.
@@ -318,13 +318,17 @@ impl Agent {
         let outcome = store::update(store, &self.key, |record| {
             let mut record = record.unwrap_or_default();
             let usable = record.token.as_ref().is_some_and(|t| t.usable(now_ms));
+            // A VM that cannot wake when idle leaves both refreshing ahead
+            // and replacing a rejected token to one that can, while the
+            // token is usable: a fetch it led could wait, lease held, for a
+            // request that never comes.
             let fresh = usable
                 && (!refreshes_ahead
-                    || record
+                    || (record
                         .token
                         .as_ref()
-                        .is_some_and(|t| !t.refresh_due(now_ms)))
-                && !record.wants_replacement();
+                        .is_some_and(|t| !t.refresh_due(now_ms))
+                        && !record.wants_replacement()));
             let backing_off = record
                 .failure
                 .as_ref()
@@ -375,7 +379,7 @@ impl Agent {
             self.exchange = None;
         }
         let needs_sync = !self.parked.is_empty()
-            || self.replacement_wanted
+            || (self.replacement_wanted && self.refreshes_ahead)
             || (self.active
                 && self
                     .local
@@ -651,7 +655,12 @@ impl Agent {
                                 interval / 1000
                             ),
                         ),
-                        Command::Kick,
+                        // Fetched here, or by a VM that wakes when idle.
+                        if self.refreshes_ahead {
+                            Command::Kick
+                        } else {
+                            Command::NotifyOthers
+                        },
                     ],
                     Replacement::RateLimited { again_in_ms }
                     | Replacement::SameTokenReturned { again_in_ms } => vec![Command::Log(
@@ -1365,6 +1374,30 @@ mod tests {
         for agent in agents.iter_mut() {
             assert_eq!(agent.admit(T0 + 32, 9, 0), authorized("Bearer good"));
         }
+    }
+
+    #[test]
+    fn a_vm_that_cannot_wake_when_idle_leaves_the_replacement_to_one_that_can() {
+        let (mut agents, mut store) = vms(2);
+        agents[1].refresh_ahead(false);
+        agents[0].sync(T0, &mut store);
+        agents[0].fetched(T0, &mut store, Ok(token(T0, 3600, "bad")));
+        agents[1].sync(T0, &mut store);
+        let rejected = generation(agents[1].admit(T0 + 10, 1, 0));
+        let (replacement, commands) = agents[1].invalidate(T0 + 20, &mut store, rejected);
+        assert_eq!(replacement, Replacement::Requested);
+        assert!(
+            commands.contains(&Command::NotifyOthers) && !commands.contains(&Command::Kick),
+            "the VMs that wake when idle are told; this one is not kicked: {commands:?}"
+        );
+        // It keeps serving the token and never leads the fetch itself.
+        assert_eq!(fetches(&agents[1].sync(T0 + 21, &mut store)), 0);
+        assert_eq!(fetches(&agents[1].tick(T0 + 22, &mut store)), 0);
+        assert_eq!(agents[1].admit(T0 + 23, 2, 0), authorized("Bearer bad"));
+        assert_eq!(fetches(&agents[0].sync(T0 + 24, &mut store)), 1);
+        agents[0].fetched(T0 + 30, &mut store, Ok(token(T0 + 30, 3600, "good")));
+        agents[1].sync(T0 + 31, &mut store);
+        assert_eq!(agents[1].admit(T0 + 32, 3, 0), authorized("Bearer good"));
     }
 
     #[test]

@@ -288,6 +288,40 @@ async fn a_token_the_upstream_rejects_is_replaced_once_and_the_next_requests_car
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replacement_for_a_rejected_token_arrives_while_no_request_comes() {
+    let emulator = Emulator::start(Settings::default()).unwrap();
+    let envoy = Envoy::start("{}", &emulator, 2);
+    assert_eq!(send_chat(&envoy).await.0, 200);
+    emulator.rotate_signing_key().unwrap();
+    assert_eq!(send_chat(&envoy).await.0, 401);
+    // Nothing else comes: the replacement must not wait for the next request
+    // on the thread that saw the rejection (the native build's worker threads
+    // run only inside a request; its main thread fetches instead).
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    let metrics = prometheus(&envoy);
+    let fetched = metric(
+        &metrics,
+        "aoai_msi_token_fetches_total{target=\"default\",source=\"imds\",outcome=\"ok\"}",
+    );
+    println!(
+        "idle after a rejection: {fetched} fetches, IMDS calls {}",
+        emulator.imds_requests().len()
+    );
+    assert_eq!(
+        fetched, 2.0,
+        "the replacement was taken in while idle:\n{metrics}"
+    );
+    assert_eq!(emulator.imds_requests().len(), 2);
+    for _ in 0..8 {
+        assert_eq!(
+            send_chat(&envoy).await.0,
+            200,
+            "every worker carries the new token"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wrong_audience_cannot_turn_into_an_imds_storm() {
     let emulator = Emulator::start(Settings {
         accepted_audience: "https://cognitiveservices.azure.us".into(),
@@ -403,12 +437,7 @@ async fn a_changed_configuration_never_serves_a_token_fetched_for_the_old_one() 
             .send()
     };
     assert_eq!(send().await.unwrap().status(), 200);
-    let seen = |emulator: &Emulator| {
-        emulator
-            .upstream_requests()
-            .last()
-            .and_then(|r| r.token_oid.clone())
-    };
+    let seen = last_token_oid;
     assert_eq!(seen(&emulator).as_deref(), Some(a.object_id.as_str()));
 
     replace_lds(lds_listener(&config(&b), port));
