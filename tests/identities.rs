@@ -63,20 +63,12 @@ fn envoy_with(
         config,
         env_keys,
     }
-    .envoy_yaml(
-        "",
-        &[VirtualHost {
-            name: "all",
-            domains: &["*"],
-            routes: &[("/", "upstream")],
-        }],
-        &[
-            ("upstream", emulator.port()),
-            ("azure_identity", emulator.port()),
-            ("entra", emulator.port()),
-            ("federated_token", token_port),
-        ],
-    );
+    .envoy_yaml_all_to_upstream(&[
+        ("upstream", emulator.port()),
+        ("azure_identity", emulator.port()),
+        ("entra", emulator.port()),
+        ("federated_token", token_port),
+    ]);
     let yaml = match &listener {
         Some((text, _)) => with_listener(&yaml, text),
         None => yaml,
@@ -151,15 +143,7 @@ async fn app_service_asks_the_identity_endpoint_exactly_as_documented() {
             .collect();
         assert_eq!(sent, vec![header.as_str()]);
         assert!(!call.query.contains_key("msi_res_id"));
-        assert_eq!(
-            emulator
-                .upstream_requests()
-                .last()
-                .unwrap()
-                .token_oid
-                .as_deref(),
-            Some(expected_oid.as_str())
-        );
+        assert_eq!(last_token_oid(&emulator), Some(expected_oid.clone()));
         let log = envoy.filter_log().join("\n");
         assert!(
             log.contains("token acquired"),
@@ -773,15 +757,7 @@ async fn a_missing_variable_fails_configuration_naming_it_and_the_setting() {
         config: workload_config(),
         env_keys: &WORKLOAD_ENV_KEYS,
     }
-    .envoy_yaml(
-        "",
-        &[VirtualHost {
-            name: "all",
-            domains: &["*"],
-            routes: &[("/", "upstream")],
-        }],
-        &[("upstream", 9), ("entra", 9), ("federated_token", 9)],
-    );
+    .envoy_yaml_all_to_upstream(&[("upstream", 9), ("entra", 9), ("federated_token", 9)]);
     let path = dir.path().join("envoy.yaml");
     std::fs::write(&path, yaml).unwrap();
     let out = std::process::Command::new(envoy_bin())

@@ -48,15 +48,7 @@ fn envoy_config_for(json: &str, clusters: &[String], env: &[(String, String)]) -
         config: json,
         env_keys: &keys,
     }
-    .envoy_yaml(
-        "",
-        &[VirtualHost {
-            name: "all",
-            domains: &["*"],
-            routes: &[("/", "upstream")],
-        }],
-        &ports,
-    )
+    .envoy_yaml_all_to_upstream(&ports)
 }
 
 #[test]

@@ -109,15 +109,7 @@ fn envoy_yaml(emulator_port: u16, config: &str, static_secrets: &str) -> String 
         config,
         env_keys: &[],
     }
-    .envoy_yaml(
-        "",
-        &[VirtualHost {
-            name: "all",
-            domains: &["*"],
-            routes: &[("/", "upstream")],
-        }],
-        &[("upstream", emulator_port), ("entra", emulator_port)],
-    );
+    .envoy_yaml_all_to_upstream(&[("upstream", emulator_port), ("entra", emulator_port)]);
     // SDS subscriptions need the node's id and cluster.
     let yaml = format!("node: {{ id: e2e, cluster: e2e }}\n{yaml}");
     if static_secrets.is_empty() {
@@ -130,25 +122,35 @@ fn envoy_yaml(emulator_port: u16, config: &str, static_secrets: &str) -> String 
     )
 }
 
-/// Under the wasm build: the configuration is refused, naming the field and
-/// the way out.
-fn assert_wasm_refuses(yaml: &str) {
+/// Under the wasm build: the configuration is refused, naming `field` and
+/// the way out (`fix`, and the native build).
+fn assert_wasm_refuses(yaml: &str, field: &str, fix: &str) {
     assert!(!native());
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("wasm-sds.yaml");
     std::fs::write(&path, yaml).unwrap();
     let (ok, out) = validate(&path);
-    assert!(!ok, "the wasm filter must refuse client_secret_sds:\n{out}");
+    assert!(!ok, "the wasm filter must refuse {field}:\n{out}");
     let line = out
         .lines()
         .find(|l| l.contains("invalid plugin configuration"))
         .unwrap_or_else(|| panic!("no configuration error in:\n{out}"));
-    for needle in [
-        "token_source.client_secret_sds`",
-        "client_secret_env",
-        "libaoai_msi.so",
-    ] {
+    for needle in [&format!("token_source.{field}`"), fix, "libaoai_msi.so"] {
         assert!(line.contains(needle), "{needle}: {line}");
+    }
+}
+
+/// Wait until Envoy has reloaded an SDS file: its `update_success` counter
+/// has moved past `before`.
+async fn await_reload(envoy: &Envoy, updates: &str, before: u64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while counter(envoy, updates) <= before {
+        assert!(
+            Instant::now() < deadline,
+            "Envoy did not reload the SDS file in 10 s:\n{}",
+            get(envoy.admin, "/stats?filter=sds").unwrap().1
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
@@ -197,7 +199,7 @@ async fn static_bootstrap_secrets_named_by_client_secret_sds_sign_the_service_pr
     let yaml = envoy_yaml(emulator.port(), &config, &statics);
     if !native() {
         // Native build only: the wasm filter cannot read SDS secrets.
-        return assert_wasm_refuses(&yaml);
+        return assert_wasm_refuses(&yaml, "client_secret_sds", "client_secret_env");
     }
     let envoy = Envoy::start_yaml(&yaml, 2);
     let (status, _, body) = send_chat(&envoy).await;
@@ -236,7 +238,7 @@ async fn a_secret_rotated_in_its_sds_file_is_used_from_the_next_exchange_without
     );
     if !native() {
         // Native build only: the wasm filter cannot read SDS secrets.
-        return assert_wasm_refuses(&yaml);
+        return assert_wasm_refuses(&yaml, "client_secret_sds", "client_secret_env");
     }
     let envoy = Envoy::start_yaml(&yaml, 2);
     let updates = format!("sds.{SECRET_NAME}.update_success");
@@ -248,15 +250,7 @@ async fn a_secret_rotated_in_its_sds_file_is_used_from_the_next_exchange_without
     // Rotate: the new value replaces the file whole, and the old one is revoked.
     let before = counter(&envoy, &updates);
     replace_file_atomically(&file, &sds_file(SECOND));
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while counter(&envoy, &updates) <= before {
-        assert!(
-            Instant::now() < deadline,
-            "Envoy did not reload the SDS file in 10 s:\n{}",
-            get(envoy.admin, "/stats?filter=sds").unwrap().1
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    await_reload(&envoy, &updates, before).await;
     emulator.configure(|s| s.entra_apps[0].secrets = vec![secret(SECOND)]);
     let reloaded = secrets_sent(&emulator).len();
 
@@ -286,15 +280,7 @@ async fn a_secret_rotated_in_its_sds_file_is_used_from_the_next_exchange_without
         sent[reloaded..].iter().filter(|s| *s == SECOND).count(),
         sent.len() - reloaded
     );
-    assert_eq!(
-        emulator
-            .upstream_requests()
-            .last()
-            .unwrap()
-            .token_oid
-            .as_deref(),
-        Some(APP_OBJECT)
-    );
+    assert_eq!(last_token_oid(&emulator).as_deref(), Some(APP_OBJECT));
     let log = envoy.log();
     for value in [FIRST, SECOND] {
         assert!(!log.contains(value), "a secret is in Envoy's log");
@@ -315,7 +301,7 @@ async fn an_sds_secret_envoy_has_not_got_is_a_diagnosis_naming_it() {
     );
     if !native() {
         // Native build only: the wasm filter cannot read SDS secrets.
-        return assert_wasm_refuses(&yaml);
+        return assert_wasm_refuses(&yaml, "client_secret_sds", "client_secret_env");
     }
     let envoy = Envoy::start_yaml(&yaml, 2);
     let (status, headers, body) = send_chat(&envoy).await;
@@ -361,19 +347,7 @@ async fn a_certificate_rotated_in_its_sds_file_signs_the_next_assertion_without_
     let yaml = envoy_yaml(emulator.port(), &config, "");
     if !native() {
         // Native build only: the wasm filter cannot read SDS secrets.
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("wasm-sds.yaml");
-        std::fs::write(&path, &yaml).unwrap();
-        let (ok, out) = validate(&path);
-        assert!(
-            !ok,
-            "the wasm filter must refuse client_certificate_sds:\n{out}"
-        );
-        assert!(
-            out.contains("`token_source.client_certificate_sds`") && out.contains("libaoai_msi.so"),
-            "{out}"
-        );
-        return;
+        return assert_wasm_refuses(&yaml, "client_certificate_sds", "client_certificate_env");
     }
     let envoy = Envoy::start_yaml(&yaml, 2);
     let thumbprints = |emulator: &Emulator| -> Vec<(u16, String)> {
@@ -396,14 +370,7 @@ async fn a_certificate_rotated_in_its_sds_file_signs_the_next_assertion_without_
     let updates = "sds.sp-cert.update_success";
     let before = counter(&envoy, updates);
     replace_file_atomically(&file, &sds_file_block("sp-cert", &bundle(&second)));
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while counter(&envoy, updates) <= before {
-        assert!(
-            Instant::now() < deadline,
-            "Envoy did not reload the SDS file in 10 s"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    await_reload(&envoy, updates, before).await;
     let reloaded = thumbprints(&emulator).len();
     let deadline = Instant::now() + Duration::from_secs(15);
     while thumbprints(&emulator).len() <= reloaded {

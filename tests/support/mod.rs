@@ -214,15 +214,7 @@ pub fn envoy_yaml_for(
         config: filter_config,
         env_keys: &[],
     }
-    .envoy_yaml(
-        "",
-        &[VirtualHost {
-            name: "all",
-            domains: &["*"],
-            routes: &[("/", "upstream")],
-        }],
-        &[("azure_imds", imds_port), ("upstream", upstream_port)],
-    )
+    .envoy_yaml_all_to_upstream(&[("azure_imds", imds_port), ("upstream", upstream_port)])
 }
 
 /// Write a config for `envoy --mode validate` (the clusters point nowhere).
@@ -530,6 +522,14 @@ pub fn lds_listener(filter_config: &str, port: u16) -> String {
     .to_string()
 }
 
+/// The object id of the token the last request to reach Azure carried.
+pub fn last_token_oid(emulator: &Emulator) -> Option<String> {
+    emulator
+        .upstream_requests()
+        .last()
+        .and_then(|r| r.token_oid.clone())
+}
+
 /// `name{labels} value` lines of the filter's metrics.
 pub fn prometheus(envoy: &Envoy) -> String {
     // Request counters are flushed on the 250 ms tick.
@@ -572,6 +572,20 @@ pub struct Plugin<'a> {
 }
 
 impl Plugin<'_> {
+    /// An Envoy config with this plugin, every host routed to the cluster
+    /// `upstream`, and these clusters (name → port on 127.0.0.1).
+    pub fn envoy_yaml_all_to_upstream(&self, clusters: &[(&str, u16)]) -> String {
+        self.envoy_yaml(
+            "",
+            &[VirtualHost {
+                name: "all",
+                domains: &["*"],
+                routes: &[("/", "upstream")],
+            }],
+            clusters,
+        )
+    }
+
     /// An Envoy config with this plugin, these virtual hosts, and these
     /// clusters (name → port on 127.0.0.1); `hcm_extra` is added to the HTTP
     /// connection manager (e.g. `strip_any_host_port: true`).
