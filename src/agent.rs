@@ -1342,14 +1342,24 @@ mod tests {
         }
     }
 
+    /// VM 0 fetches the token "bad"; VM 1 authorizes a request with it,
+    /// which the upstream rejects: its generation, and what `invalidate` said.
+    fn second_vm_sees_rejected(
+        agents: &mut [Agent],
+        store: &mut MemoryStore,
+    ) -> (u64, Replacement, Vec<Command>) {
+        agents[0].sync(T0, store);
+        agents[0].fetched(T0, store, Ok(token(T0, 3600, "bad")));
+        agents[1].sync(T0, store);
+        let rejected = generation(agents[1].admit(T0 + 10, 1, 0));
+        let (replacement, commands) = agents[1].invalidate(T0 + 20, store, rejected);
+        (rejected, replacement, commands)
+    }
+
     #[test]
     fn a_rejected_token_keeps_serving_while_exactly_one_replacement_is_fetched() {
         let (mut agents, mut store) = vms(2);
-        agents[0].sync(T0, &mut store);
-        agents[0].fetched(T0, &mut store, Ok(token(T0, 3600, "bad")));
-        agents[1].sync(T0, &mut store);
-        let rejected = generation(agents[1].admit(T0 + 10, 1, 0));
-        let (replacement, commands) = agents[1].invalidate(T0 + 20, &mut store, rejected);
+        let (rejected, replacement, commands) = second_vm_sees_rejected(&mut agents, &mut store);
         assert_eq!(replacement, Replacement::Requested);
         assert!(
             commands.contains(&Command::Kick),
@@ -1380,11 +1390,7 @@ mod tests {
     fn a_vm_that_cannot_wake_when_idle_leaves_the_replacement_to_one_that_can() {
         let (mut agents, mut store) = vms(2);
         agents[1].refresh_ahead(false);
-        agents[0].sync(T0, &mut store);
-        agents[0].fetched(T0, &mut store, Ok(token(T0, 3600, "bad")));
-        agents[1].sync(T0, &mut store);
-        let rejected = generation(agents[1].admit(T0 + 10, 1, 0));
-        let (replacement, commands) = agents[1].invalidate(T0 + 20, &mut store, rejected);
+        let (_, replacement, commands) = second_vm_sees_rejected(&mut agents, &mut store);
         assert_eq!(replacement, Replacement::Requested);
         assert!(
             commands.contains(&Command::NotifyOthers) && !commands.contains(&Command::Kick),

@@ -122,6 +122,21 @@ fn envoy_yaml(emulator_port: u16, config: &str, static_secrets: &str) -> String 
     )
 }
 
+/// The native build: an Envoy whose filter takes its client secret from the
+/// SDS file `file` (written with `value`, watched in its directory). The
+/// wasm build: `None`, once the refusal is asserted.
+fn envoy_reading_sds_file(emulator: &Emulator, file: &Path, value: &str) -> Option<Envoy> {
+    std::fs::write(file, sds_file(value)).unwrap();
+    let dir = file.parent().unwrap();
+    let yaml = envoy_yaml(emulator.port(), &config(&file_source(file, dir)), "");
+    if !native() {
+        // Native build only: the wasm filter cannot read SDS secrets.
+        assert_wasm_refuses(&yaml, "client_secret_sds", "client_secret_env");
+        return None;
+    }
+    Some(Envoy::start_yaml(&yaml, 2))
+}
+
 /// Under the wasm build: the configuration is refused, naming `field` and
 /// the way out (`fix`, and the native build).
 fn assert_wasm_refuses(yaml: &str, field: &str, fix: &str) {
@@ -230,17 +245,9 @@ async fn a_secret_rotated_in_its_sds_file_is_used_from_the_next_exchange_without
     let emulator = Emulator::start(settings(vec![secret(FIRST), secret(SECOND)], 4)).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("sp-secret.yaml");
-    std::fs::write(&file, sds_file(FIRST)).unwrap();
-    let yaml = envoy_yaml(
-        emulator.port(),
-        &config(&file_source(&file, dir.path())),
-        "",
-    );
-    if !native() {
-        // Native build only: the wasm filter cannot read SDS secrets.
-        return assert_wasm_refuses(&yaml, "client_secret_sds", "client_secret_env");
-    }
-    let envoy = Envoy::start_yaml(&yaml, 2);
+    let Some(envoy) = envoy_reading_sds_file(&emulator, &file, FIRST) else {
+        return;
+    };
     let updates = format!("sds.{SECRET_NAME}.update_success");
     assert!(counter(&envoy, &updates) >= 1, "Envoy read the SDS file");
     let (status, _, body) = send_chat(&envoy).await;
@@ -293,17 +300,9 @@ async fn an_sds_secret_envoy_has_not_got_is_a_diagnosis_naming_it() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("sp-secret.yaml");
     // The secret's resource is there, its value empty.
-    std::fs::write(&file, sds_file("")).unwrap();
-    let yaml = envoy_yaml(
-        emulator.port(),
-        &config(&file_source(&file, dir.path())),
-        "",
-    );
-    if !native() {
-        // Native build only: the wasm filter cannot read SDS secrets.
-        return assert_wasm_refuses(&yaml, "client_secret_sds", "client_secret_env");
-    }
-    let envoy = Envoy::start_yaml(&yaml, 2);
+    let Some(envoy) = envoy_reading_sds_file(&emulator, &file, "") else {
+        return;
+    };
     let (status, headers, body) = send_chat(&envoy).await;
     assert_eq!(status, 503, "{body}");
     assert_eq!(
