@@ -32,6 +32,7 @@ use std::sync::{Arc, RwLock};
 use aoai_msi_filter::config::{Config, HostEnv};
 use aoai_msi_filter::token::MAX_RESPONSE_BYTES;
 use aoai_msi_filter::wire;
+use aoai_msi_filter::worker;
 use aoai_msi_filter::worker::{Flow, Host, Level, Stream, Worker, DRAIN_LIMIT, TICK};
 
 use abi::{EnvoyBuffer, EnvoyHeader};
@@ -72,7 +73,7 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_new(
         let config = match Config::parse_with_host(&bytes, &HostEnv::with_secrets(&env, &secrets)) {
             Ok(config) => config,
             Err(e) => {
-                log(Level::Error, &format!("invalid plugin configuration: {e}"));
+                log(Level::Error, &worker::invalid_configuration(e));
                 return std::ptr::null();
             }
         };
@@ -80,7 +81,7 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_new(
         let metrics = match MetricIds::define_all(config_envoy) {
             Ok(metrics) => metrics,
             Err(e) => {
-                log(Level::Error, &format!("cannot start: {e}"));
+                log(Level::Error, &worker::cannot_start(e));
                 return std::ptr::null();
             }
         };
@@ -340,7 +341,7 @@ fn worker_for(shared: &Arc<Shared>, filter: *mut c_void, main: bool) -> Option<R
             Some(live)
         }
         Err(e) => {
-            log(Level::Critical, &format!("cannot start: {e}"));
+            log(Level::Critical, &worker::cannot_start(e));
             None
         }
     }

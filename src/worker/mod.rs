@@ -120,6 +120,17 @@ enum Released {
     FellBack(&'static str),
 }
 
+/// The line a host logs when it refuses a configuration that does not
+/// parse: worded alike by every host (users and tests look for it).
+pub fn invalid_configuration(e: impl std::fmt::Display) -> String {
+    format!("invalid plugin configuration: {e}")
+}
+
+/// The line a host logs when a valid configuration cannot start a worker.
+pub fn cannot_start(e: impl std::fmt::Display) -> String {
+    format!("cannot start: {e}")
+}
+
 impl Worker {
     /// A worker for `config`: its agents, its queue in the process-wide
     /// registry, its tick.
@@ -133,10 +144,10 @@ impl Worker {
         fallback_id: u32,
     ) -> Option<Worker> {
         let config = Config::parse_with_host(configuration, env)
-            .map_err(|e| say!(h, Error, "invalid plugin configuration: {e}"))
+            .map_err(|e| say!(h, Error, "{}", invalid_configuration(e)))
             .ok()?;
         Worker::start(h, config, fallback_id)
-            .map_err(|e| say!(h, Error, "cannot start: {e}"))
+            .map_err(|e| say!(h, Error, "{}", cannot_start(e)))
             .ok()
     }
 
