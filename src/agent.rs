@@ -182,7 +182,6 @@ impl Agent {
         self.seed ^ self.nonces.wrapping_mul(0x9e37_79b9_7f4a_7c15)
     }
 
-    /// Shared-data key of the record for this token.
     /// `false`: leave refreshing ahead of expiry, and replacing a token the
     /// upstream rejected, to other VMs; this one fetches only when no usable
     /// token exists (a request of its own then waits for the answer). For a host that
@@ -193,6 +192,7 @@ impl Agent {
         self.refreshes_ahead = refreshes;
     }
 
+    /// Shared-data key of the record for this token.
     pub fn record_key(spec: &TokenSpec) -> String {
         format!("aoai-msi-filter/v2/{}/token", spec.fingerprint())
     }

@@ -32,8 +32,7 @@ use std::sync::{Arc, RwLock};
 use aoai_msi_filter::config::{Config, HostEnv};
 use aoai_msi_filter::token::MAX_RESPONSE_BYTES;
 use aoai_msi_filter::wire;
-use aoai_msi_filter::worker;
-use aoai_msi_filter::worker::{Flow, Host, Level, Stream, Worker, DRAIN_LIMIT, TICK};
+use aoai_msi_filter::worker::{self, Flow, Host, Level, Stream, Worker, DRAIN_LIMIT, TICK};
 
 use abi::{EnvoyBuffer, EnvoyHeader};
 use guard::{guarded, OnPanic};
